@@ -1,0 +1,121 @@
+"""What every primitive family shares: operands, dtype promotion, broadcasting, axes, and the
+one helper that turns a (name, shape rule, numpy reference) triple into a `Primitive`."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence, Union
+
+import numpy as np
+
+from qtrace import dtypes
+from qtrace.core import Primitive, Tracer
+from qtrace.dims import Dim, DimLike, shape_str
+from qtrace.errors import DTypeError, ShapeError
+from qtrace.ir import ShapeDtype
+
+Array = Union[np.ndarray, Tracer]
+INT32_MAX = 2147483647
+
+PRIMITIVES: dict[str, Primitive] = {}  # every primitive, by name: the one place each is defined
+
+
+def primitive(name: str, shape_rule: Callable[..., Any], impl: Callable[..., Any], *,
+              multiple_results: bool = False, doc: str = "") -> Primitive:
+    """Define a primitive (once: a second definition with the same name is a bug)."""
+    if name in PRIMITIVES:
+        raise AssertionError(f"primitive {name} is defined twice")
+    prim = Primitive(name, shape_rule, impl, multiple_results=multiple_results, doc=doc)
+    PRIMITIVES[name] = prim
+    return prim
+
+
+def is_python_scalar(x: Any) -> bool:
+    return isinstance(x, (bool, int, float)) and not isinstance(x, np.generic)
+
+
+def as_array(x: Any) -> Array:
+    """An operand as a traced value or numpy array (lists and scalars become numpy arrays)."""
+    if isinstance(x, (Tracer, np.ndarray)):
+        return x
+    if isinstance(x, Dim):
+        raise ShapeError(f"symbolic dim {x} cannot be used as a value; use qtrace.primitives.arange or "
+                         "full to build arrays from symbolic sizes")
+    return np.asarray(x)
+
+
+def dtype_of(x: Any) -> Any:
+    """A dtype for promotion: the array's dtype, or the Python scalar itself (a weak type)."""
+    return x if is_python_scalar(x) else as_array(x).dtype
+
+
+def promote(*operands: Any, to: np.dtype | None = None) -> list[Array]:
+    """Bring operands to their common numpy dtype (Python scalars are weak, as in numpy 2)."""
+    target = to if to is not None else dtypes.result_type(*[dtype_of(x) for x in operands])
+    return [convert(x, target) for x in operands]
+
+
+def convert(x: Any, dtype: np.dtype) -> Array:
+    from .elementwise import cast
+
+    if is_python_scalar(x):
+        return np.asarray(x, dtype=dtype)
+    x = as_array(x)
+    return x if x.dtype == dtype else cast(x, dtype)
+
+
+def broadcast_shapes(*shapes: tuple[DimLike, ...]) -> tuple[DimLike, ...]:
+    """numpy broadcasting over ints and symbolic dims (a symbolic dim only matches itself or 1)."""
+    ndim = max((len(s) for s in shapes), default=0)
+    result: list[DimLike] = []
+    for axis in range(ndim):
+        dims = [s[axis - ndim + len(s)] for s in shapes if axis - ndim + len(s) >= 0]
+        out: DimLike = 1
+        for d in dims:
+            if isinstance(d, int) and d == 1:
+                continue
+            if isinstance(out, int) and out == 1:
+                out = d
+            elif d != out:
+                raise ShapeError(f"shapes {' and '.join('[' + shape_str(s) + ']' for s in shapes)} do not "
+                                 f"broadcast: dim {d} against {out}")
+        result.append(out)
+    return tuple(result)
+
+
+def normalize_axis(axis: int, ndim: int, what: str = "axis") -> int:
+    try:
+        axis = int(axis)
+    except TypeError:
+        raise ShapeError(f"{what} must be an int, got {axis!r}") from None
+    if not -ndim <= axis < ndim:
+        raise ShapeError(f"{what} {axis} is out of range for an array of rank {ndim}")
+    return axis % ndim
+
+
+def normalize_axes(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+    """Reduction axes as a sorted tuple; None means all."""
+    if axis is None:
+        return tuple(range(ndim))
+    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    normalized = tuple(sorted(normalize_axis(a, ndim) for a in axes))
+    if len(set(normalized)) != len(normalized):
+        raise ShapeError(f"repeated axis in {axis}")
+    return normalized
+
+
+def require_dtype(aval: ShapeDtype, allowed: Callable[[np.dtype], bool], what: str) -> None:
+    if not allowed(aval.dtype):
+        raise DTypeError(f"expects {what}, got {aval}")
+
+
+def require_integer(aval: ShapeDtype, name: str) -> None:
+    if not dtypes.is_integer(aval.dtype):
+        raise DTypeError(f"{name} must be an integer array (int32 or int64), got {aval}")
+
+
+def same_dims(a: DimLike, b: DimLike) -> bool:
+    return a == b
+
+
+def fmt(*avals: ShapeDtype) -> str:
+    return ", ".join(map(str, avals))

@@ -1,0 +1,175 @@
+"""The Cloud AI 100 KV-cache primitives: ctx_scatter / ctx_gather and their continuous-batching
+(`_cb`) forms, each 4-D ([batch, heads, ctx, dim]) or 3-D ([batch, ctx, dim]) by the data's rank.
+
+Index conventions (design.md §5), honoured by these references and by the ONNX function bodies:
+- a negative position counts from the end for the plain scatter (so padding at -1 writes the last
+  slot); the continuous-batching scatter first turns negative positions into INT32_MAX;
+- INT32_MAX is the invalid index: a scatter there writes nothing, a gather there reads index 0;
+- indices are int32 or int64; the data keeps its dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from qtrace.dims import DimLike
+from qtrace.errors import DTypeError, ShapeError
+from qtrace.ir import ShapeDtype
+
+from .common import INT32_MAX, Array, as_array, fmt, primitive, require_integer
+
+
+def _check_rank(data: ShapeDtype, what: str) -> bool:
+    """True for the 4-D (with heads) form, False for 3-D."""
+    if data.ndim not in (3, 4):
+        raise ShapeError(f"{what} must be [batch, heads, ctx, dim] or [batch, ctx, dim], got {data}")
+    return data.ndim == 4
+
+
+def _check_batch_index(batch_index: ShapeDtype, batch: DimLike) -> None:
+    require_integer(batch_index, "batch_index")
+    if batch_index.shape != (batch, 1):
+        raise ShapeError(f"batch_index must be [{batch},1], got {batch_index}")
+
+
+def _scatter_checks(data: ShapeDtype, position_ids: ShapeDtype, updates: ShapeDtype, batch: DimLike) -> None:
+    has_heads = _check_rank(data, "data")
+    require_integer(position_ids, "position_ids")
+    if updates.dtype != data.dtype:
+        raise DTypeError(f"updates must have the dtype of data: {fmt(data, updates)}")
+    if position_ids.ndim != 2 or position_ids.shape[0] != batch:
+        raise ShapeError(f"position_ids must be [batch, seq] with batch {batch}: {fmt(data, position_ids, updates)}")
+    seq = position_ids.shape[1]
+    expected = (batch, data.shape[1], seq, data.shape[3]) if has_heads else (batch, seq, data.shape[2])
+    if updates.shape != expected:
+        raise ShapeError(f"updates must be [{','.join(map(str, expected))}]: {fmt(data, position_ids, updates)}")
+
+
+def _ctx_scatter_rule(data: ShapeDtype, position_ids: ShapeDtype, updates: ShapeDtype) -> ShapeDtype:
+    _scatter_checks(data, position_ids, updates, data.shape[0])
+    return data
+
+
+def _ctx_scatter_cb_rule(data: ShapeDtype, batch_index: ShapeDtype, position_ids: ShapeDtype,
+                         updates: ShapeDtype) -> ShapeDtype:
+    batch = position_ids.shape[0] if position_ids.ndim else None
+    _check_batch_index(batch_index, batch)
+    _scatter_checks(data, position_ids, updates, batch)
+    return data
+
+
+def _scatter(out: np.ndarray, slots: np.ndarray, position_ids: np.ndarray, updates: np.ndarray) -> np.ndarray:
+    """out[slots[b], (:,) positions[b, s]] = updates[b, (:,) s] for every valid (b, s), in order."""
+    ctx_axis = out.ndim - 2
+    positions = position_ids.astype(np.int64)
+    positions = np.where(positions < 0, positions + out.shape[ctx_axis], positions)
+    for b, s in zip(*np.nonzero(position_ids != INT32_MAX)):
+        if ctx_axis == 2:
+            out[slots[b], :, positions[b, s], :] = updates[b, :, s, :]
+        else:
+            out[slots[b], positions[b, s], :] = updates[b, s, :]
+    return out
+
+
+def _ctx_scatter_impl(data: np.ndarray, position_ids: np.ndarray, updates: np.ndarray) -> np.ndarray:
+    return _scatter(data.copy(), np.arange(data.shape[0]), position_ids, updates)
+
+
+def _ctx_scatter_cb_impl(data: np.ndarray, batch_index: np.ndarray, position_ids: np.ndarray,
+                         updates: np.ndarray) -> np.ndarray:
+    positions = np.where(position_ids < 0, INT32_MAX, position_ids)
+    return _scatter(data.copy(), batch_index[:, 0].astype(np.int64), positions, updates)
+
+
+ctx_scatter_p = primitive("ctx_scatter", _ctx_scatter_rule, _ctx_scatter_impl,
+                          doc="KV-cache write: data[b, :, position_ids[b, s], :] = updates[b, :, s, :].")
+ctx_scatter_cb_p = primitive("ctx_scatter_cb", _ctx_scatter_cb_rule, _ctx_scatter_cb_impl,
+                             doc="Continuous-batching KV-cache write into slot batch_index[b, 0].")
+
+
+def ctx_scatter(data: Any, position_ids: Any, updates: Any) -> Array:
+    """Write `updates` into the cache `data` at `position_ids` (CtxScatter / CtxScatter3D).
+
+    data [B,H,C,D] (or [B,C,D]), position_ids [B,S] int, updates [B,H,S,D] (or [B,S,D]).
+    A negative position counts from the end; INT32_MAX writes nothing."""
+    return ctx_scatter_p.bind(as_array(data), as_array(position_ids), as_array(updates))
+
+
+def ctx_scatter_cb(data: Any, batch_index: Any, position_ids: Any, updates: Any) -> Array:
+    """Continuous-batching write (CtxScatterCB / CtxScatterCB3D): row b goes to cache slot
+    batch_index[b, 0]; negative positions and INT32_MAX write nothing."""
+    return ctx_scatter_cb_p.bind(as_array(data), as_array(batch_index), as_array(position_ids), as_array(updates))
+
+
+def _gather_checks(data: ShapeDtype, ctx_indices: ShapeDtype, batch: DimLike,
+                   comp_ctx_len: DimLike | None) -> ShapeDtype:
+    has_heads = _check_rank(data, "data")
+    require_integer(ctx_indices, "ctx_indices")
+    lead = (batch, data.shape[1]) if has_heads else (batch,)
+    if ctx_indices.ndim != len(lead) + 1 or any(
+            i != 1 and i != d for i, d in zip(ctx_indices.shape[:-1], lead)):
+        want = "[B or 1, 1 or H, K]" if has_heads else "[B or 1, K]"
+        raise ShapeError(f"ctx_indices must be {want}: {fmt(data, ctx_indices)}")
+    if comp_ctx_len is not None and not isinstance(comp_ctx_len, (int, type(data.shape[0]))):
+        raise ShapeError(f"comp_ctx_len must be an int or symbolic dim, got {comp_ctx_len!r}")
+    return ShapeDtype(lead + (ctx_indices.shape[-1], data.shape[-1]), data.dtype)
+
+
+def _ctx_gather_rule(data: ShapeDtype, ctx_indices: ShapeDtype, *, comp_ctx_len: DimLike | None) -> ShapeDtype:
+    return _gather_checks(data, ctx_indices, data.shape[0], comp_ctx_len)
+
+
+def _ctx_gather_cb_rule(data: ShapeDtype, batch_index: ShapeDtype, ctx_indices: ShapeDtype, *,
+                        comp_ctx_len: DimLike | None) -> ShapeDtype:
+    batch = batch_index.shape[0] if batch_index.ndim else None
+    _check_batch_index(batch_index, batch)
+    if ctx_indices.shape[0] != batch:
+        raise ShapeError(f"ctx_indices must have batch {batch} like batch_index: {fmt(data, batch_index, ctx_indices)}")
+    return _gather_checks(data, ctx_indices, batch, comp_ctx_len)
+
+
+def _gather(data: np.ndarray, slots: np.ndarray, ctx_indices: np.ndarray) -> np.ndarray:
+    """out[b, (h,) k] = data[slots[b], (h,) index[b, (h,) k]] with INT32_MAX reading index 0."""
+    index = ctx_indices.astype(np.int64)
+    index = np.where(index == INT32_MAX, 0, index)
+    ctx = data.shape[-2]
+    index = np.where(index < 0, index + ctx, index)
+    batch = slots.shape[0]
+    if data.ndim == 4:
+        heads = data.shape[1]
+        index = np.broadcast_to(index, (batch, heads, index.shape[-1]))
+        return data[slots[:, None, None], np.arange(heads)[None, :, None], index, :]
+    index = np.broadcast_to(index, (batch, index.shape[-1]))
+    return data[slots[:, None], index, :]
+
+
+def _ctx_gather_impl(data: np.ndarray, ctx_indices: np.ndarray, *, comp_ctx_len: Any) -> np.ndarray:
+    return _gather(data, np.arange(data.shape[0]), ctx_indices)
+
+
+def _ctx_gather_cb_impl(data: np.ndarray, batch_index: np.ndarray, ctx_indices: np.ndarray, *,
+                        comp_ctx_len: Any) -> np.ndarray:
+    return _gather(data, batch_index[:, 0].astype(np.int64), ctx_indices)
+
+
+ctx_gather_p = primitive("ctx_gather", _ctx_gather_rule, _ctx_gather_impl,
+                         doc="KV-cache read: out[b, h, k, :] = data[b, h, ctx_indices[b, h, k], :].")
+ctx_gather_cb_p = primitive("ctx_gather_cb", _ctx_gather_cb_rule, _ctx_gather_cb_impl,
+                            doc="Continuous-batching KV-cache read from slot batch_index[b, 0].")
+
+
+def ctx_gather(data: Any, ctx_indices: Any, comp_ctx_len: DimLike | None = None) -> Array:
+    """Read cache rows `ctx_indices` (CtxGather / CtxGather3D); INT32_MAX reads index 0.
+
+    data [B,H,C,D] with ctx_indices [B or 1, 1 or H, K] -> [B,H,K,D]; or data [B,C,D] with
+    ctx_indices [B or 1, K] -> [B,K,D]. `comp_ctx_len` (default: the cache's ctx dim) is passed to
+    the accelerator as the compute context length."""
+    return ctx_gather_p.bind(as_array(data), as_array(ctx_indices), comp_ctx_len=comp_ctx_len)
+
+
+def ctx_gather_cb(data: Any, batch_index: Any, ctx_indices: Any, comp_ctx_len: DimLike | None = None) -> Array:
+    """Continuous-batching read (CtxGatherCB / CtxGatherCB3D) from cache slot batch_index[b, 0]."""
+    return ctx_gather_cb_p.bind(as_array(data), as_array(batch_index), as_array(ctx_indices),
+                                comp_ctx_len=comp_ctx_len)

@@ -1,0 +1,311 @@
+"""Primitives, tracers and the trace that records them.
+
+A `Primitive` owns a shape rule (abstract values in, abstract values out, `ShapeError`/`DTypeError`
+on bad input) and a numpy reference implementation. `prim.bind(*arrays, **params)` runs the
+reference when nothing is being traced, and records a `Node` in the current trace's `Graph` when
+something is. User-facing functions (in `qtrace.primitives`) are thin wrappers around `bind`.
+
+A `Tracer` stands for a value of the graph being built. Its operators and numpy protocols dispatch
+through `TRACER_OPS`, a table that `qtrace.primitives` fills when imported: the core knows no
+operation by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from .dims import Dim, DimLike
+from .errors import ConcretizationError, QtraceError, TraceError, UnsupportedError, user_location
+from .ir import Graph, ShapeDtype, Value
+
+
+class Primitive:
+    """An operation: a name, a shape rule and a numpy reference (see the module docstring)."""
+
+    def __init__(self, name: str, shape_rule: Callable[..., Any], impl: Callable[..., Any], *,
+                 multiple_results: bool = False, doc: str = ""):
+        self.name = name
+        self.shape_rule = shape_rule
+        self.impl = impl
+        self.multiple_results = multiple_results
+        self.__doc__ = doc
+
+    def __repr__(self) -> str:
+        return f"Primitive({self.name})"
+
+    def abstract_eval(self, avals: Sequence[ShapeDtype], params: dict[str, Any]) -> list[ShapeDtype]:
+        """The output avals, with any rule error tagged with this primitive's name."""
+        try:
+            result = self.shape_rule(*avals, **params)
+        except QtraceError as exc:
+            raise exc.with_context(self.name, user_location()) from None
+        return list(result) if self.multiple_results else [result]
+
+    def bind(self, *args: Any, **params: Any) -> Any:
+        trace = current_trace()
+        if trace is None:
+            arrays = [np.asarray(a) if not isinstance(a, np.ndarray) else a for a in args]
+            for a in args:
+                if isinstance(a, Tracer):
+                    raise TraceError(f"{self.name}: a traced value escaped its trace (was it stored "
+                                     "in a global or returned through a side channel?)",
+                                     location=user_location())
+            self.abstract_eval([ShapeDtype(a.shape, a.dtype) for a in arrays], params)
+            return self.impl(*arrays, **params)
+        return trace.record(self, args, params)
+
+
+# -- the trace ----------------------------------------------------------------------------------------
+_state = threading.local()
+
+
+def _trace_stack() -> list["Trace"]:
+    stack = getattr(_state, "stack", None)
+    if stack is None:
+        stack = _state.stack = []
+    return stack
+
+
+def current_trace() -> "Trace | None":
+    stack = _trace_stack()
+    return stack[-1] if stack else None
+
+
+class Trace:
+    """Builds one `Graph` while a function runs on tracers."""
+
+    def __init__(self, graph: Graph, root: "Trace | None" = None, scope: str = ""):
+        self.graph = graph
+        self.root = root or self
+        self.scopes: list[str] = [scope] if scope else []
+        self.constants: dict[int, tuple[Any, Value]] = {}  # id(array) -> (array kept alive, value)
+        self.constant_names: dict[int, str] = {} if root is None else root.constant_names
+        self.function_cache: dict[Any, Any] = {} if root is None else root.function_cache
+        self.used_constant_names: set[str] = set()
+        self.constant_counter = 0
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator["Trace"]:
+        stack = _trace_stack()
+        stack.append(self)
+        try:
+            yield self
+        finally:
+            stack.pop()
+
+    @property
+    def scope(self) -> str:
+        return "/".join(self.scopes)
+
+    def new_input(self, name: str, aval: ShapeDtype) -> "Tracer":
+        return Tracer(self, self.graph.add_input(name, aval))
+
+    def constant(self, array: Any) -> Value:
+        """The graph value for a numpy array or scalar used by a traced op (one per array object)."""
+        key = id(array)
+        hit = self.constants.get(key)
+        if hit is not None and hit[0] is array:
+            return hit[1]
+        data = np.asarray(array)
+        if data.dtype == np.float64 and not isinstance(array, np.ndarray):
+            data = data.astype(np.float64)
+        name = self._unique_constant_name(self.constant_names.get(key))
+        value = self.graph.add_constant(data, name)
+        self.constants[key] = (array, value)
+        return value
+
+    def _unique_constant_name(self, wanted: str | None) -> str:
+        if wanted and wanted not in self.used_constant_names:
+            self.used_constant_names.add(wanted)
+            return wanted
+        base = wanted or (f"{self.scope}/const" if self.scope else "const")
+        while True:
+            name = f"{base}{self.constant_counter}" if not wanted else f"{base}_{self.constant_counter}"
+            self.constant_counter += 1
+            if name not in self.used_constant_names:
+                self.used_constant_names.add(name)
+                return name
+
+    def value_of(self, x: Any) -> Value:
+        if isinstance(x, Tracer):
+            if x.trace is not self:
+                raise TraceError(
+                    "a traced value from an enclosing trace is used inside a @qtrace.function body; "
+                    "pass it to the function as an argument", location=user_location())
+            return x.value
+        return self.constant(x)
+
+    def record(self, primitive: Primitive, args: Sequence[Any], params: dict[str, Any]) -> Any:
+        inputs = [self.value_of(a) for a in args]
+        out_avals = primitive.abstract_eval([v.aval for v in inputs], params)
+        node = self.graph.add_node(primitive, inputs, params, out_avals, user_location(), self.scope)
+        outs = [Tracer(self, v) for v in node.outputs]
+        return outs if primitive.multiple_results else outs[0]
+
+
+@contextlib.contextmanager
+def scope(name: str) -> Iterator[None]:
+    """Prefix the names of values (and ONNX nodes) created inside: `with qtrace.scope("layers.0/attn"):`."""
+    trace = current_trace()
+    if trace is None:
+        yield
+        return
+    trace.scopes.append(str(name))
+    try:
+        yield
+    finally:
+        trace.scopes.pop()
+
+
+# -- tracers ------------------------------------------------------------------------------------------
+TRACER_OPS: dict[str, Callable[..., Any]] = {}  # operation name -> user-facing function
+NUMPY_UFUNCS: dict[Any, Callable[..., Any]] = {}  # np.ufunc -> qtrace function
+NUMPY_FUNCTIONS: dict[Any, Callable[..., Any]] = {}  # numpy function -> qtrace function
+
+
+def register_tracer_op(name: str, fn: Callable[..., Any]) -> None:
+    TRACER_OPS[name] = fn
+
+
+def _op(name: str) -> Callable[..., Any]:
+    fn = TRACER_OPS.get(name)
+    if fn is None:
+        raise UnsupportedError(f"operation {name!r} on traced values needs qtrace.primitives, which is "
+                               "not imported", location=user_location())
+    return fn
+
+
+def _binary(name: str, reflected: bool = False) -> Callable[..., Any]:
+    if reflected:
+        return lambda self, other: _op(name)(other, self)
+    return lambda self, other: _op(name)(self, other)
+
+
+def _unary(name: str) -> Callable[..., Any]:
+    return lambda self: _op(name)(self)
+
+
+def _method(name: str) -> Callable[..., Any]:
+    return lambda self, *args, **kwargs: _op(name)(self, *args, **kwargs)
+
+
+class Tracer:
+    """A traced array: has `.shape`, `.dtype`, numpy operators and protocols; records primitives."""
+
+    __slots__ = ("trace", "value")
+    __array_priority__ = 1000
+
+    def __init__(self, trace: Trace, value: Value):
+        self.trace = trace
+        self.value = value
+
+    @property
+    def aval(self) -> ShapeDtype:
+        return self.value.aval
+
+    @property
+    def shape(self) -> tuple[DimLike, ...]:
+        return self.value.shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.value.dtype
+
+    @property
+    def ndim(self) -> int:
+        return len(self.value.shape)
+
+    @property
+    def size(self) -> DimLike:
+        total: DimLike = 1
+        for d in self.shape:
+            total = total * d
+        return total
+
+    def __repr__(self) -> str:
+        return f"Tracer<{self.aval}, %{self.value.name}>"
+
+    # Python needs a concrete value for these: tracing cannot provide one.
+    def _concretize(self, what: str) -> Any:
+        raise ConcretizationError(
+            f"{what} of a traced value {self.aval} needs its concrete value, which is unknown while "
+            "tracing; use qtrace.primitives.where / maximum / ... for data-dependent choices, or "
+            "branch on static Python values", location=user_location())
+
+    def __bool__(self) -> bool:
+        return self._concretize("Python control flow (`if`/`while`/`and`/`or`/bool())")
+
+    def __int__(self) -> int:
+        return self._concretize("int()")
+
+    def __float__(self) -> float:
+        return self._concretize("float()")
+
+    def __index__(self) -> int:
+        return self._concretize("use as a Python index")
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self._concretize("conversion to a numpy array")
+
+    def tolist(self) -> Any:
+        return self._concretize("tolist()")
+
+    def item(self) -> Any:
+        return self._concretize("item()")
+
+    def __len__(self) -> int:
+        if not self.shape:
+            raise TraceError("len() of a 0-d traced value", location=user_location())
+        first = self.shape[0]
+        if isinstance(first, Dim):
+            raise ConcretizationError(f"len() of a traced value whose first dim is symbolic ({first})",
+                                      location=user_location())
+        return first
+
+    def __iter__(self) -> Iterator["Tracer"]:
+        for i in range(len(self)):
+            yield self[i]
+
+    __hash__ = object.__hash__
+
+    # numpy protocols: np.exp(tracer), np.concatenate([tracer, ...]) record qtrace primitives.
+    def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        fn = NUMPY_UFUNCS.get(ufunc) if method == "__call__" else None
+        if fn is None or kwargs.get("out") is not None:
+            what = ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"
+            raise UnsupportedError(
+                f"numpy.{what} is not supported on traced values; supported ufuncs: "
+                f"{', '.join(sorted(u.__name__ for u in NUMPY_UFUNCS))}", location=user_location())
+        kwargs.pop("out", None)
+        return fn(*inputs, **kwargs)
+
+    def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
+        fn = NUMPY_FUNCTIONS.get(func)
+        if fn is None:
+            raise UnsupportedError(
+                f"numpy.{func.__name__} is not supported on traced values; use one of: "
+                f"{', '.join(sorted(f.__name__ for f in NUMPY_FUNCTIONS))}", location=user_location())
+        return fn(*args, **kwargs)
+
+
+_BINARY_OPERATORS = {
+    "add": "add", "sub": "subtract", "mul": "multiply", "truediv": "divide", "floordiv": "floor_divide",
+    "mod": "mod", "pow": "power", "matmul": "matmul", "and": "logical_and_or_bitwise",
+    "or": "logical_or_or_bitwise", "xor": "logical_xor_or_bitwise",
+}
+for _dunder, _name in _BINARY_OPERATORS.items():
+    setattr(Tracer, f"__{_dunder}__", _binary(_name))
+    setattr(Tracer, f"__r{_dunder}__", _binary(_name, reflected=True))
+for _dunder, _name in {"lt": "less", "le": "less_equal", "gt": "greater", "ge": "greater_equal",
+                       "eq": "equal", "ne": "not_equal"}.items():
+    setattr(Tracer, f"__{_dunder}__", _binary(_name))
+for _dunder, _name in {"neg": "negative", "pos": "positive", "abs": "abs", "invert": "invert"}.items():
+    setattr(Tracer, f"__{_dunder}__", _unary(_name))
+for _name in ("reshape", "transpose", "astype", "sum", "mean", "max", "min", "argmax", "squeeze",
+              "swapaxes", "flatten", "__getitem__", "__setitem__", "take", "clip"):
+    setattr(Tracer, _name, _method(_name))
+Tracer.T = property(lambda self: _op("transpose")(self))  # type: ignore[attr-defined]

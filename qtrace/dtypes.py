@@ -1,0 +1,76 @@
+"""The dtypes qtrace traces, their short names in IR dumps, and numpy's promotion rules.
+
+Promotion follows numpy 2 (NEP 50): a Python scalar is "weak", so `f16_array * 0.5` stays float16
+and `i32_array + 1` stays int32. The eager reference and the traced graph therefore agree on dtypes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import DTypeError
+
+try:  # bfloat16 is not a numpy dtype; ml_dtypes (a dependency of onnx) provides it.
+    from ml_dtypes import bfloat16 as _bfloat16
+
+    bfloat16 = np.dtype(_bfloat16)
+except ImportError:  # pragma: no cover - onnx pulls ml_dtypes in
+    bfloat16 = None
+
+_SHORT_NAMES = {
+    np.dtype("float64"): "f64",
+    np.dtype("float32"): "f32",
+    np.dtype("float16"): "f16",
+    np.dtype("int64"): "i64",
+    np.dtype("int32"): "i32",
+    np.dtype("int16"): "i16",
+    np.dtype("int8"): "i8",
+    np.dtype("uint8"): "u8",
+    np.dtype("bool"): "bool",
+}
+if bfloat16 is not None:
+    _SHORT_NAMES[bfloat16] = "bf16"
+
+SUPPORTED_DTYPES = frozenset(_SHORT_NAMES)
+
+
+def canonical_dtype(dtype: object) -> np.dtype:
+    """A user's dtype spelling (`"float32"`, `np.float16`, `"bfloat16"`) as a supported np.dtype."""
+    if isinstance(dtype, str) and dtype == "bfloat16" and bfloat16 is not None:
+        return bfloat16
+    try:
+        result = np.dtype(dtype)  # type: ignore[call-overload]
+    except TypeError:
+        raise DTypeError(f"not a dtype: {dtype!r}") from None
+    if result not in SUPPORTED_DTYPES:
+        names = ", ".join(sorted(str(d) for d in SUPPORTED_DTYPES))
+        raise DTypeError(f"dtype {result} is not supported; qtrace supports {names}")
+    return result
+
+
+def short_name(dtype: np.dtype) -> str:
+    return _SHORT_NAMES.get(np.dtype(dtype), str(dtype))
+
+
+def is_float(dtype: np.dtype) -> bool:
+    return np.dtype(dtype).kind == "f" or (bfloat16 is not None and np.dtype(dtype) == bfloat16)
+
+
+def is_integer(dtype: np.dtype) -> bool:
+    return np.dtype(dtype).kind in "iu"
+
+
+def is_bool(dtype: np.dtype) -> bool:
+    return np.dtype(dtype) == np.bool_
+
+
+def result_type(*operands: object) -> np.dtype:
+    """numpy's result dtype for operands that are dtypes (strong) or Python scalars (weak)."""
+    try:
+        return canonical_dtype(np.result_type(*operands))
+    except (TypeError, OverflowError) as exc:
+        raise DTypeError(f"cannot combine {', '.join(map(_describe, operands))}: {exc}") from None
+
+
+def _describe(operand: object) -> str:
+    return short_name(operand) if isinstance(operand, np.dtype) else repr(operand)
