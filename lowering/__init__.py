@@ -1,1 +1,12 @@
-"""IR -> ONNX."""
+"""IR -> ONNX for Cloud AI 100: lowering rules, the custom-op function library, model assembly,
+external data, float16, and running the result on onnxruntime."""
+
+from qtrace.errors import register_library_dir as _register_library_dir
+
+_register_library_dir(__file__)
+
+from .api import Lowered, lower  # noqa: E402
+from .custom_ops import CUSTOM_OP_DOMAINS, custom_op_function  # noqa: E402
+from .rules import RULES  # noqa: E402
+
+__all__ = ["lower", "Lowered", "RULES", "CUSTOM_OP_DOMAINS", "custom_op_function"]

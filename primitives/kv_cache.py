@@ -112,8 +112,9 @@ def _gather_checks(data: ShapeDtype, ctx_indices: ShapeDtype, batch: DimLike,
             i != 1 and i != d for i, d in zip(ctx_indices.shape[:-1], lead)):
         want = "[B or 1, 1 or H, K]" if has_heads else "[B or 1, K]"
         raise ShapeError(f"ctx_indices must be {want}: {fmt(data, ctx_indices)}")
-    if comp_ctx_len is not None and not isinstance(comp_ctx_len, (int, type(data.shape[0]))):
-        raise ShapeError(f"comp_ctx_len must be an int or symbolic dim, got {comp_ctx_len!r}")
+    if comp_ctx_len is not None and comp_ctx_len != ctx_indices.shape[-1]:
+        raise ShapeError(f"comp_ctx_len ({comp_ctx_len}) must equal the number of indices K of {ctx_indices}: "
+                         "the accelerator reads exactly comp_ctx_len cache rows")
     return ShapeDtype(lead + (ctx_indices.shape[-1], data.shape[-1]), data.dtype)
 
 
@@ -164,8 +165,8 @@ def ctx_gather(data: Any, ctx_indices: Any, comp_ctx_len: DimLike | None = None)
     """Read cache rows `ctx_indices` (CtxGather / CtxGather3D); INT32_MAX reads index 0.
 
     data [B,H,C,D] with ctx_indices [B or 1, 1 or H, K] -> [B,H,K,D]; or data [B,C,D] with
-    ctx_indices [B or 1, K] -> [B,K,D]. `comp_ctx_len` (default: the cache's ctx dim) is passed to
-    the accelerator as the compute context length."""
+    ctx_indices [B or 1, K] -> [B,K,D]. `comp_ctx_len` is the compute context length the
+    accelerator reads (QEfficient's CCL); it must equal K, which is also its default."""
     return ctx_gather_p.bind(as_array(data), as_array(ctx_indices), comp_ctx_len=comp_ctx_len)
 
 

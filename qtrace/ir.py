@@ -91,6 +91,10 @@ class Value:
         return self.aval.dtype
 
     @property
+    def ndim(self) -> int:
+        return len(self.aval.shape)
+
+    @property
     def is_constant(self) -> bool:
         return self.const is not None
 

@@ -1,0 +1,151 @@
+"""`qtrace.lower`: trace -> passes -> ONNX, and the `Lowered` result users save, run and verify."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import onnx
+
+from qtrace import pytree
+from qtrace.errors import LoweringError, ShapeError, TraceError
+from qtrace.ir import Graph
+from qtrace.tracing import trace
+
+from .fp16 import convert_to_float16
+from .model import ModelParts, attach_weights, build_model, retained_state_source
+from .save import PROTOBUF_LIMIT, save_model
+
+SUPPORTED_OPSETS = range(17, 22)
+
+
+class Lowered:
+    """A lowered function: `.model` (onnx.ModelProto), `.graph` (final IR), `.save(path)`,
+    `.run(*args)` on onnxruntime and `.verify(*args)` against the eager numpy function."""
+
+    def __init__(self, fn: Callable[..., Any], graph: Graph, parts: ModelParts, output_names: list[str],
+                 pass_report: Any = None):
+        self.fn = fn
+        self.graph = graph
+        self.parts = parts
+        self.output_names = output_names
+        self.pass_report = pass_report
+        self._session: Any = None
+        self._model: onnx.ModelProto | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self.parts.model.graph.input]
+
+    @property
+    def model(self) -> onnx.ModelProto:
+        """The model with weights embedded (use `.save` for models past protobuf's 2 GiB)."""
+        if self._model is None:
+            if sum(a.nbytes for a in self.parts.weights.values()) >= PROTOBUF_LIMIT:
+                raise LoweringError("the weights exceed protobuf's 2 GiB limit: use .save(path), which writes "
+                                    "them as external data")
+            self._model = attach_weights(self.parts)
+        return self._model
+
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None,
+             size_threshold: int = 1024) -> list[str]:
+        """Write the model atomically (weights external when asked or past 2 GiB); returns the files."""
+        return save_model(self.parts, os.fspath(path), external_data=external_data, size_threshold=size_threshold)
+
+    # -- running ------------------------------------------------------------------------------------
+    def feeds(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
+        """onnxruntime feeds from the function's own arguments (static leaves are skipped)."""
+        leaves, _ = pytree.flatten((args, kwargs))
+        mask = self.graph.input_leaf_mask
+        if len(leaves) != len(mask):
+            raise TraceError(f"expected the {len(mask)} argument leaves the function was lowered with, got {len(leaves)}")
+        arrays = [np.asarray(leaf) for leaf, is_input in zip(leaves, mask) if is_input]
+        # A float16 lowering of a float32 function takes float16 inputs: convert float arrays.
+        arrays = [a.astype(v.dtype) if a.dtype != v.dtype and a.dtype.kind == v.dtype.kind == "f" else a
+                  for a, v in zip(arrays, self.graph.inputs)]
+        return dict(zip(self.input_names, arrays))
+
+    def session(self) -> Any:
+        if self._session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
+            if sum(a.nbytes for a in self.parts.weights.values()) < PROTOBUF_LIMIT:
+                self._session = ort.InferenceSession(self.model.SerializeToString(), options,
+                                                     providers=["CPUExecutionProvider"])
+            else:
+                with tempfile.TemporaryDirectory() as tmp:
+                    path = os.path.join(tmp, "model.onnx")
+                    self.save(path, external_data=True)
+                    self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+        return self._session
+
+    def run_named(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.session().run(None, feeds)
+        return dict(zip(self.output_names, outputs))
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        """Run on onnxruntime; returns the same pytree structure as the function."""
+        named = self.run_named(self.feeds(*args, **kwargs))
+        return pytree.unflatten(self.graph.out_tree, [named[n] for n in self.output_names])
+
+    def verify(self, *args: Any, **kwargs: Any) -> dict[str, float]:
+        """Max absolute error per output between onnxruntime and the eager numpy function."""
+        got = self.run_named(self.feeds(*args, **kwargs))
+        expected, _ = pytree.flatten(self.fn(*args, **kwargs))
+        errors = {}
+        for name, ref in zip(self.output_names, expected):
+            ref, out = np.asarray(ref), got[name]
+            if ref.shape != out.shape:
+                raise ShapeError(f"output {name}: onnxruntime gives shape {out.shape}, numpy {ref.shape}")
+            diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
+            errors[name] = float(np.nanmax(diff)) if diff.size else 0.0
+        return errors
+
+
+def _output_names(graph: Graph, explicit: Sequence[str] | None, retained_state: bool) -> list[str]:
+    names = list(graph.output_names)
+    if explicit is not None or not retained_state:
+        return names
+    for i, value in enumerate(graph.outputs):
+        source = retained_state_source(graph, value)
+        if source is not None:
+            if source.aval != value.aval:
+                raise ShapeError(f"output {names[i]} is the retained state of input {source.name} but is "
+                                 f"{value.aval}, not {source.aval}")
+            names[i] = f"{source.name}_RetainedState"
+    if len(set(names)) != len(names):
+        raise TraceError(f"output names collide after retained-state naming: {names}")
+    return names
+
+
+def lower(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwargs: dict[str, Any] | None = None, *,
+          opset: int = 17, dtype: Any = None, passes: Sequence[str] | None = None, dump_dir: str | None = None,
+          input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
+          retained_state: bool = True, local_domain: str = "qtrace.local", name: str | None = None,
+          debug: bool = False) -> Lowered:
+    """Trace `fn` on example arguments, optimize the IR and lower it to ONNX.
+
+    opset: ONNX default-domain opset (17 by default, 18..21 selectable). dtype="float16" converts
+    float32 weights and activations to float16. passes: the pass pipeline (default: shape_check,
+    fuse, simplify); dump_dir (or $QTRACE_DUMP) writes the IR after every pass. Outputs that are
+    ctx_scatter chains of an input are named `<input>_RetainedState` unless `retained_state=False`
+    or `output_names` is given.
+    """
+    from qtrace.passes import run_pipeline
+
+    if opset not in SUPPORTED_OPSETS:
+        raise LoweringError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}.."
+                            f"{SUPPORTED_OPSETS.stop - 1}")
+    graph = trace(fn, example_args, example_kwargs, input_names=input_names, output_names=output_names, name=name)
+    if dtype is not None:
+        if np.dtype(dtype) != np.float16:
+            raise LoweringError(f"dtype must be None or float16, got {dtype}")
+        convert_to_float16(graph)
+    report = run_pipeline(graph, passes, dump_dir=dump_dir or os.environ.get("QTRACE_DUMP") or None, debug=debug)
+    names = _output_names(graph, output_names, retained_state)
+    parts = build_model(graph, names, opset=opset, local_domain=local_domain)
+    return Lowered(fn, graph, parts, names, report)

@@ -1,0 +1,192 @@
+"""Model assembly: lower every node of a graph (and of its @qtrace.function bodies) with its rule
+and put the result together as an onnx.ModelProto whose weights are kept aside as numpy arrays
+(they are written to the model only when it is saved or asked for)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from qtrace.errors import LoweringError
+from qtrace.ir import Graph, Value
+
+from .context import LoweringContext, value_info
+from .custom_ops import CUSTOM_OP_DOMAINS, custom_op_function
+from .rules import RULES
+
+PRODUCER = "qtrace"
+
+
+@dataclass
+class ModelParts:
+    """A model without weight data, plus the weights by initializer name."""
+
+    model: onnx.ModelProto
+    weights: dict[str, np.ndarray] = field(default_factory=dict)
+
+
+def check_rules(graph: Graph) -> None:
+    """All primitives without a lowering rule, reported together."""
+    missing: dict[str, list[str]] = {}
+    for g in [graph] + [f.body for f in graph.functions.values()]:
+        for node in g.nodes:
+            if node.op not in RULES:
+                missing.setdefault(node.op, []).append(str(node.location) if node.location else g.name)
+    if missing:
+        lines = [f"  {op} (used at {', '.join(sorted(set(where))[:3])})" for op, where in sorted(missing.items())]
+        raise LoweringError(f"{len(missing)} primitive(s) have no ONNX lowering rule:\n" + "\n".join(lines))
+
+
+def _value_names(graph: Graph, output_names: list[str]) -> tuple[dict[Value, str], list[tuple[str, Value]]]:
+    """ONNX names for the IR values; outputs that need their own Identity node (an input, a constant
+    or a value returned twice) are listed separately."""
+    names: dict[Value, str] = {}
+    taken: set[str] = set()
+
+    def claim(value: Value, name: str) -> None:
+        base, n = name, 0
+        while name in taken:
+            n += 1
+            name = f"{base}_{n}"
+        taken.add(name)
+        names[value] = name
+
+    for value in graph.inputs + graph.constants:
+        claim(value, value.name)
+    taken.update(output_names)
+    identities: list[tuple[str, Value]] = []
+    for name, value in zip(output_names, graph.outputs):
+        if value.producer is None or value in names:
+            identities.append((name, value))
+        else:
+            names[value] = name
+    for node in graph.nodes:
+        for out in node.outputs:
+            if out not in names:
+                claim(out, out.name)
+    return names, identities
+
+
+def _rename(nodes: list[onnx.NodeProto], old: str, new: str) -> None:
+    for node in nodes:
+        for i, name in enumerate(node.output):
+            if name == old:
+                node.output[i] = new
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+
+
+def lower_body(graph: Graph, output_names: list[str], *, opset: int, in_function: bool,
+               local_domain: str) -> tuple[LoweringContext, list[tuple[str, Value]]]:
+    names, identities = _value_names(graph, output_names)
+    ctx = LoweringContext(graph, opset=opset, in_function=in_function, local_domain=local_domain, names=names)
+    if in_function:
+        for value in graph.constants:  # functions hold no initializers
+            ctx.nodes.append(helper.make_node("Constant", [], [names[value]], name=f"{value.name}/Constant",
+                                              value=onnx.numpy_helper.from_array(value.const, names[value])))
+    for node in graph.nodes:
+        ctx.current = node
+        start = len(ctx.nodes)
+        results = RULES[node.op](ctx, node, *[names[v] for v in node.inputs])
+        results = results if isinstance(results, list) else [results]
+        emitted = ctx.nodes[start:]
+        produced = {name for n in emitted for name in n.output}
+        for value, result in zip(node.outputs, results):
+            if result in produced:
+                _rename(emitted, result, names[value])
+            else:  # the rule returned an existing value (e.g. a shared constant): give it this name
+                ctx.nodes.append(helper.make_node("Identity", [result], [names[value]],
+                                                  name=f"{node.scope}/Identity" if node.scope else None))
+    ctx.current = None
+    for name, value in identities:
+        ctx.nodes.append(helper.make_node("Identity", [names[value]], [name], name=f"{name}/Identity"))
+    return ctx, identities
+
+
+def _opset_imports(opset: int, custom_ops: set[str], local_domain: str | None) -> list[onnx.OperatorSetIdProto]:
+    imports = [helper.make_opsetid("", opset)]
+    imports += [helper.make_opsetid(domain, 1) for domain in sorted({CUSTOM_OP_DOMAINS[op] for op in custom_ops})]
+    if local_domain:
+        imports.append(helper.make_opsetid(local_domain, 1))
+    return imports
+
+
+def build_model(graph: Graph, output_names: list[str], *, opset: int = 17,
+                local_domain: str = "qtrace.local") -> ModelParts:
+    check_rules(graph)
+    custom_ops: set[str] = set()
+    functions: list[onnx.FunctionProto] = []
+    for function in graph.functions.values():  # dependency order: callees are traced first
+        body = function.body
+        ctx, _ = lower_body(body, list(body.output_names), opset=opset, in_function=True, local_domain=local_domain)
+        custom_ops |= ctx.custom_ops
+        functions.append(helper.make_function(
+            local_domain, function.name, [ctx.names[v] for v in body.inputs], list(body.output_names), ctx.nodes,
+            _opset_imports(opset, ctx.custom_ops, local_domain if ctx.functions_called else None)))
+    ctx, _ = lower_body(graph, output_names, opset=opset, in_function=False, local_domain=local_domain)
+    custom_ops |= ctx.custom_ops
+    weights = {ctx.names[v]: v.const for v in graph.constants}
+    weights.update(dict(ctx.initializers))
+    onnx_graph = helper.make_graph(
+        ctx.nodes, graph.name,
+        [value_info(ctx.names[v], v) for v in graph.inputs],
+        [value_info(name, v) for name, v in zip(output_names, graph.outputs)],
+    )
+    functions += [custom_op_function(op, opset) for op in sorted(custom_ops)]
+    imports = _opset_imports(opset, custom_ops, local_domain if graph.functions else None)
+    model = helper.make_model(onnx_graph, opset_imports=imports, functions=functions,
+                              producer_name=PRODUCER, producer_version=_version())
+    model.ir_version = _ir_version(opset)
+    return ModelParts(model, weights)
+
+
+def _ir_version(opset: int) -> int:
+    """The lowest IR version that carries this opset (what onnxruntime and the compiler expect)."""
+    return helper.find_min_ir_version_for([helper.make_opsetid("", opset)], ignore_unknown=True)
+
+
+def _version() -> str:
+    import qtrace
+
+    return qtrace.__version__
+
+
+def retained_state_source(graph: Graph, value: Value) -> Value | None:
+    """The graph input a value is a chain of KV-cache writes of (through function calls), if any."""
+    seen = 0
+    while value.producer is not None and seen < 1_000_000:
+        seen += 1
+        node = value.producer
+        if node.op in ("ctx_scatter", "ctx_scatter_cb"):
+            value = node.inputs[0]
+        elif node.op == "call":
+            body = node.params["function"].body
+            inner = retained_state_source(body, body.outputs[value.port])
+            if inner is None:
+                return None
+            value = node.inputs[body.inputs.index(inner)]
+        else:
+            return None
+    return value if value in graph.inputs else None
+
+
+def attach_weights(parts: ModelParts) -> onnx.ModelProto:
+    """A copy of the model with every weight embedded (for models under protobuf's 2 GiB)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(parts.model)
+    for name, array in parts.weights.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+    return model
+
+
+def describe(model: onnx.ModelProto) -> dict[str, Any]:
+    """Node counts by op type (main graph and functions) for summaries."""
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return dict(sorted(counts.items()))

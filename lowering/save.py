@@ -1,0 +1,100 @@
+"""Writing a model to disk: atomically, with weights embedded or in an external data file.
+
+External data is streamed array by array straight from the numpy arrays (which may be memory
+maps of a checkpoint), so saving never holds a second copy of the weights; onnx's own
+`save_model(..., save_as_external_data=True)` would need them all inside the protobuf first.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Iterator
+
+import numpy as np
+import onnx
+
+from .context import onnx_dtype
+from .model import ModelParts, attach_weights
+
+PROTOBUF_LIMIT = 2**31 - 1
+_ALIGNMENT = 64  # bytes: lets runtimes map tensors straight from the file
+_CHUNK = 64 << 20
+
+
+def _chunks(array: np.ndarray) -> Iterator[memoryview]:
+    """The array's bytes in C order, in bounded pieces (a memmap is read lazily, piece by piece)."""
+    flat = array.reshape(-1) if array.flags.c_contiguous else None
+    if flat is None:
+        flat = np.ascontiguousarray(array).reshape(-1)
+    step = max(1, _CHUNK // max(1, flat.itemsize))
+    for start in range(0, flat.size, step):
+        yield memoryview(np.ascontiguousarray(flat[start:start + step])).cast("B")
+
+
+def _atomic_path(path: str) -> str:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    os.close(fd)
+    return tmp
+
+
+def save_model(parts: ModelParts, path: str, *, external_data: bool | None = None,
+               size_threshold: int = 1024, location: str | None = None) -> list[str]:
+    """Write the model to `path`; returns the files written.
+
+    external_data: True puts weights of at least `size_threshold` bytes into `location` (default
+    `<model file name>.data`) next to the model; None does so only when the model would pass
+    protobuf's 2 GiB limit. Files appear under their final names only when complete.
+    """
+    total = sum(a.nbytes for a in parts.weights.values())
+    if external_data is None:
+        external_data = total + parts.model.ByteSize() >= PROTOBUF_LIMIT
+    if not external_data:
+        model = attach_weights(parts)
+        tmp = _atomic_path(path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return [path]
+
+    location = location or os.path.basename(path) + ".data"
+    data_path = os.path.join(os.path.dirname(os.path.abspath(path)), location)
+    model = onnx.ModelProto()
+    model.CopyFrom(parts.model)
+    data_tmp, model_tmp = _atomic_path(data_path), _atomic_path(path)
+    try:
+        offset = 0
+        with open(data_tmp, "wb") as data_file:
+            for name, array in parts.weights.items():
+                tensor = model.graph.initializer.add()
+                tensor.name = name
+                tensor.data_type = onnx_dtype(array.dtype)
+                tensor.dims.extend(array.shape)
+                if array.nbytes < size_threshold:
+                    tensor.raw_data = np.ascontiguousarray(array).tobytes()
+                    continue
+                padding = (-offset) % _ALIGNMENT
+                data_file.write(b"\0" * padding)
+                offset += padding
+                for chunk in _chunks(array):
+                    data_file.write(chunk)
+                tensor.data_location = onnx.TensorProto.EXTERNAL
+                for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
+                    entry = tensor.external_data.add()
+                    entry.key, entry.value = key, value
+                offset += array.nbytes
+        with open(model_tmp, "wb") as f:
+            f.write(model.SerializeToString())
+        os.replace(data_tmp, data_path)
+        os.replace(model_tmp, path)
+    finally:
+        for tmp in (data_tmp, model_tmp):
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return [path, data_path]
