@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Iterable, Union
 
-from .errors import ConcretizationError, ShapeError
+from .errors import ConcretizationError, ShapeError, user_location
 
 # A monomial is a sorted tuple of dim names (with repeats for powers); () is the constant term.
 Monomial = tuple[str, ...]
@@ -30,7 +30,8 @@ class Dim:
     @staticmethod
     def named(name: str) -> "Dim":
         if not name or not all(ch.isalnum() or ch in "_." for ch in name):
-            raise ShapeError(f"a symbolic dim name must be an identifier-like string, got {name!r}")
+            raise ShapeError(f"a symbolic dim name must be an identifier-like string, got {name!r}",
+                             location=user_location())
         return Dim({(name,): 1})
 
     @staticmethod
@@ -77,7 +78,7 @@ class Dim:
     def __floordiv__(self, other: "DimLike") -> "DimLike":
         quotient = exact_divide(self, other)
         if quotient is None:
-            raise ShapeError(f"cannot divide symbolic dim {self} by {other} exactly")
+            raise ShapeError(f"cannot divide symbolic dim {self} by {other} exactly", location=user_location())
         return quotient
 
     # -- comparison -------------------------------------------------------------------------------
@@ -95,7 +96,7 @@ class Dim:
     def _no_order(self, other: object):
         raise ConcretizationError(
             f"cannot compare symbolic dim {self} with {other}: its size is only known when the model is "
-            "specialized; branch on static configuration instead"
+            "specialized; branch on static configuration instead", location=user_location()
         )
 
     __lt__ = __le__ = __gt__ = __ge__ = _no_order
@@ -106,7 +107,8 @@ class Dim:
     def __int__(self) -> int:
         raise ConcretizationError(
             f"symbolic dim {self} has no concrete value while tracing; keep it symbolic (qtrace "
-            "primitives such as arange/full/reshape accept symbolic dims) or pass a concrete size"
+            "primitives such as arange/full/reshape accept symbolic dims) or pass a concrete size",
+            location=user_location()
         )
 
     __index__ = __int__
@@ -143,7 +145,7 @@ def _as_dim(value: DimLike) -> Dim:
 
     if isinstance(value, np.integer):
         return Dim({(): int(value)})
-    raise ShapeError(f"expected a dimension (int or symbolic dim), got {value!r}")
+    raise ShapeError(f"expected a dimension (int or symbolic dim), got {value!r}", location=user_location())
 
 
 def _as_terms(value: DimLike) -> tuple[tuple[Monomial, int], ...]:
@@ -176,15 +178,16 @@ def canonical_dim(value: object) -> DimLike:
     if isinstance(value, str):
         return Dim.named(value)
     if isinstance(value, bool):
-        raise ShapeError(f"a dimension cannot be a bool, got {value!r}")
+        raise ShapeError(f"a dimension cannot be a bool, got {value!r}", location=user_location())
     try:
         import operator
 
         size = operator.index(value)  # type: ignore[arg-type]
     except TypeError:
-        raise ShapeError(f"a dimension must be an int or a symbolic name, got {value!r}") from None
+        raise ShapeError(f"a dimension must be an int or a symbolic name, got {value!r}",
+                         location=user_location()) from None
     if size < 0:
-        raise ShapeError(f"a dimension cannot be negative, got {size}")
+        raise ShapeError(f"a dimension cannot be negative, got {size}", location=user_location())
     return size
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import DTypeError
+from .errors import DTypeError, user_location
 
 try:  # bfloat16 is not a numpy dtype; ml_dtypes (a dependency of onnx) provides it.
     from ml_dtypes import bfloat16 as _bfloat16
@@ -41,10 +41,10 @@ def canonical_dtype(dtype: object) -> np.dtype:
     try:
         result = np.dtype(dtype)  # type: ignore[call-overload]
     except TypeError:
-        raise DTypeError(f"not a dtype: {dtype!r}") from None
+        raise DTypeError(f"not a dtype: {dtype!r}", location=user_location()) from None
     if result not in SUPPORTED_DTYPES:
         names = ", ".join(sorted(str(d) for d in SUPPORTED_DTYPES))
-        raise DTypeError(f"dtype {result} is not supported; qtrace supports {names}")
+        raise DTypeError(f"dtype {result} is not supported; qtrace supports {names}", location=user_location())
     return result
 
 
@@ -69,7 +69,8 @@ def result_type(*operands: object) -> np.dtype:
     try:
         return canonical_dtype(np.result_type(*operands))
     except (TypeError, OverflowError) as exc:
-        raise DTypeError(f"cannot combine {', '.join(map(_describe, operands))}: {exc}") from None
+        raise DTypeError(f"cannot combine {', '.join(map(_describe, operands))}: {exc}",
+                         location=user_location()) from None
 
 
 def _describe(operand: object) -> str:

@@ -188,6 +188,13 @@ class Graph:
         self._order = None
         return node
 
+    def apply(self, primitive: "Primitive", *inputs: Value, location: SourceLocation | None = None,
+              scope: str = "", **params: Any) -> list[Value]:
+        """Add a node whose output types come from the primitive's shape rule (for passes and for
+        graphs built by hand); returns its output values."""
+        out_avals = primitive.abstract_eval([v.aval for v in inputs], params)
+        return self.add_node(primitive, inputs, params, out_avals, location, scope).outputs
+
     def set_outputs(self, values: Sequence[Value], names: Sequence[str]) -> None:
         if len(values) != len(names):
             raise TraceError(f"{len(values)} outputs but {len(names)} output names")

@@ -34,7 +34,7 @@ def _is_inline(value: Value) -> bool:
 
 def _operand(value: Value) -> str:
     if _is_inline(value):  # scalars print as literals: mul(%1, 2.0:f32)
-        return f"{value.const.item()!r}:{dtypes.short_name(value.dtype)}"
+        return f"{value.const[()]}:{dtypes.short_name(value.dtype)}"  # shortest repr in its own dtype
     return value.name if value.is_constant or value.producer is None else f"%{value.name}"
 
 

@@ -1,7 +1,11 @@
-"""The pass manager: passes registered by name, run in a pipeline that can dump the IR after each."""
+"""The pass manager and the passes: shape_check, fuse, simplify (canonicalize, fold, cse, dce) and
+function hygiene. `run_pipeline` runs them by name and can dump the IR after each."""
 
 from __future__ import annotations
 
-from .manager import PASSES, DEFAULT_PIPELINE, PassReport, register_pass, run_pipeline
+from . import fuse as _fuse, shape_check as _shape_check, simplify as _simplify  # noqa: F401  (register)
+from .manager import PASSES, PassReport, register_pass, run_pipeline
+
+DEFAULT_PIPELINE = ["shape_check", "canonicalize", "fuse", "simplify", "shape_check"]
 
 __all__ = ["PASSES", "DEFAULT_PIPELINE", "PassReport", "register_pass", "run_pipeline"]

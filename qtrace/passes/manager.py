@@ -12,14 +12,11 @@ from ..ir import Graph
 
 Pass = Callable[[Graph], bool]  # edits the graph in place; returns whether it changed anything
 PASSES: dict[str, Pass] = {}
-DEFAULT_PIPELINE: list[str] = []
 
 
-def register_pass(name: str, *, default: bool = False) -> Callable[[Pass], Pass]:
+def register_pass(name: str, **_: object) -> Callable[[Pass], Pass]:
     def register(fn: Pass) -> Pass:
         PASSES[name] = fn
-        if default and name not in DEFAULT_PIPELINE:
-            DEFAULT_PIPELINE.append(name)
         return fn
 
     return register
@@ -50,6 +47,8 @@ def count_nodes(graph: Graph) -> int:
 
 def run_pipeline(graph: Graph, names: Sequence[str] | None = None, *, dump_dir: str | None = None,
                  debug: bool = False) -> PassReport:
+    from . import DEFAULT_PIPELINE
+
     names = list(DEFAULT_PIPELINE if names is None else names)
     unknown = [n for n in names if n not in PASSES]
     if unknown:

@@ -1,0 +1,266 @@
+"""fuse: rewrite written-out forms into the primitives the accelerator runs as one op.
+
+Each fusion is a `Fusion`: a pattern (see pattern.py) and a builder that returns the replacement
+value, or None when a constraint the pattern cannot express fails. Adding one is a few lines at
+the bottom of this file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..ir import Graph, Node, Value
+from .manager import register_pass
+from .pattern import CompiledPattern, Match, Pat, Var
+from .rewrite import RuleSet, graphs_of, rewrite
+
+
+def _prim(name: str):
+    from qtrace.primitives import PRIMITIVES
+
+    return PRIMITIVES[name]
+
+
+# -- constraints ----------------------------------------------------------------------------------------
+
+
+def scalar_constant(value: Value) -> bool:
+    return value.is_constant and value.const.size == 1
+
+
+def constant_near(number: float, rtol: float = 1e-3) -> Callable[[Value], bool]:
+    def check(value: Value) -> bool:
+        return scalar_constant(value) and math.isclose(float(value.const.reshape(-1)[0]), number, rel_tol=rtol)
+
+    return check
+
+
+def last_axis(axes: tuple[int, ...], node: Node) -> bool:
+    return tuple(axes) == (node.inputs[0].ndim - 1,)
+
+
+def float32_dtype(dtype: np.dtype, node: Node) -> bool:
+    return np.dtype(dtype) == np.float32
+
+
+@dataclass
+class Fusion:
+    name: str
+    pattern: CompiledPattern
+    build: Callable[[Graph, Node, Match], Value | None]
+
+
+FUSIONS: list[Fusion] = []
+
+
+def fusion(name: str, *patterns: Pat) -> Callable:
+    def register(build: Callable[[Graph, Node, Match], Value | None]) -> Callable:
+        for i, pat in enumerate(patterns):
+            FUSIONS.append(Fusion(f"{name}[{i}]", CompiledPattern(pat), build))
+        return build
+
+    return register
+
+
+def _apply(graph: Graph, root: Node, primitive: str, *inputs: Value, **params) -> Value:
+    return graph.apply(_prim(primitive), *inputs, location=root.location, scope=root.scope, **params)[0]
+
+
+def _cast_to(graph: Graph, root: Node, value: Value, dtype: np.dtype) -> Value:
+    return value if value.dtype == dtype else _apply(graph, root, "cast", value, dtype=np.dtype(dtype))
+
+
+# -- RMSNorm --------------------------------------------------------------------------------------------
+# x * rsqrt(mean(x*x, -1) + eps) * w and its spellings: x / sqrt(...), x * reciprocal(sqrt(...)),
+# pow(x, 2) for the square, the weight on either side, and an upcast to float32 around it.
+
+
+def _rms_patterns(x: Var | Pat, x_in_norm: Var | Pat) -> list[Pat]:
+    eps, w = Var("eps", scalar_constant), Var("w")
+    patterns = []
+    for square in (Pat("mul", x, x), Pat("pow", x, Var("two", constant_near(2.0)))):
+        variance = Pat("add", Pat("reduce_mean", square, axes=last_axis, keepdims=True), eps)
+        for normed in (Pat("mul", x_in_norm, Pat("rsqrt", variance)),
+                       Pat("div", x_in_norm, Pat("sqrt", variance)),
+                       Pat("mul", x_in_norm, Pat("reciprocal", Pat("sqrt", variance))),
+                       Pat("mul", x_in_norm, Pat("div", Var("one", constant_near(1.0)), Pat("sqrt", variance)))):
+            patterns.append(Pat("mul", normed, w))
+            patterns.append(Pat("mul", Pat("cast", normed, name="downcast"), w))
+    return patterns
+
+
+_x = Var("x")
+_upcast = Pat("cast", Var("h"), dtype=float32_dtype, name="upcast")
+
+
+@fusion("rms_norm", *_rms_patterns(_x, _x), *_rms_patterns(_upcast, _upcast))
+def fuse_rms_norm(graph: Graph, root: Node, m: Match) -> Value | None:
+    x = m.get("h", m.get("x"))
+    weight = m["w"]
+    if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
+        return None
+    out_dtype = root.outputs[0].dtype
+    eps = float(m["eps"].const.reshape(-1)[0])
+    normed = _apply(graph, root, "rms_norm", _cast_to(graph, root, x, out_dtype),
+                    _cast_to(graph, root, weight, out_dtype), eps=eps)
+    return normed if normed.aval == root.outputs[0].aval else None
+
+
+# -- softmax, silu, gelu --------------------------------------------------------------------------------
+_sx = Var("x")
+_shifted = Pat("exp", Pat("sub", _sx, Pat("reduce_max", _sx, name="max", keepdims=True)), name="exp")
+
+
+@fusion("softmax", Pat("div", _shifted, Pat("reduce_sum", _shifted, name="sum", keepdims=True)))
+def fuse_softmax(graph: Graph, root: Node, m: Match) -> Value | None:
+    axes = m["max"].params["axes"]
+    if len(axes) != 1 or m["sum"].params["axes"] != axes:
+        return None
+    return _apply(graph, root, "softmax", m["x"], axis=axes[0])
+
+
+_sig_x = Var("x")
+
+
+@fusion("sigmoid", Pat("div", Var("one", constant_near(1.0)),
+                       Pat("add", Var("one_", constant_near(1.0)), Pat("exp", Pat("neg", _sig_x)))))
+def fuse_sigmoid(graph: Graph, root: Node, m: Match) -> Value | None:
+    return _apply(graph, root, "sigmoid", m["x"])
+
+
+_silu_x = Var("x")
+
+
+@fusion("silu", Pat("mul", _silu_x, Pat("sigmoid", _silu_x)))
+def fuse_silu(graph: Graph, root: Node, m: Match) -> Value | None:
+    return _apply(graph, root, "silu", m["x"])
+
+
+def _gelu_patterns() -> list[Pat]:
+    x = Var("x")
+    half, one = Var("half", constant_near(0.5)), Var("one", constant_near(1.0))
+    erf_arg = [Pat("mul", x, Var("k", constant_near(1 / math.sqrt(2)))), Pat("div", x, Var("k", constant_near(math.sqrt(2))))]
+    cube = [Pat("pow", x, Var("three", constant_near(3.0))), Pat("mul", Pat("mul", x, x), x)]
+    tanh_arg = [Pat("mul", Var("k", constant_near(math.sqrt(2 / math.pi))),
+                    Pat("add", x, Pat("mul", Var("c", constant_near(0.044715)), c))) for c in cube]
+    gates = [Pat("erf", a, name="erf") for a in erf_arg] + [Pat("tanh", a, name="tanh") for a in tanh_arg]
+    patterns = []
+    for gate in gates:
+        one_plus = Pat("add", gate, one)
+        patterns += [Pat("mul", Pat("mul", x, half), one_plus), Pat("mul", x, Pat("mul", half, one_plus)),
+                     Pat("mul", Pat("mul", x, one_plus), half)]
+    return patterns
+
+
+@fusion("gelu", *_gelu_patterns())
+def fuse_gelu(graph: Graph, root: Node, m: Match) -> Value | None:
+    return _apply(graph, root, "gelu", m["x"], approximate="tanh" if "tanh" in m else "none")
+
+
+# -- KV-cache writes and reads written with numpy indexing ----------------------------------------------
+# cache[arange(B)[:, None, None], arange(H)[None, :, None], position_ids[:, None, :]] = updates
+# is ctx_scatter(cache, position_ids, updates); the same index grid read with gather is ctx_gather.
+
+
+def _index_grid_axis(value: Value, length, axis: int, ndim: int) -> bool:
+    """Is `value` arange(length) laid along `axis` of an ndim-rank index grid (size 1 elsewhere)?"""
+    if value.ndim != ndim or value.shape[axis] != length or any(
+            d != 1 for i, d in enumerate(value.shape) if i != axis):
+        return False
+    if value.is_constant:
+        return isinstance(length, int) and np.array_equal(value.const.reshape(-1), np.arange(length))
+    source = value
+    while source.producer is not None and source.producer.op in ("reshape", "expand_dims", "cast"):
+        source = source.producer.inputs[0]
+    node = source.producer
+    if node is None or node.op != "arange":
+        return source.is_constant and isinstance(length, int) and np.array_equal(
+            source.const.reshape(-1), np.arange(length))
+    return node.params["start"] == 0 and node.params["step"] == 1 and node.params["stop"] == length
+
+
+def _positions_2d(graph: Graph, root: Node, index: Value, batch, heads: bool) -> Value | None:
+    """position_ids [B, S] from the index laid out as [B, 1, S] (4-D) or [B, S] (3-D)."""
+    if not heads:
+        return index if index.ndim == 2 and index.shape[0] == batch else None
+    if index.ndim != 3 or index.shape[0] != batch or index.shape[1] != 1:
+        return None
+    producer = index.producer
+    if producer is not None and producer.op in ("expand_dims", "reshape") and producer.inputs[0].ndim == 2 \
+            and producer.inputs[0].shape == (index.shape[0], index.shape[2]):
+        return producer.inputs[0]
+    return _apply(graph, root, "squeeze", index, axes=(1,))
+
+
+_ARRAY_SLOT = lambda k: ("array", k)  # noqa: E731
+_FULL_SLICE = ("slice", None, None, 1)
+
+
+@fusion("ctx_scatter",
+        Pat("index_put", Var("data"), Var("updates"), Var("i0"), Var("i1"), Var("i2"),
+            spec=(_ARRAY_SLOT(0), _ARRAY_SLOT(1), _ARRAY_SLOT(2), _FULL_SLICE)),
+        Pat("index_put", Var("data"), Var("updates"), Var("i0"), Var("i1"),
+            spec=(_ARRAY_SLOT(0), _ARRAY_SLOT(1), _FULL_SLICE)))
+def fuse_ctx_scatter(graph: Graph, root: Node, m: Match) -> Value | None:
+    data, updates = m["data"], m["updates"]
+    heads = data.ndim == 4
+    batch = data.shape[0]
+    if not _index_grid_axis(m["i0"], batch, 0, 3 if heads else 2):
+        return None
+    if heads and not _index_grid_axis(m["i1"], data.shape[1], 1, 3):
+        return None
+    positions = _positions_2d(graph, root, m["i2"] if heads else m["i1"], batch, heads)
+    if positions is None:
+        return None
+    seq = positions.shape[1]
+    expected = (batch, data.shape[1], seq, data.shape[3]) if heads else (batch, seq, data.shape[2])
+    if updates.shape != expected:
+        return None
+    return _apply(graph, root, "ctx_scatter", data, positions, updates)
+
+
+@fusion("ctx_gather",
+        Pat("gather", Var("data"), Var("i0"), Var("i1"), Var("i2"), axis=0),
+        Pat("gather", Var("data"), Var("i0"), Var("i1"), axis=0))
+def fuse_ctx_gather(graph: Graph, root: Node, m: Match) -> Value | None:
+    data = m["data"]
+    heads = data.ndim == 4
+    if heads != ("i2" in m):
+        return None
+    if not _index_grid_axis(m["i0"], data.shape[0], 0, 3 if heads else 2):
+        return None
+    if heads and not _index_grid_axis(m["i1"], data.shape[1], 1, 3):
+        return None
+    index = m["i2"] if heads else m["i1"]
+    lead = (data.shape[0], data.shape[1]) if heads else (data.shape[0],)
+    if index.ndim != len(lead) + 1 or any(d != 1 and d != want for d, want in zip(index.shape, lead)):
+        return None
+    out = _apply(graph, root, "ctx_gather", data, index, comp_ctx_len=None)
+    return out if out.aval == root.outputs[0].aval else None
+
+
+# -- the pass -------------------------------------------------------------------------------------------
+
+
+def fusion_rules() -> RuleSet:
+    rules = RuleSet()
+    for item in FUSIONS:
+        def fn(graph: Graph, node: Node, _f: Fusion = item) -> Value | None:
+            match = _f.pattern.match(graph, node)
+            return None if match is None else _f.build(graph, node, match)
+
+        rules.rule(item.pattern.root.op, name=f"fuse_{item.name}")(fn)
+    return rules
+
+
+@register_pass("fuse")
+def fuse(graph: Graph) -> bool:
+    rules = fusion_rules()
+    return any([bool(rewrite(g, rules)) for g in graphs_of(graph)])
+
+
+__all__ = ["FUSIONS", "Fusion", "fusion", "fuse"]

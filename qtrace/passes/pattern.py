@@ -1,0 +1,187 @@
+"""Patterns as data: a tiny graph of primitive names with constraints, matched with networkx.
+
+    x, eps, w = Var("x"), Var("eps", scalar_constant), Var("w")
+    mean_square = Pat("reduce_mean", Pat("mul", x, x), axes=last_axis, keepdims=True)
+    pattern = Pat("mul", Pat("mul", x, Pat("rsqrt", Pat("add", mean_square, eps))), w)
+
+A `Pat` names a primitive, its operand patterns and constraints on its parameters (a value, or a
+predicate `(param, node) -> bool`); a `Var` matches any value (optionally one passing a
+predicate), and a Var used twice must bind the same value. Matching is anchored: only nodes whose
+primitive is the pattern's root are tried, the candidate region is the bounded upstream
+neighbourhood of that node, and networkx's MultiDiGraphMatcher finds the embedding. Operands of
+commutative primitives match in either order. A match whose intermediate values are used outside
+the pattern (or are graph outputs) is rejected, since replacing it would not remove them.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import networkx as nx
+from networkx.algorithms.isomorphism import MultiDiGraphMatcher
+
+from ..ir import Graph, Node, Value
+
+COMMUTATIVE = frozenset({"add", "mul", "maximum", "minimum", "eq", "ne", "logical_and", "logical_or",
+                         "logical_xor"})
+_ids = itertools.count()
+
+
+def operand_port(op: str, port: int) -> int:
+    """The port an operand edge is compared by: operands of commutative primitives are interchangeable."""
+    return 0 if op in COMMUTATIVE else port
+
+
+class Var:
+    """Matches any value (passing `predicate(value)` if given); binds it under `name`."""
+
+    def __init__(self, name: str, predicate: Callable[[Value], bool] | None = None):
+        self.name = name
+        self.predicate = predicate
+
+
+class Pat:
+    """Matches a node of primitive `op` whose operands match `operands` and params match `params`."""
+
+    def __init__(self, op: str, *operands: "Pat | Var", name: str | None = None, port: int = 0, **params: Any):
+        self.op = op
+        self.operands = operands
+        self.name = name
+        self.port = port  # which output of the node this pattern stands for
+        self.params = params
+        self.id = next(_ids)
+
+    @property
+    def depth(self) -> int:
+        return 1 + max((o.depth for o in self.operands if isinstance(o, Pat)), default=0)
+
+
+class Match(dict):
+    """Bindings by name (Vars -> values, named Pats -> nodes) plus the matched nodes."""
+
+    nodes: list[Node]
+
+
+class CompiledPattern:
+    """A pattern turned into a networkx MultiDiGraph once, for matching many times."""
+
+    def __init__(self, root: Pat):
+        self.root = root
+        self.graph = nx.MultiDiGraph()
+        self.depth = root.depth
+        self._add(root)
+        self.root_key = ("op", root.id)
+
+    def _add(self, pat: Pat | Var) -> Any:
+        if isinstance(pat, Var):
+            key = ("var", pat.name)
+            self.graph.add_node(key, kind="var", pat=pat)
+            return key
+        op_key, value_key = ("op", pat.id), ("value", pat.id)
+        if op_key in self.graph:  # a sub-pattern used twice stands for one node
+            return value_key
+        self.graph.add_node(op_key, kind="op", pat=pat)
+        self.graph.add_node(value_key, kind="value", pat=pat)
+        self.graph.add_edge(op_key, value_key, port=pat.port)
+        for port, operand in enumerate(pat.operands):
+            self.graph.add_edge(self._add(operand), op_key, port=operand_port(pat.op, port))
+        return value_key
+
+    # -- matching -------------------------------------------------------------------------------------
+    def _quick_reject(self, node: Node) -> bool:
+        """Cheap checks on the root before any graph matching."""
+        root = self.root
+        if node.op != root.op or len(node.inputs) != len(root.operands):
+            return True
+        wanted = sorted(o.op for o in root.operands if isinstance(o, Pat))
+        have = sorted(v.producer.op for v in node.inputs if v.producer is not None)
+        return any(have.count(op) < wanted.count(op) for op in set(wanted))
+
+    def _region(self, graph: Graph, node: Node) -> nx.MultiDiGraph:
+        """The upstream neighbourhood of `node` deep enough to hold the pattern, with ports."""
+        region = nx.MultiDiGraph()
+        frontier, seen = [node], {node}
+        region.add_node(node, obj=node)
+        for _ in range(self.depth):
+            next_frontier = []
+            for op_node in frontier:
+                for out in op_node.outputs:
+                    region.add_node(out, obj=out)
+                    region.add_edge(op_node, out, port=out.port)
+                for port, value in enumerate(op_node.inputs):
+                    region.add_node(value, obj=value)
+                    region.add_edge(value, op_node, port=operand_port(op_node.op, port))
+                    producer = value.producer
+                    if producer is not None and producer not in seen:
+                        seen.add(producer)
+                        region.add_node(producer, obj=producer)
+                        next_frontier.append(producer)
+            frontier = next_frontier
+        for op_node in frontier:  # the last ring's outputs, so their value nodes exist
+            for out in op_node.outputs:
+                region.add_node(out, obj=out)
+                region.add_edge(op_node, out, port=out.port)
+        return region
+
+    @staticmethod
+    def _node_match(region_attrs: dict, pattern_attrs: dict) -> bool:
+        obj, pat, kind = region_attrs["obj"], pattern_attrs["pat"], pattern_attrs["kind"]
+        if kind == "op":
+            if not isinstance(obj, Node) or obj.op != pat.op:
+                return False
+            for key, want in pat.params.items():
+                have = obj.params.get(key)
+                if callable(want) and not isinstance(want, type):
+                    if not want(have, obj):
+                        return False
+                elif have != want:
+                    return False
+            return True
+        if not isinstance(obj, Value):
+            return False
+        if kind == "var":
+            return pat.predicate is None or bool(pat.predicate(obj))
+        return True
+
+    @staticmethod
+    def _edge_match(region_edges: dict, pattern_edges: dict) -> bool:
+        return sorted(e["port"] for e in region_edges.values()) == sorted(e["port"] for e in pattern_edges.values())
+
+    def match(self, graph: Graph, node: Node) -> Match | None:
+        if self._quick_reject(node):
+            return None
+        region = self._region(graph, node)
+        matcher = MultiDiGraphMatcher(region, self.graph, node_match=self._node_match, edge_match=self._edge_match)
+        outputs = set(graph.outputs)
+        for mapping in matcher.subgraph_monomorphisms_iter():
+            if mapping.get(node) != self.root_key:
+                continue
+            result = self._bind(graph, mapping, outputs)
+            if result is not None:
+                return result
+        return None
+
+    def _bind(self, graph: Graph, mapping: dict, outputs: set[Value]) -> Match | None:
+        result = Match()
+        result.nodes = []
+        for region_obj, key in mapping.items():
+            attrs = self.graph.nodes[key]
+            pat = attrs["pat"]
+            if attrs["kind"] == "var":
+                result[pat.name] = region_obj
+            elif attrs["kind"] == "op":
+                result.nodes.append(region_obj)
+                if pat.name:
+                    result[pat.name] = region_obj
+            elif attrs["kind"] == "value" and key != ("value", self.root.id):
+                # an intermediate: every use must be inside the pattern
+                uses = graph.nx.out_degree(region_obj)
+                if region_obj in outputs or uses != self.graph.out_degree(key):
+                    return None
+        result.nodes.sort(key=lambda n: n.index)
+        return result
+
+
+def find_matches(graph: Graph, pattern: CompiledPattern) -> list[tuple[Node, Match]]:
+    return [(node, m) for node in list(graph.nodes) if (m := pattern.match(graph, node)) is not None]

@@ -1,0 +1,285 @@
+"""simplify: dead-code elimination, common-subexpression elimination, constant folding (capped so
+weights are not duplicated), cancelling transpose/reshape/cast pairs, dropping identity operations
+and folding explicit broadcasts into the elementwise ops that broadcast anyway.
+
+Every rewrite here is a `Rule` of the shared engine; each pass visits the graph and function bodies.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..dims import Dim
+from ..ir import Graph, Node, Value
+from .manager import register_pass
+from .rewrite import RuleSet, graphs_of, remove_dead, rewrite
+
+FOLD_LIMIT_BYTES = 1 << 16  # fold results up to this size, or larger ones that free their inputs
+ELEMENTWISE_BINARY = ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
+                      "logical_and", "logical_or", "logical_xor")
+
+
+# -- dead code ------------------------------------------------------------------------------------------
+
+
+def eliminate_dead_code(graph: Graph) -> bool:
+    """Remove nodes and constants no output depends on (one reverse walk from the outputs)."""
+    live: set[Any] = set()
+    stack: list[Any] = list(graph.outputs)
+    while stack:
+        item = stack.pop()
+        if item in live:
+            continue
+        live.add(item)
+        stack.extend(graph.nx.predecessors(item))
+    dead_nodes = [n for n in graph.nodes if n not in live]
+    dead_constants = [c for c in graph.constants if c not in live]
+    for node in reversed(dead_nodes):  # reverse topological: consumers first
+        for out in node.outputs:
+            graph.nx.remove_node(out)
+        graph.nx.remove_node(node)
+    for value in dead_constants:
+        graph.remove_constant(value)
+    if dead_nodes:
+        graph._order = None
+    return bool(dead_nodes or dead_constants)
+
+
+def _remove_uncalled_functions(graph: Graph) -> bool:
+    called = {n.params["function"].name for g in graphs_of(graph) for n in g.nodes if n.op == "call"}
+    unused = [name for name in graph.functions if name not in called]
+    for name in unused:
+        del graph.functions[name]
+    return bool(unused)
+
+
+@register_pass("dce")
+def dce(graph: Graph) -> bool:
+    changed = any([eliminate_dead_code(g) for g in graphs_of(graph)])
+    return _remove_uncalled_functions(graph) or changed
+
+
+# -- common subexpressions ------------------------------------------------------------------------------
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, np.ndarray):
+        return (value.dtype.str, value.shape, value.tobytes())
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    if isinstance(value, dict):
+        return tuple(sorted((k, _hashable(v)) for k, v in value.items()))
+    return value
+
+
+_SMALL_CONSTANT = 1 << 12
+
+
+def eliminate_common_subexpressions(graph: Graph) -> bool:
+    """One topological sweep: equal small constants merge, then equal (op, params, inputs) nodes."""
+    changed = False
+    constants: dict[Any, Value] = {}
+    for value in list(graph.constants):
+        if value.const.nbytes > _SMALL_CONSTANT:
+            continue
+        key = (value.const.dtype.str, value.const.shape, value.const.tobytes())
+        first = constants.setdefault(key, value)
+        if first is not value:
+            graph.replace_all_uses(value, first)
+            graph.remove_constant(value)
+            changed = True
+    seen: dict[Any, Node] = {}
+    for node in list(graph.nodes):
+        if node not in graph.nx:
+            continue
+        key = (node.op, tuple(id(v) for v in node.inputs),
+               tuple(sorted((k, _hashable(v)) for k, v in node.params.items())))
+        first = seen.setdefault(key, node)
+        if first is node:
+            continue
+        for old, new in zip(node.outputs, first.outputs):
+            graph.replace_all_uses(old, new)
+        remove_dead(graph, [node])
+        changed = True
+    return changed
+
+
+@register_pass("cse")
+def cse(graph: Graph) -> bool:
+    return any([eliminate_common_subexpressions(g) for g in graphs_of(graph)])
+
+
+# -- algebraic rules ------------------------------------------------------------------------------------
+RULES = RuleSet()
+
+
+def _constant_value(value: Value) -> np.ndarray | None:
+    return value.const if value.is_constant else None
+
+
+def _is_filled_with(value: Value, number: float) -> bool:
+    const = _constant_value(value)
+    if const is not None:
+        return const.size > 0 and bool(np.all(const == number))
+    node = value.producer
+    return node is not None and node.op == "full" and node.params["fill_value"] == number
+
+
+def _same_type(a: Value, b: Value) -> bool:
+    return a.aval == b.aval
+
+
+@RULES.rule("add", "sub", "mul", "div", "pow")
+def drop_neutral_operand(graph: Graph, node: Node) -> Value | None:
+    """x + 0, 0 + x, x - 0, x * 1, 1 * x, x / 1, x ** 1 -> x (when that keeps the output's type)."""
+    out = node.outputs[0]
+    x, y = node.inputs
+    neutral = {"add": 0, "sub": 0, "mul": 1, "div": 1, "pow": 1}[node.op]
+    if _is_filled_with(y, neutral) and _same_type(x, out):
+        return x
+    if node.op in ("add", "mul") and _is_filled_with(x, neutral) and _same_type(y, out):
+        return y
+    return None
+
+
+@RULES.rule("cast", "reshape", "broadcast_to", "transpose", "squeeze", "expand_dims", "slice")
+def drop_identity(graph: Graph, node: Node) -> Value | None:
+    """cast to the same dtype, reshape/broadcast to the same shape, identity perm, empty axes."""
+    x, out = node.inputs[0], node.outputs[0]
+    if node.op == "transpose":
+        return x if list(node.params["perm"]) == list(range(x.ndim)) else None
+    if node.op in ("squeeze", "expand_dims") and not node.params["axes"]:
+        return x
+    if node.op == "slice" and not all(s == (None, None, 1) for s in node.params["slices"]):
+        return None
+    return x if _same_type(x, out) else None
+
+
+@RULES.rule("transpose")
+def compose_transposes(graph: Graph, node: Node) -> list[Value] | None:
+    inner = node.inputs[0].producer
+    if inner is None or inner.op != "transpose":
+        return None
+    outer_perm, inner_perm = node.params["perm"], inner.params["perm"]
+    perm = tuple(inner_perm[p] for p in outer_perm)
+    return graph.apply(node.primitive, inner.inputs[0], perm=perm, location=node.location, scope=node.scope)
+
+
+@RULES.rule("reshape")
+def compose_reshapes(graph: Graph, node: Node) -> list[Value] | None:
+    inner = node.inputs[0].producer
+    if inner is None or inner.op not in ("reshape", "squeeze", "expand_dims"):
+        return None
+    return graph.apply(node.primitive, inner.inputs[0], shape=node.params["shape"], location=node.location,
+                       scope=node.scope)
+
+
+def _lossless(source: np.dtype, target: np.dtype) -> bool:
+    return bool(np.can_cast(source, target, casting="safe"))
+
+
+@RULES.rule("cast")
+def compose_casts(graph: Graph, node: Node) -> list[Value] | None:
+    """cast(cast(x, wider), t) -> cast(x, t): the first cast lost nothing, so skipping it is exact."""
+    inner = node.inputs[0].producer
+    if inner is None or inner.op != "cast" or not _lossless(inner.inputs[0].dtype, inner.params["dtype"]):
+        return None
+    return graph.apply(node.primitive, inner.inputs[0], dtype=node.params["dtype"], location=node.location,
+                       scope=node.scope)
+
+
+@RULES.rule(*ELEMENTWISE_BINARY, "where")
+def fold_broadcast_into_consumer(graph: Graph, node: Node) -> list[Value] | None:
+    """An elementwise op broadcasts by itself: feed it the un-broadcast operand when that keeps its type."""
+    from qtrace.primitives.common import broadcast_shapes
+
+    for port, value in enumerate(node.inputs):
+        producer = value.producer
+        if producer is None or producer.op != "broadcast_to":
+            continue
+        inputs = list(node.inputs)
+        inputs[port] = producer.inputs[0]
+        try:
+            shape = broadcast_shapes(*(v.shape for v in inputs))
+        except Exception:
+            continue
+        if shape == node.outputs[0].shape:
+            return graph.apply(node.primitive, *inputs, location=node.location, scope=node.scope, **node.params)
+    return None
+
+
+# -- constant folding -----------------------------------------------------------------------------------
+
+
+def _has_symbolic_param(node: Node) -> bool:
+    def symbolic(value: Any) -> bool:
+        if isinstance(value, Dim):
+            return True
+        return isinstance(value, tuple) and any(symbolic(v) for v in value)
+
+    return any(symbolic(v) for v in node.params.values())
+
+
+def _frees_its_inputs(graph: Graph, node: Node) -> bool:
+    outputs = set(graph.outputs)
+    return all(graph.nx.out_degree(v) == 1 and v not in outputs for v in node.inputs)
+
+
+def fold_constants(graph: Graph) -> bool:
+    changed = False
+    for node in list(graph.nodes):
+        if node not in graph.nx or node.op == "call" or _has_symbolic_param(node):
+            continue
+        if not all(v.is_constant for v in node.inputs):
+            continue
+        if not all(isinstance(d, int) for v in node.outputs for d in v.shape):
+            continue
+        out_bytes = sum(int(np.prod(v.shape, dtype=np.int64)) * v.dtype.itemsize for v in node.outputs)
+        if out_bytes > FOLD_LIMIT_BYTES and not _frees_its_inputs(graph, node):
+            continue  # folding would keep both the weight and its transformed copy
+        results = node.primitive.impl(*[v.const for v in node.inputs], **node.params)
+        results = results if node.primitive.multiple_results else [results]
+        for out, result in zip(node.outputs, results):
+            array = np.ascontiguousarray(np.asarray(result, dtype=out.dtype))
+            name = out.name if not node.inputs or len(node.inputs) != 1 else node.inputs[0].name
+            folded = graph.add_constant(array, _fresh_constant_name(graph, name))
+            graph.replace_all_uses(out, folded)
+        remove_dead(graph, [node])
+        changed = True
+    return changed
+
+
+def _fresh_constant_name(graph: Graph, base: str) -> str:
+    taken = {c.name for c in graph.constants}
+    name, n = f"{base}.folded", 0
+    while name in taken:
+        n += 1
+        name = f"{base}.folded{n}"
+    return name
+
+
+@register_pass("fold")
+def fold(graph: Graph) -> bool:
+    return any([fold_constants(g) for g in graphs_of(graph)])
+
+
+@register_pass("canonicalize")
+def canonicalize(graph: Graph) -> bool:
+    return any([bool(rewrite(g, RULES)) for g in graphs_of(graph)])
+
+
+@register_pass("simplify")
+def simplify(graph: Graph) -> bool:
+    """canonicalize, fold, cse and dce until nothing changes (at most a few rounds)."""
+    changed_any = False
+    for _ in range(8):
+        changed = canonicalize(graph)
+        changed = fold(graph) or changed
+        changed = cse(graph) or changed
+        changed = dce(graph) or changed
+        changed_any = changed_any or changed
+        if not changed:
+            break
+    return changed_any
