@@ -49,10 +49,13 @@ class Lowered:
             self._model = attach_weights(self.parts)
         return self._model
 
-    def save(self, path: str | os.PathLike, *, external_data: bool | None = None,
-             size_threshold: int = 1024) -> list[str]:
-        """Write the model atomically (weights external when asked or past 2 GiB); returns the files."""
-        return save_model(self.parts, os.fspath(path), external_data=external_data, size_threshold=size_threshold)
+    def save(self, path: str | os.PathLike, *, external_data: bool | None = None, size_threshold: int = 1024,
+             reference_weights: bool = False) -> list[str]:
+        """Write the model atomically (weights external when asked or past 2 GiB); returns the files.
+        reference_weights: weights that are memory maps of a file (a checkpoint) are not copied; the
+        external-data entries point into that file, linked next to the model."""
+        return save_model(self.parts, os.fspath(path), external_data=external_data, size_threshold=size_threshold,
+                          reference_weights=reference_weights)
 
     # -- running ------------------------------------------------------------------------------------
     def feeds(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:

@@ -14,7 +14,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from qtrace.dims import Dim, DimLike
-from qtrace.errors import LoweringError
+from qtrace.errors import LoweringError, SourceLocation
 from qtrace.ir import Graph, Node, Value
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -29,6 +29,13 @@ def value_info(name: str, value: Value) -> onnx.ValueInfoProto:
     """A typed ONNX value: ints stay ints, symbolic dims become dim_params with their own names."""
     shape = [d if isinstance(d, int) else str(d) for d in value.shape]
     return helper.make_tensor_value_info(name, onnx_dtype(value.dtype), shape)
+
+
+def add_source(node: onnx.NodeProto, location: SourceLocation | None) -> None:
+    """Point an ONNX node back at the user's line (metadata key `qtrace.source`)."""
+    if location is not None:
+        entry = node.metadata_props.add()
+        entry.key, entry.value = "qtrace.source", str(location)
 
 
 class LoweringContext:
@@ -55,6 +62,10 @@ class LoweringContext:
         self._current_outputs: list[onnx.NodeProto] = []
 
     # -- names ----------------------------------------------------------------------------------------
+    def reserve_names(self, names: Sequence[str]) -> None:
+        """Names the emitted values must not take (the graph's output names)."""
+        self._taken_value_names.update(names)
+
     def fresh_value(self, hint: str = "t") -> str:
         scope = self.current.scope if self.current is not None else ""
         while True:
@@ -77,9 +88,7 @@ class LoweringContext:
         outputs = [self.fresh_value(op_type) for _ in range(n_outputs)]
         node = helper.make_node(op_type, list(inputs), outputs, name=self._node_name(op_type), domain=domain,
                                 **{k: v for k, v in attrs.items() if v is not None})
-        if self.current is not None and self.current.location is not None:
-            entry = node.metadata_props.add()
-            entry.key, entry.value = "qtrace.source", str(self.current.location)
+        add_source(node, self.current.location if self.current is not None else None)
         self.nodes.append(node)
         return outputs if n_outputs > 1 else outputs[0]
 
@@ -94,6 +103,7 @@ class LoweringContext:
             name = self.fresh_value(hint)
             node = helper.make_node("Constant", [], [name], name=self._node_name("Constant"),
                                     value=numpy_helper.from_array(array, name))
+            add_source(node, self.current.location if self.current is not None else None)
             self.nodes.append(node)
         else:
             name = self.fresh_value(hint)
@@ -146,6 +156,7 @@ class LoweringContext:
             saved, self.current = self.current, None  # shared by all users: no scope in its name
             cached = self.op("Shape", self.names[value], start=axis, end=axis + 1)
             self.current = saved
+            add_source(self.nodes[-1], saved.location if saved is not None else None)  # its first user's line
             self._dim_cache[name] = cached
         return cached
 

@@ -11,14 +11,15 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qtrace.errors import LoweringError
+from qtrace.errors import LoweringError, ShapeError, TraceError
 from qtrace.ir import Graph, Value
 
-from .context import LoweringContext, value_info
+from .context import LoweringContext, add_source, value_info
 from .custom_ops import CUSTOM_OP_DOMAINS, custom_op_function
-from .rules import RULES
+from .rules import RULES, check_dtypes
 
 PRODUCER = "qtrace"
+RETAINED_STATE = "_RetainedState"
 
 
 @dataclass
@@ -55,9 +56,15 @@ def _value_names(graph: Graph, output_names: list[str]) -> tuple[dict[Value, str
         taken.add(name)
         names[value] = name
 
-    for value in graph.inputs + graph.constants:
+    for value in graph.inputs:
         claim(value, value.name)
+    clashes = [name for name in output_names if name in taken]
+    if clashes:
+        raise TraceError(f"output {clashes[0]!r} has the name of an input of {graph.name}; an ONNX graph names "
+                         "every value once: rename the output (its dict key, or output_names=...)")
     taken.update(output_names)
+    for value in graph.constants:  # a constant named like an output gets a suffix
+        claim(value, value.name)
     identities: list[tuple[str, Value]] = []
     for name, value in zip(output_names, graph.outputs):
         if value.producer is None or value in names:
@@ -69,6 +76,24 @@ def _value_names(graph: Graph, output_names: list[str]) -> tuple[dict[Value, str
             if out not in names:
                 claim(out, out.name)
     return names, identities
+
+
+def _function_output_names(body: Graph) -> list[str]:
+    """A function's formal output names: its own, with a suffix where one repeats a parameter's name
+    (`def f(output): return output + 1`), since a function names every value once too."""
+    inputs = {v.name for v in body.inputs}
+    return [f"{name}_out" if name in inputs else name for name in body.output_names]
+
+
+def check_retained_state(graph: Graph, output_names: list[str]) -> None:
+    """An output named `<input>_RetainedState` is that input's new value: same shape, same dtype."""
+    inputs = {v.name: v for v in graph.inputs}
+    for name, value in zip(output_names, graph.outputs):
+        source = inputs.get(name[:-len(RETAINED_STATE)]) if name.endswith(RETAINED_STATE) else None
+        if source is not None and source.aval != value.aval:
+            location = value.producer.location if value.producer is not None else None
+            raise ShapeError(f"output {name} is the retained state of input {source.name}, so it must be "
+                             f"{source.aval} like the input, but it is {value.aval}", location=location)
 
 
 def _rename(nodes: list[onnx.NodeProto], old: str, new: str) -> None:
@@ -85,11 +110,16 @@ def lower_body(graph: Graph, output_names: list[str], *, opset: int, in_function
                local_domain: str) -> tuple[LoweringContext, list[tuple[str, Value]]]:
     names, identities = _value_names(graph, output_names)
     ctx = LoweringContext(graph, opset=opset, in_function=in_function, local_domain=local_domain, names=names)
+    ctx.reserve_names(output_names)
     if in_function:
         for value in graph.constants:  # functions hold no initializers
-            ctx.nodes.append(helper.make_node("Constant", [], [names[value]], name=f"{value.name}/Constant",
-                                              value=onnx.numpy_helper.from_array(value.const, names[value])))
+            node = helper.make_node("Constant", [], [names[value]], name=f"{value.name}/Constant",
+                                    value=onnx.numpy_helper.from_array(value.const, names[value]))
+            users = graph.consumers(value)
+            add_source(node, users[0][0].location if users else None)
+            ctx.nodes.append(node)
     for node in graph.nodes:
+        check_dtypes(node)
         ctx.current = node
         start = len(ctx.nodes)
         results = RULES[node.op](ctx, node, *[names[v] for v in node.inputs])
@@ -100,11 +130,13 @@ def lower_body(graph: Graph, output_names: list[str], *, opset: int, in_function
             if result in produced:
                 _rename(emitted, result, names[value])
             else:  # the rule returned an existing value (e.g. a shared constant): give it this name
-                ctx.nodes.append(helper.make_node("Identity", [result], [names[value]],
-                                                  name=f"{node.scope}/Identity" if node.scope else None))
+                ctx.op("Identity", result)
+                ctx.nodes[-1].output[0] = names[value]
     ctx.current = None
     for name, value in identities:
-        ctx.nodes.append(helper.make_node("Identity", [names[value]], [name], name=f"{name}/Identity"))
+        identity = helper.make_node("Identity", [names[value]], [name], name=f"{name}/Identity")
+        add_source(identity, value.producer.location if value.producer is not None else None)
+        ctx.nodes.append(identity)
     return ctx, identities
 
 
@@ -119,14 +151,16 @@ def _opset_imports(opset: int, custom_ops: set[str], local_domain: str | None) -
 def build_model(graph: Graph, output_names: list[str], *, opset: int = 17,
                 local_domain: str = "qtrace.local") -> ModelParts:
     check_rules(graph)
+    check_retained_state(graph, output_names)
     custom_ops: set[str] = set()
     functions: list[onnx.FunctionProto] = []
     for function in graph.functions.values():  # dependency order: callees are traced first
         body = function.body
-        ctx, _ = lower_body(body, list(body.output_names), opset=opset, in_function=True, local_domain=local_domain)
+        body_outputs = _function_output_names(body)
+        ctx, _ = lower_body(body, body_outputs, opset=opset, in_function=True, local_domain=local_domain)
         custom_ops |= ctx.custom_ops
         functions.append(helper.make_function(
-            local_domain, function.name, [ctx.names[v] for v in body.inputs], list(body.output_names), ctx.nodes,
+            local_domain, function.name, [ctx.names[v] for v in body.inputs], body_outputs, ctx.nodes,
             _opset_imports(opset, ctx.custom_ops, local_domain if ctx.functions_called else None)))
     ctx, _ = lower_body(graph, output_names, opset=opset, in_function=False, local_domain=local_domain)
     custom_ops |= ctx.custom_ops
@@ -157,22 +191,31 @@ def _version() -> str:
 
 
 def retained_state_source(graph: Graph, value: Value) -> Value | None:
-    """The graph input a value is a chain of KV-cache writes of (through function calls), if any."""
-    seen = 0
-    while value.producer is not None and seen < 1_000_000:
-        seen += 1
+    """The graph input a value is a chain of KV-cache writes of (through function calls), if any.
+
+    The chain has at least one write: an input returned unchanged is not retained state."""
+    source, writes = _scatter_chain(graph, value)
+    return source if writes else None
+
+
+def _scatter_chain(graph: Graph, value: Value) -> tuple[Value | None, int]:
+    """(the graph input under a chain of ctx_scatter / call nodes, the number of writes in it)."""
+    writes = 0
+    while value.producer is not None:
         node = value.producer
         if node.op in ("ctx_scatter", "ctx_scatter_cb"):
             value = node.inputs[0]
+            writes += 1
         elif node.op == "call":
             body = node.params["function"].body
-            inner = retained_state_source(body, body.outputs[value.port])
+            inner, inner_writes = _scatter_chain(body, body.outputs[value.port])
             if inner is None:
-                return None
+                return None, 0
             value = node.inputs[body.inputs.index(inner)]
+            writes += inner_writes
         else:
-            return None
-    return value if value in graph.inputs else None
+            return None, 0
+    return (value, writes) if value in graph.inputs else (None, 0)
 
 
 def attach_weights(parts: ModelParts) -> onnx.ModelProto:
@@ -180,7 +223,9 @@ def attach_weights(parts: ModelParts) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(parts.model)
     for name, array in parts.weights.items():
-        model.graph.initializer.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        # np.ascontiguousarray would turn a 0-d array into shape [1]: keep the shape explicitly.
+        data = array if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(array.shape)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(data, name))
     return model
 
 

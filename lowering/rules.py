@@ -12,7 +12,9 @@ from typing import Any, Callable
 
 import numpy as np
 
+from qtrace import dtypes
 from qtrace.dims import Dim
+from qtrace.errors import LoweringError
 from qtrace.ir import Node
 
 from .context import INT64_MAX, INT64_MIN, LoweringContext, onnx_dtype
@@ -29,6 +31,31 @@ def lowering(*primitive_names: str) -> Callable[[Rule], Rule]:
         return rule
 
     return register
+
+
+# -- dtypes ONNX does not accept -------------------------------------------------------------------------
+# Where an ONNX operator's type constraint is narrower than the primitive's dtype rule, lowering says so
+# at the user's line instead of emitting a model the checker rejects.
+_NUMBERS = {"int32", "int64", "float16", "float32", "float64", "bfloat16"}
+_ONNX_INPUT_DTYPES: dict[str, tuple[str, set[str]]] = {
+    "neg": ("Neg", _NUMBERS | {"int8", "int16"}),
+    "pow": ("Pow", _NUMBERS),
+    "matmul": ("MatMul", _NUMBERS),
+    "reduce_max": ("ReduceMax", _NUMBERS | {"int8", "uint8"}),
+    "reduce_min": ("ReduceMin", _NUMBERS | {"int8", "uint8"}),
+}
+
+
+def check_dtypes(node: Node) -> None:
+    """Raise a LoweringError when the node's ONNX operator does not accept its operands' dtype."""
+    entry = _ONNX_INPUT_DTYPES.get(node.op)
+    if entry is None:
+        return
+    op_type, allowed = entry
+    dtype = node.inputs[0].dtype
+    if dtype.name not in allowed:
+        raise LoweringError(f"ONNX {op_type} does not accept {dtype.name} operands ({node.inputs[0].aval}); "
+                            f"cast to one of {', '.join(sorted(allowed))} first", op=node.op, location=node.location)
 
 
 # -- direct mappings ------------------------------------------------------------------------------------
@@ -273,7 +300,11 @@ def lower_arange(ctx: LoweringContext, node: Node) -> str:
     start, stop, step, dtype = (node.params[k] for k in ("start", "stop", "step", "dtype"))
     if not isinstance(start, Dim) and not isinstance(stop, Dim):
         return ctx.const(np.arange(start, stop, step, dtype=dtype), hint="arange")
-    return ctx.op("Range", ctx.scalar_dim(start, dtype), ctx.scalar_dim(stop, dtype), ctx.scalar(step, dtype))
+    # Range accepts int16/32/64, float32 and float64: count in a wider type and cast the others.
+    wide = dtype if dtype.name in ("int16", "int32", "int64", "float32", "float64") else \
+        np.dtype(np.float32 if dtypes.is_float(dtype) else np.int64)
+    values = ctx.op("Range", ctx.scalar_dim(start, wide), ctx.scalar_dim(stop, wide), ctx.scalar(step, wide))
+    return values if wide == dtype else ctx.op("Cast", values, to=onnx_dtype(dtype))
 
 
 # -- nn -----------------------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ maps of a checkpoint), so saving never holds a second copy of the weights; onnx'
 
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from typing import Iterator
@@ -40,8 +41,31 @@ def _atomic_path(path: str) -> str:
     return tmp
 
 
+def _mapped_source(array: np.ndarray) -> tuple[str, int] | None:
+    """(file, byte offset) when the array is a whole read-only memory map of a file region."""
+    if isinstance(array, np.memmap) and array.filename and array.flags.c_contiguous and not array.flags.writeable \
+            and isinstance(array.base, mmap.mmap):
+        return array.filename, int(array.offset)
+    return None
+
+
+def _link_next_to(model_dir: str, source: str, links: dict[str, str]) -> str:
+    """A file name next to the model that resolves to `source` (onnx wants external data there)."""
+    if source in links:
+        return links[source]
+    name = os.path.basename(source)
+    while os.path.lexists(os.path.join(model_dir, name)) and \
+            os.path.realpath(os.path.join(model_dir, name)) != os.path.realpath(source):
+        name = "_" + name
+    if not os.path.lexists(os.path.join(model_dir, name)):
+        os.symlink(os.path.abspath(source), os.path.join(model_dir, name))
+    links[source] = name
+    return name
+
+
 def save_model(parts: ModelParts, path: str, *, external_data: bool | None = None,
-               size_threshold: int = 1024, location: str | None = None) -> list[str]:
+               size_threshold: int = 1024, location: str | None = None,
+               reference_weights: bool = False) -> list[str]:
     """Write the model to `path`; returns the files written.
 
     external_data: True puts weights of at least `size_threshold` bytes into `location` (default
@@ -70,6 +94,7 @@ def save_model(parts: ModelParts, path: str, *, external_data: bool | None = Non
     data_tmp, model_tmp = _atomic_path(data_path), _atomic_path(path)
     try:
         offset = 0
+        links: dict[str, str] = {}
         with open(data_tmp, "wb") as data_file:
             for name, array in parts.weights.items():
                 tensor = model.graph.initializer.add()
@@ -79,15 +104,17 @@ def save_model(parts: ModelParts, path: str, *, external_data: bool | None = Non
                 if array.nbytes < size_threshold:
                     tensor.raw_data = np.ascontiguousarray(array).tobytes()
                     continue
+                source = _mapped_source(array) if reference_weights else None
+                if source is not None:  # zero-copy: point into the checkpoint file itself
+                    link = _link_next_to(os.path.dirname(os.path.abspath(path)), source[0], links)
+                    _set_external(tensor, link, source[1], array.nbytes)
+                    continue
                 padding = (-offset) % _ALIGNMENT
                 data_file.write(b"\0" * padding)
                 offset += padding
                 for chunk in _chunks(array):
                     data_file.write(chunk)
-                tensor.data_location = onnx.TensorProto.EXTERNAL
-                for key, value in (("location", location), ("offset", str(offset)), ("length", str(array.nbytes))):
-                    entry = tensor.external_data.add()
-                    entry.key, entry.value = key, value
+                _set_external(tensor, location, offset, array.nbytes)
                 offset += array.nbytes
         with open(model_tmp, "wb") as f:
             f.write(model.SerializeToString())
@@ -97,4 +124,11 @@ def save_model(parts: ModelParts, path: str, *, external_data: bool | None = Non
         for tmp in (data_tmp, model_tmp):
             if os.path.exists(tmp):
                 os.unlink(tmp)
-    return [path, data_path]
+    return [path, data_path] + [os.path.join(os.path.dirname(os.path.abspath(path)), n) for n in links.values()]
+
+
+def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    tensor.data_location = onnx.TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value

@@ -10,7 +10,7 @@ import numpy as np
 from qtrace import dtypes
 from qtrace.core import Primitive, Tracer
 from qtrace.dims import Dim, DimLike, shape_str
-from qtrace.errors import DTypeError, ShapeError
+from qtrace.errors import DTypeError, ShapeError, user_location
 from qtrace.ir import ShapeDtype
 
 Array = Union[np.ndarray, Tracer]
@@ -39,7 +39,7 @@ def as_array(x: Any) -> Array:
         return x
     if isinstance(x, Dim):
         raise ShapeError(f"symbolic dim {x} cannot be used as a value; use qtrace.primitives.arange or "
-                         "full to build arrays from symbolic sizes")
+                         "full to build arrays from symbolic sizes", location=user_location())
     return np.asarray(x)
 
 
@@ -86,9 +86,9 @@ def normalize_axis(axis: int, ndim: int, what: str = "axis") -> int:
     try:
         axis = int(axis)
     except TypeError:
-        raise ShapeError(f"{what} must be an int, got {axis!r}") from None
+        raise ShapeError(f"{what} must be an int, got {axis!r}", location=user_location()) from None
     if not -ndim <= axis < ndim:
-        raise ShapeError(f"{what} {axis} is out of range for an array of rank {ndim}")
+        raise ShapeError(f"{what} {axis} is out of range for an array of rank {ndim}", location=user_location())
     return axis % ndim
 
 
@@ -99,7 +99,7 @@ def normalize_axes(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ..
     axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
     normalized = tuple(sorted(normalize_axis(a, ndim) for a in axes))
     if len(set(normalized)) != len(normalized):
-        raise ShapeError(f"repeated axis in {axis}")
+        raise ShapeError(f"repeated axis in {axis}", location=user_location())
     return normalized
 
 

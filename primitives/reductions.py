@@ -7,7 +7,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qtrace import dtypes
-from qtrace.errors import DTypeError, ShapeError
+from qtrace.errors import DTypeError, ShapeError, UnsupportedError, user_location
 from qtrace.ir import ShapeDtype
 
 from .common import Array, as_array, normalize_axes, normalize_axis, primitive
@@ -42,8 +42,8 @@ def _reduce_rule(result_dtype: Callable[[np.dtype], np.dtype], nonempty: bool) -
     return rule
 
 
-def _mean_impl(x: np.ndarray, *, axes: tuple[int, ...], keepdims: bool) -> np.ndarray:
-    return np.asarray(np.mean(x, axis=axes, keepdims=keepdims), dtype=_mean_dtype(x.dtype))
+def _mean_impl(x: np.ndarray, *, axis: tuple[int, ...], keepdims: bool) -> np.ndarray:
+    return np.asarray(np.mean(x, axis=axis, keepdims=keepdims), dtype=_mean_dtype(x.dtype))
 
 
 _REDUCTIONS = {  # name: (numpy reference, result dtype, needs a non-empty axis)
@@ -66,7 +66,8 @@ def _reduction(name: str) -> Callable[..., Array]:
     def reduce(x: Any, axis: int | tuple[int, ...] | None = None, dtype: Any = None, out: Any = None,
                keepdims: bool = False, **unsupported: Any) -> Array:
         if out is not None or unsupported:
-            raise DTypeError(f"{name[7:]}: unsupported arguments {['out'] * (out is not None) + list(unsupported)}")
+            raise UnsupportedError(f"unsupported arguments {['out'] * (out is not None) + list(unsupported)}",
+                                   op=name[7:], location=user_location())
         x = as_array(x)
         if dtype is not None:
             from .elementwise import cast

@@ -54,7 +54,8 @@ def _resolve_shape(x: Array, shape: Sequence[Any]) -> tuple[DimLike, ...]:
 def reshape(x: Any, *shape: Any, order: str = "C") -> Array:
     """`x.reshape(shape)`; dims may be symbolic and one may be -1."""
     if order != "C":
-        raise UnsupportedError(f"reshape order {order!r} (only 'C')")
+        raise UnsupportedError(f"order {order!r} is not supported (only 'C')", op="reshape",
+                               location=user_location())
     if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
         shape = tuple(shape[0])
     x = as_array(x)

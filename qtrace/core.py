@@ -110,9 +110,8 @@ class Trace:
         hit = self.constants.get(key)
         if hit is not None and hit[0] is array:
             return hit[1]
-        data = np.asarray(array)
-        if data.dtype == np.float64 and not isinstance(array, np.ndarray):
-            data = data.astype(np.float64)
+        # Keep ndarrays (and memory maps of checkpoints) as they are: no copy, source file intact.
+        data = array if isinstance(array, np.ndarray) else np.asarray(array)
         name = self._unique_constant_name(self.constant_names.get(key))
         value = self.graph.add_constant(data, name)
         self.constants[key] = (array, value)

@@ -3,9 +3,9 @@ function hygiene. `run_pipeline` runs them by name and can dump the IR after eac
 
 from __future__ import annotations
 
-from . import fuse as _fuse, shape_check as _shape_check, simplify as _simplify  # noqa: F401  (register)
+from . import fuse as _fuse, functions as _functions, shape_check as _shape_check, simplify as _simplify  # noqa: F401
 from .manager import PASSES, PassReport, register_pass, run_pipeline
 
-DEFAULT_PIPELINE = ["shape_check", "canonicalize", "fuse", "simplify", "shape_check"]
+DEFAULT_PIPELINE = ["shape_check", "canonicalize", "fuse", "simplify", "functions", "simplify", "shape_check"]
 
 __all__ = ["PASSES", "DEFAULT_PIPELINE", "PassReport", "register_pass", "run_pipeline"]

@@ -231,6 +231,9 @@ def fuse_ctx_gather(graph: Graph, root: Node, m: Match) -> Value | None:
     heads = data.ndim == 4
     if heads != ("i2" in m):
         return None
+    # Only KV caches (graph inputs or what a cache write produced) become cache reads.
+    if not (data.producer is None or data.producer.op in ("ctx_scatter", "ctx_scatter_cb")):
+        return None
     if not _index_grid_axis(m["i0"], data.shape[0], 0, 3 if heads else 2):
         return None
     if heads and not _index_grid_axis(m["i1"], data.shape[1], 1, 3):

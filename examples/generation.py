@@ -1,0 +1,120 @@
+"""Greedy decoding the way QEfficient's runtime drives an exported model: prefill in chunks of the
+prefill length (padding positions = -1), then one token per decode step, the retained state fed back.
+
+A `Step` runs the model once: `step(input_ids, position_ids, cache, batch_index) -> (logits, cache)`.
+`onnx_step` wraps an onnxruntime session of an export; `eager_step` runs the numpy reference.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import numpy as np
+
+RETAINED = "_RetainedState"
+Step = Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray], Any], tuple[np.ndarray, dict[str, np.ndarray]]]
+
+
+def onnx_session(model_dir: str) -> Any:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(os.path.join(model_dir, "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def onnx_step(session: Any) -> Step:
+    output_names = [o.name for o in session.get_outputs()]
+
+    def step(input_ids, position_ids, cache, batch_index=None):
+        feeds = {"input_ids": input_ids, "position_ids": position_ids, **cache}
+        if batch_index is not None:
+            feeds["batch_index"] = batch_index
+        outputs = dict(zip(output_names, session.run(None, feeds)))
+        new_cache = {name[:-len(RETAINED)]: value for name, value in outputs.items() if name.endswith(RETAINED)}
+        return outputs["logits"], new_cache
+
+    return step
+
+
+def eager_step(fn: Callable[..., dict[str, Any]]) -> Step:
+    """`fn(input_ids, position_ids, cache[, batch_index])` is the model function run on numpy."""
+
+    def step(input_ids, position_ids, cache, batch_index=None):
+        args = (input_ids, position_ids, cache) + ((batch_index,) if batch_index is not None else ())
+        outputs = fn(*args)
+        return outputs["logits"], {k: v for k, v in outputs.items() if k != "logits"}
+
+    return step
+
+
+def cache_spec(session: Any) -> dict[str, tuple[tuple, np.dtype]]:
+    """The cache inputs of an exported model: name -> (shape with None for symbolic dims, dtype)."""
+    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+    return {i.name: (tuple(d if isinstance(d, int) else None for d in i.shape), np.dtype(dtypes[i.type]))
+            for i in session.get_inputs() if i.name.startswith("past_")}
+
+
+def new_cache(names: list[str], shape: tuple[int, int, int, int], dtype: Any) -> dict[str, np.ndarray]:
+    return {name: np.zeros(shape, dtype) for name in names}
+
+
+def prefill(step: Step, prompt: list[int], cache: dict[str, np.ndarray], prefill_len: int,
+            slot: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
+    """Feed the prompt in chunks; returns the first generated token and the cache."""
+    if not prompt:
+        raise ValueError("the prompt is empty")
+    chunks = (len(prompt) + prefill_len - 1) // prefill_len
+    batch_index = None if slot is None else np.array([[slot]], np.int64)
+    logits = None
+    for c in range(chunks):
+        tokens = prompt[c * prefill_len:(c + 1) * prefill_len]
+        ids = np.zeros((1, prefill_len), np.int64)
+        positions = np.full((1, prefill_len), -1, np.int64)
+        ids[0, :len(tokens)] = tokens
+        positions[0, :len(tokens)] = np.arange(c * prefill_len, c * prefill_len + len(tokens))
+        logits, cache = step(ids, positions, cache, batch_index)
+    return int(np.argmax(logits[0, -1])), cache
+
+
+def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefill_len: int, ctx_len: int,
+             cache_names: list[str], cache_shape: tuple[int, int], dtype: Any = np.float32,
+             full_batch_size: int | None = None) -> list[list[int]]:
+    """Greedy tokens for each prompt. Without continuous batching each prompt runs alone (batch 1);
+    with it, every prompt is prefilled into its own cache slot and all decode together."""
+    heads, head_dim = cache_shape
+    for prompt in prompts:
+        if len(prompt) + max_new_tokens > ctx_len:
+            raise ValueError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new ones exceeds ctx_len {ctx_len}")
+    if full_batch_size is None:
+        results = []
+        for prompt in prompts:
+            token, cache = prefill(step, prompt, new_cache(cache_names, (1, heads, ctx_len, head_dim), dtype), prefill_len)
+            tokens = [token]
+            for position in range(len(prompt), len(prompt) + max_new_tokens - 1):
+                logits, cache = step(np.array([[tokens[-1]]]), np.array([[position]]), cache, None)
+                tokens.append(int(np.argmax(logits[0, -1])))
+            results.append(tokens)
+        return results
+    if len(prompts) > full_batch_size:
+        raise ValueError(f"{len(prompts)} prompts do not fit {full_batch_size} cache slots")
+    slots = list(range(len(prompts)))[::-1]  # fill slots in reverse order: batch_index is not the row order
+    cache = new_cache(cache_names, (full_batch_size, heads, ctx_len, head_dim), dtype)
+    results = [[] for _ in prompts]
+    positions = [0] * full_batch_size
+    last = [0] * full_batch_size
+    for prompt, slot, out in zip(prompts, slots, results):
+        token, cache = prefill(step, prompt, cache, prefill_len, slot=slot)
+        out.append(token)
+        positions[slot], last[slot] = len(prompt), token
+    for _ in range(max_new_tokens - 1):
+        ids = np.array([[t] for t in last], np.int64)
+        pos = np.array([[p] for p in positions], np.int64)
+        logits, cache = step(ids, pos, cache, np.arange(full_batch_size, dtype=np.int64)[:, None])
+        for prompt_index, slot in enumerate(slots):
+            token = int(np.argmax(logits[slot, -1]))
+            results[prompt_index].append(token)
+            last[slot] = token
+            positions[slot] += 1
+    return results

@@ -1,0 +1,243 @@
+"""The `qtrace` command: demo, export, generate, dump."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import QtraceError
+
+
+def _progress(message: str) -> None:
+    print(f"  .. {message}", file=sys.stderr, flush=True)
+
+
+def _summary(lowered: Any, stages: dict[str, float]) -> str:
+    model = lowered.model if sum(a.nbytes for a in lowered.parts.weights.values()) < 2**31 - 1 else lowered.parts.model
+    counts = collections.Counter(n.op_type for n in model.graph.node)
+    function_nodes = {f.name: len(f.node) for f in model.functions if f.domain not in
+                      ("com.qualcomm.cloud", "com.qti.aisw.onnx")}
+    custom = sorted({n.op_type for f in model.functions for n in f.node if n.domain.startswith("com.")} |
+                    {n.op_type for n in model.graph.node if n.domain.startswith("com.")})
+    lines = ["passes:", *("  " + line for line in lowered.pass_report.summary().splitlines()),
+             f"main graph: {len(model.graph.node)} nodes: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()),
+             "local functions: " + (", ".join(f"{k} ({v} nodes)" for k, v in function_nodes.items()) or "none"),
+             "custom ops: " + (", ".join(custom) or "none"),
+             "inputs:  " + ", ".join(f"{i.name}" for i in model.graph.input[:6]) +
+             (f", ... ({len(model.graph.input)} in all)" if len(model.graph.input) > 6 else ""),
+             "outputs: " + ", ".join(f"{o.name}" for o in model.graph.output[:6]) +
+             (f", ... ({len(model.graph.output)} in all)" if len(model.graph.output) > 6 else ""),
+             "time: " + ", ".join(f"{k} {v:.2f}s" for k, v in stages.items())]
+    return "\n".join(lines)
+
+
+# -- demo -------------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .examples import llama
+    from .examples.checkpoint import export_model
+    from .examples.generation import eager_step, generate, onnx_session, onnx_step
+
+    cfg = llama.LlamaConfig.tiny()
+    params = llama.init_params(cfg, seed=args.seed)
+    ctx_len, prefill_len = 64, 8
+    print(f"qtrace demo: a random-weight Llama ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
+          f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv heads, vocab {cfg.vocab_size})")
+    out_dir = args.output or tempfile.mkdtemp(prefix="qtrace-demo-")
+    report = export_model(cfg, params, out_dir, ctx_len=ctx_len, prefill_seq_len=prefill_len, progress=_progress)
+    print(f"exported to {out_dir}: {', '.join(os.path.basename(f) for f in report.files)}")
+    print(_summary(report.lowered, report.stage_seconds))
+    prompt = [1, 17, 42, 99, 7, 3, 250, 11, 64, 5]  # longer than one prefill chunk
+    names = [n for n in report.lowered.input_names if n.startswith("past_")]
+    common = dict(prefill_len=prefill_len, ctx_len=ctx_len, cache_names=names,
+                  cache_shape=(cfg.num_key_value_heads, cfg.head_dim))
+    session = onnx_session(out_dir)
+    start = time.perf_counter()
+    onnx_tokens = generate(onnx_step(session), [prompt], args.max_new_tokens, **common)[0]
+    onnx_seconds = time.perf_counter() - start
+    fn, _ = llama.causal_lm_signature(cfg, params)
+    eager_tokens = generate(eager_step(fn), [prompt], args.max_new_tokens, **common)[0]
+    # Max error of the logits of one prefill step, onnxruntime against the eager numpy model.
+    ids = np.array([prompt[:prefill_len]]); positions = np.arange(prefill_len)[None]
+    cache = llama.empty_cache(cfg, 1, ctx_len)
+    errors = report.lowered.verify(ids, positions, cache)
+    print(f"prompt:            {prompt}")
+    print(f"onnxruntime:       {onnx_tokens}  ({onnx_seconds * 1000:.0f} ms)")
+    print(f"eager numpy:       {eager_tokens}")
+    print(f"max |error| prefill logits {errors['logits']:.2e}, caches "
+          f"{max(v for k, v in errors.items() if k != 'logits'):.2e}")
+    same = onnx_tokens == eager_tokens
+    print("tokens match" if same else "TOKENS DIFFER")
+    return 0 if same else 1
+
+
+# -- export / generate ----------------------------------------------------------------------------------
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .examples.checkpoint import export_model, load_checkpoint
+
+    start = time.perf_counter()
+    dtype = np.float16 if args.dtype == "float16" else np.float32
+    cfg, params = load_checkpoint(args.checkpoint, dtype=dtype)
+    load_seconds = time.perf_counter() - start
+    report = export_model(cfg, params, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
+                          batch_size=args.batch_size, full_batch_size=args.full_batch_size, dtype=args.dtype,
+                          weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress)
+    print(f"{cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
+    print(_summary(report.lowered, {"load": load_seconds, **report.stage_seconds}))
+    return 0
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise QtraceError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .examples.generation import cache_spec, generate, onnx_session, onnx_step
+
+    with open(os.path.join(args.model_dir, "specializations.json")) as f:
+        specs = {s["name"]: s["symbols"] for s in json.load(f)["specializations"]}
+    ctx_len, prefill_len = int(specs["Prefill"]["ctx_len"]), int(specs["Prefill"]["seq_len"])
+    full_batch = int(specs["Decode"]["full_batch_size"]) if "full_batch_size" in specs["Decode"] else None
+    session = onnx_session(args.model_dir)
+    spec = cache_spec(session)
+    names = list(spec)
+    shape, dtype = spec[names[0]]
+    prompts = [_parse_ids(p) for p in args.prompt_ids]
+    tokens = generate(onnx_step(session), prompts, args.max_new_tokens, prefill_len=prefill_len, ctx_len=ctx_len,
+                      cache_names=names, cache_shape=(shape[1], shape[3]), dtype=dtype, full_batch_size=full_batch)
+    for row in tokens:
+        print(",".join(map(str, row)))
+    return 0
+
+
+# -- dump -------------------------------------------------------------------------------------------------
+
+
+def _load_target(target: str) -> Any:
+    path, _, name = target.rpartition(":")
+    if not path or not name:
+        raise QtraceError(f"expected FILE.py:FUNCTION, got {target!r}")
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    if spec is None or spec.loader is None:
+        raise QtraceError(f"cannot import {path}")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, name):
+        raise QtraceError(f"{path} has no {name}")
+    return module, getattr(module, name)
+
+
+def _parse_spec(text: str) -> Any:
+    """`f32[batch_size,seq_len,64]` or `i64[b,s]` -> ShapeDtype."""
+    from .ir import ShapeDtype
+
+    short = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64", "i32": "int32", "bool": "bool"}
+    dtype, _, rest = text.partition("[")
+    dims = [d.strip() for d in rest.rstrip("]").split(",") if d.strip()]
+    return ShapeDtype(tuple(int(d) if d.lstrip("-").isdigit() else d for d in dims), short.get(dtype, dtype))
+
+
+def cmd_dump(args: argparse.Namespace) -> int:
+    from .passes import DEFAULT_PIPELINE, run_pipeline
+    from .tracing import trace
+
+    module, fn = _load_target(args.target)
+    if args.example:
+        example_args = tuple(_parse_spec(s) for s in args.example)
+    elif hasattr(module, "example_args"):
+        fn, example_args = module.example_args(fn)
+    else:
+        raise QtraceError("give --example specs (e.g. --example 'f32[b,s,64]') or define example_args(fn) "
+                          "in the file")
+    graph = trace(fn, example_args)
+    passes = list(DEFAULT_PIPELINE)
+    if args.after is not None:
+        if args.after not in passes and args.after != "trace":
+            raise QtraceError(f"--after must be trace or one of {passes}")
+        passes = [] if args.after == "trace" else passes[:passes.index(args.after) + 1]
+    report = run_pipeline(graph, passes)
+    if args.svg:
+        import shutil
+        import subprocess
+
+        if shutil.which("dot") is None:
+            raise QtraceError("--svg needs Graphviz's `dot` on PATH")
+        subprocess.run(["dot", "-Tsvg", "-o", args.svg], input=graph.to_dot().encode(), check=True)
+        print(f"wrote {args.svg}")
+    elif args.dot:
+        print(graph.to_dot(), end="")
+    else:
+        print(graph, end="")
+        if report.records:
+            print("# " + report.summary().replace("\n", "\n# "))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qtrace", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    demo = sub.add_parser("demo", help="export a small random Llama, generate on onnxruntime, check against numpy")
+    demo.add_argument("-o", "--output", help="directory for the export (default: a temporary one)")
+    demo.add_argument("--max-new-tokens", type=int, default=8)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(run=cmd_demo)
+
+    export = sub.add_parser("export", help="export a Hugging Face checkpoint directory for Cloud AI 100")
+    export.add_argument("checkpoint")
+    export.add_argument("-o", "--output", required=True)
+    export.add_argument("--ctx-len", type=int, default=128)
+    export.add_argument("--prefill-seq-len", type=int, default=32)
+    export.add_argument("--batch-size", type=int, default=1)
+    export.add_argument("--full-batch-size", type=int, default=None)
+    export.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    export.add_argument("--weights", choices=("copy", "reference"), default="copy")
+    export.add_argument("--no-layer-functions", action="store_true")
+    export.set_defaults(run=cmd_export)
+
+    generate = sub.add_parser("generate", help="greedy decoding with an exported model on onnxruntime")
+    generate.add_argument("model_dir")
+    generate.add_argument("--prompt-ids", action="append", required=True,
+                          help="comma-separated token ids; repeat for several prompts")
+    generate.add_argument("--max-new-tokens", type=int, default=8)
+    generate.set_defaults(run=cmd_generate)
+
+    dump = sub.add_parser("dump", help="trace FILE.py:FUNCTION and print its IR")
+    dump.add_argument("target")
+    dump.add_argument("--example", action="append", help="an input spec such as f32[batch_size,seq_len,64]")
+    dump.add_argument("--after", help="stop after this pass (trace = no passes)")
+    dump.add_argument("--dot", action="store_true", help="print Graphviz DOT instead of text")
+    dump.add_argument("--svg", help="render to this SVG file (needs Graphviz)")
+    dump.set_defaults(run=cmd_dump)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except QtraceError as exc:
+        print(f"qtrace {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as exc:
+        print(f"qtrace {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""Shared helpers for the qtrace test suite: hypothesis settings, random arrays, and checks that an
+error points at the user's line."""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+
+# Fast and deterministic in CI: few examples, no deadline (tracing has a cold start), no flaky timing.
+settings.register_profile("qtrace", max_examples=25, deadline=None,
+                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.load_profile("qtrace")
+
+INT32_MAX = 2147483647
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(0)
+
+
+def line_of(fn, marker: str) -> int:
+    """The absolute line number, in fn's file, of the line of fn's source that contains `marker`."""
+    lines, first = inspect.getsourcelines(fn)
+    hits = [first + i for i, text in enumerate(lines) if marker in text]
+    assert len(hits) == 1, f"marker {marker!r} appears {len(hits)} times in {fn.__name__}"
+    return hits[0]
+
+
+def assert_located(error, fn, marker: str) -> None:
+    """The error's location is fn's line holding `marker` (same file, same line, same function)."""
+    location = error.location
+    assert location is not None, f"{type(error).__name__} has no location: {error}"
+    assert os.path.abspath(location.file) == os.path.abspath(inspect.getsourcefile(fn))
+    assert location.line == line_of(fn, marker)
+    assert location.function == fn.__name__
+    assert f":{location.line} in {fn.__name__}" in str(error)
