@@ -143,7 +143,8 @@ def squeeze(x: Any, axis: int | Sequence[int] | None = None) -> Array:
     if axis is None:
         axes = tuple(i for i, d in enumerate(x.shape) if isinstance(d, int) and d == 1)
     else:
-        axes = tuple(sorted({normalize_axis(a, x.ndim) for a in ((axis,) if isinstance(axis, int) else axis)}))
+        requested = (axis,) if isinstance(axis, (int, np.integer)) else axis
+        axes = tuple(sorted({normalize_axis(a, x.ndim) for a in requested}))
     return squeeze_p.bind(x, axes=axes) if axes else x
 
 

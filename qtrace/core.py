@@ -48,12 +48,12 @@ class Primitive:
     def bind(self, *args: Any, **params: Any) -> Any:
         trace = current_trace()
         if trace is None:
-            arrays = [np.asarray(a) if not isinstance(a, np.ndarray) else a for a in args]
             for a in args:
                 if isinstance(a, Tracer):
                     raise TraceError(f"{self.name}: a traced value escaped its trace (was it stored "
                                      "in a global or returned through a side channel?)",
                                      location=user_location())
+            arrays = [np.asarray(a) if not isinstance(a, np.ndarray) else a for a in args]
             self.abstract_eval([ShapeDtype(a.shape, a.dtype) for a in arrays], params)
             return self.impl(*arrays, **params)
         return trace.record(self, args, params)
@@ -112,10 +112,18 @@ class Trace:
             return hit[1]
         # Keep ndarrays (and memory maps of checkpoints) as they are: no copy, source file intact.
         data = array if isinstance(array, np.ndarray) else np.asarray(array)
-        name = self._unique_constant_name(self.constant_names.get(key))
+        name = self._unique_constant_name(self.constant_names.get(key) or self._view_name(data))
         value = self.graph.add_constant(data, name)
         self.constants[key] = (array, value)
         return value
+
+    def _view_name(self, array: np.ndarray) -> str | None:
+        """`w.T` computed eagerly on a named weight is named `w.T` (any other view `w.view`)."""
+        base = array.base if isinstance(array, np.ndarray) else None
+        base_name = self.constant_names.get(id(base)) if base is not None else None
+        if base_name is None:
+            return None
+        return f"{base_name}.T" if array.shape == base.shape[::-1] and array.ndim > 1 else f"{base_name}.view"
 
     def _unique_constant_name(self, wanted: str | None) -> str:
         if wanted and wanted not in self.used_constant_names:

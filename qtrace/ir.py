@@ -278,13 +278,20 @@ class Graph:
 
         if self.in_tree is None:
             return self.eval_flat(args)
-        leaves, _ = pytree.flatten((args, kwargs))
-        if len(leaves) != len(self.input_leaf_mask):
-            raise TraceError(f"graph {self.name} was traced with {len(self.input_leaf_mask)} argument "
-                             f"leaves, got {len(leaves)}")
-        arrays = [leaf for leaf, is_input in zip(leaves, self.input_leaf_mask) if is_input]
+        arrays = self.input_arrays(args, kwargs)
         results = self.eval_flat(arrays)
         return pytree.unflatten(self.out_tree, results) if self.out_tree is not None else results
+
+    def input_arrays(self, args: Sequence[Any], kwargs: dict[str, Any]) -> list[Any]:
+        """The arrays for the graph inputs, taken from arguments shaped like the traced ones (keyword
+        arguments and dict entries matched by name; static leaves skipped)."""
+        from . import pytree
+
+        try:
+            leaves = pytree.flatten_like(self.in_tree, (tuple(args), dict(kwargs)))
+        except ValueError as exc:
+            raise TraceError(f"graph {self.name}: arguments do not match the traced ones: {exc}") from None
+        return [leaf for leaf, is_input in zip(leaves, self.input_leaf_mask) if is_input]
 
     # -- printing ---------------------------------------------------------------------------------
     def __str__(self) -> str:

@@ -59,6 +59,33 @@ def flatten(tree: Any) -> tuple[list[Any], TreeDef]:
     return leaves, visit(tree)
 
 
+def flatten_like(treedef: TreeDef, tree: Any) -> list[Any]:
+    """The leaves of `tree` in the order of `treedef`: dict entries are matched by key, not by
+    position. Raises ValueError naming the first place where the structures differ."""
+    leaves: list[Any] = []
+
+    def visit(td: TreeDef, node: Any, path: str) -> None:
+        if td.kind == "leaf":
+            leaves.append(node)
+            return
+        parts = _children(node)
+        where = path or "the arguments"
+        if parts is None or parts[0] != td.kind:
+            raise ValueError(f"{where}: expected a {td.kind}, got {type(node).__name__}")
+        kind, data, items = parts
+        if kind == "dict":
+            if set(data) != set(td.data):
+                raise ValueError(f"{where}: expected keys {sorted(map(str, td.data))}, got {sorted(map(str, data))}")
+            items = [(str(k), node[k]) for k in td.data]
+        elif len(items) != len(td.children):
+            raise ValueError(f"{where}: expected {len(td.children)} entries, got {len(items)}")
+        for (key, child), child_td in zip(items, td.children):
+            visit(child_td, child, f"{path}.{key}" if path else key)
+
+    visit(treedef, tree, "")
+    return leaves
+
+
 def leaf_paths(tree: Any, prefix: str = "") -> list[str]:
     """Dotted names of the leaves in flatten order: `{"a": [x, y]}` -> ["a.0", "a.1"]."""
     paths: list[str] = []

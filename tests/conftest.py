@@ -10,10 +10,17 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 
-# Fast and deterministic in CI: few examples, no deadline (tracing has a cold start), no flaky timing.
-settings.register_profile("qtrace", max_examples=25, deadline=None,
-                          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-settings.load_profile("qtrace")
+# Fast in CI: few examples and no deadline (no timing in unit tests). QTRACE_HYPOTHESIS_PROFILE=thorough
+# runs twenty times as many examples when hunting for bugs.
+_QUIET = [HealthCheck.too_slow, HealthCheck.data_too_large]
+settings.register_profile("qtrace", max_examples=25, deadline=None, suppress_health_check=_QUIET)
+settings.register_profile("thorough", max_examples=500, deadline=None, suppress_health_check=_QUIET)
+settings.load_profile(os.environ.get("QTRACE_HYPOTHESIS_PROFILE", "qtrace"))
+
+
+def examples(fraction: float) -> int:
+    """A share of the profile's example count, for the tests that run once per primitive."""
+    return max(5, int(settings.default.max_examples * fraction))
 
 INT32_MAX = 2147483647
 

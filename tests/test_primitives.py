@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -34,6 +34,8 @@ import qtrace
 import qtrace.primitives as qp
 from qtrace import ShapeDtype
 from qtrace.dims import substitute
+
+from conftest import examples
 
 FLOATS = [np.dtype(np.float32), np.dtype(np.float16)]
 INTS = [np.dtype(np.int32), np.dtype(np.int64)]
@@ -248,7 +250,6 @@ def squeeze_formula(x, *, axis):
 def expand_dims_formula(x, *, axis):
     ndim = x.ndim + len(axis)
     axes = {a % ndim for a in axis}
-    out = np.empty(tuple(1 if i in axes else 0 for i in range(ndim)), x.dtype)
     dims = iter(x.shape)
     out = np.empty(tuple(1 if i in axes else next(dims) for i in range(ndim)), x.dtype)
     for index in np.ndindex(out.shape):
@@ -659,6 +660,7 @@ def slice_inputs(draw):
     x = draw(arrays(draw(st.sampled_from(NUMERIC)), draw(NONSCALAR_SHAPES)))
     bound = st.one_of(st.none(), st.integers(-5, 5))
     slices = tuple((draw(bound), draw(bound), draw(st.sampled_from([-2, -1, 1, 2, 3]))) for _ in x.shape)
+    assume(any(s != (None, None, 1) for s in slices))  # qp.slice returns an identity slice without recording it
     return (x,), {"slices": slices}
 
 
@@ -777,7 +779,7 @@ def test_every_primitive_has_a_case():
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-@settings(max_examples=20)
+@settings(max_examples=examples(0.8))
 @given(data=st.data())
 def test_reference_matches_formula(case, data):
     arrays, params = data.draw(case.inputs, label="inputs")
@@ -785,7 +787,7 @@ def test_reference_matches_formula(case, data):
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-@settings(max_examples=10)
+@settings(max_examples=examples(0.4))
 @given(data=st.data())
 def test_traced_shape_and_dtype_equal_the_eager_result(case, data):
     arrays, params = data.draw(case.inputs, label="inputs")
@@ -795,7 +797,7 @@ def test_traced_shape_and_dtype_equal_the_eager_result(case, data):
 
 
 @pytest.mark.parametrize("case", CASES, ids=str)
-@settings(max_examples=10)
+@settings(max_examples=examples(0.4))
 @given(data=st.data())
 def test_traced_graph_records_the_primitive_and_evaluates_to_the_eager_result(case, data):
     arrays, params = data.draw(case.inputs, label="inputs")
@@ -809,7 +811,7 @@ def test_traced_graph_records_the_primitive_and_evaluates_to_the_eager_result(ca
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.symbolic], ids=str)
-@settings(max_examples=10)
+@settings(max_examples=examples(0.4))
 @given(data=st.data())
 def test_symbolic_trace_has_the_eager_shape_at_the_concrete_sizes(case, data):
     arrays, params = data.draw(case.inputs, label="inputs")
@@ -915,3 +917,7 @@ def test_mean_over_an_empty_axis_raises_shape_error():
 def test_reduction_with_out_argument_is_unsupported():
     with pytest.raises(qtrace.UnsupportedError):
         qtrace.trace(lambda x: qp.sum(x, out=x), (ShapeDtype((2,)),))
+
+
+def test_squeeze_accepts_a_numpy_integer_axis():
+    assert qp.squeeze(np.zeros((1, 2)), np.int64(0)).shape == (2,)
