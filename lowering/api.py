@@ -60,11 +60,7 @@ class Lowered:
     # -- running ------------------------------------------------------------------------------------
     def feeds(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
         """onnxruntime feeds from the function's own arguments (static leaves are skipped)."""
-        leaves, _ = pytree.flatten((args, kwargs))
-        mask = self.graph.input_leaf_mask
-        if len(leaves) != len(mask):
-            raise TraceError(f"expected the {len(mask)} argument leaves the function was lowered with, got {len(leaves)}")
-        arrays = [np.asarray(leaf) for leaf, is_input in zip(leaves, mask) if is_input]
+        arrays = [np.asarray(a) for a in self.graph.input_arrays(args, kwargs)]
         # A float16 lowering of a float32 function takes float16 inputs: convert float arrays.
         arrays = [a.astype(v.dtype) if a.dtype != v.dtype and a.dtype.kind == v.dtype.kind == "f" else a
                   for a, v in zip(arrays, self.graph.inputs)]

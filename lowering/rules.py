@@ -127,8 +127,8 @@ def lower_reshape(ctx: LoweringContext, node: Node, x: str) -> str:
     """Reshape to constants where possible: 0 copies an input dim at the same position, one -1 absorbs
     the single dim that is neither; only otherwise is the shape computed with Shape ops."""
     source, target = node.inputs[0].shape, node.params["shape"]
-    if any(isinstance(d, int) and d == 0 for d in target):
-        return ctx.op("Reshape", x, ctx.shape(target))
+    if any(isinstance(d, int) and d == 0 for d in target):  # a literal 0 means "size 0", not "copy"
+        return ctx.op("Reshape", x, ctx.shape(target), allowzero=1)
     spec: list[int | None] = []
     for i, d in enumerate(target):
         if isinstance(d, int):

@@ -24,13 +24,22 @@ _CHUNK = 64 << 20
 
 
 def _chunks(array: np.ndarray) -> Iterator[memoryview]:
-    """The array's bytes in C order, in bounded pieces (a memmap is read lazily, piece by piece)."""
-    flat = array.reshape(-1) if array.flags.c_contiguous else None
-    if flat is None:
-        flat = np.ascontiguousarray(array).reshape(-1)
-    step = max(1, _CHUNK // max(1, flat.itemsize))
-    for start in range(0, flat.size, step):
-        yield memoryview(np.ascontiguousarray(flat[start:start + step])).cast("B")
+    """The array's bytes in C order, in pieces of about _CHUNK bytes. The whole array is never copied:
+    a memmap is read, and a strided or broadcast view made contiguous, one piece at a time."""
+    if array.nbytes <= _CHUNK:
+        yield memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")
+    elif array.flags.c_contiguous:
+        flat = array.reshape(-1)
+        step = max(1, _CHUNK // flat.itemsize)
+        for start in range(0, flat.size, step):
+            yield memoryview(flat[start:start + step]).cast("B")
+    else:
+        rows = max(1, _CHUNK // (array.nbytes // array.shape[0]))
+        for start in range(0, array.shape[0], rows):
+            if rows == 1:  # a single row is past the chunk size: split it in turn
+                yield from _chunks(array[start])
+            else:
+                yield memoryview(np.ascontiguousarray(array[start:start + rows]).reshape(-1)).cast("B")
 
 
 def _atomic_path(path: str) -> str:
@@ -38,27 +47,40 @@ def _atomic_path(path: str) -> str:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     os.close(fd)
+    os.chmod(tmp, _file_mode())  # mkstemp makes the file private (0600); a saved model is an ordinary file
     return tmp
+
+
+def _file_mode() -> int:
+    """The permissions `open(path, "w")` would give a new file under the current umask."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 def _mapped_source(array: np.ndarray) -> tuple[str, int] | None:
     """(file, byte offset) when the array is a whole read-only memory map of a file region."""
-    if isinstance(array, np.memmap) and array.filename and array.flags.c_contiguous and not array.flags.writeable \
-            and isinstance(array.base, mmap.mmap):
+    if isinstance(array, np.memmap) and array.filename and array.flags.c_contiguous \
+            and not array.flags.writeable and isinstance(array.base, mmap.mmap):
         return array.filename, int(array.offset)
     return None
 
 
-def _link_next_to(model_dir: str, source: str, links: dict[str, str]) -> str:
-    """A file name next to the model that resolves to `source` (onnx wants external data there)."""
+def _link_next_to(model_dir: str, source: str, links: dict[str, str]) -> str | None:
+    """A hard link next to the model to `source` (onnxruntime refuses external data outside the
+    model's directory, symlinks included); None when the file system cannot link it."""
     if source in links:
         return links[source]
     name = os.path.basename(source)
-    while os.path.lexists(os.path.join(model_dir, name)) and \
-            os.path.realpath(os.path.join(model_dir, name)) != os.path.realpath(source):
+    while os.path.lexists(os.path.join(model_dir, name)):
+        if os.path.samefile(os.path.join(model_dir, name), source):
+            links[source] = name
+            return name
         name = "_" + name
-    if not os.path.lexists(os.path.join(model_dir, name)):
-        os.symlink(os.path.abspath(source), os.path.join(model_dir, name))
+    try:
+        os.link(source, os.path.join(model_dir, name))
+    except OSError:  # another file system, or links not allowed: the caller copies the data
+        return None
     links[source] = name
     return name
 
@@ -102,11 +124,11 @@ def save_model(parts: ModelParts, path: str, *, external_data: bool | None = Non
                 tensor.data_type = onnx_dtype(array.dtype)
                 tensor.dims.extend(array.shape)
                 if array.nbytes < size_threshold:
-                    tensor.raw_data = np.ascontiguousarray(array).tobytes()
+                    tensor.raw_data = array.tobytes()
                     continue
                 source = _mapped_source(array) if reference_weights else None
-                if source is not None:  # zero-copy: point into the checkpoint file itself
-                    link = _link_next_to(os.path.dirname(os.path.abspath(path)), source[0], links)
+                link = _link_next_to(os.path.dirname(os.path.abspath(path)), source[0], links) if source else None
+                if link is not None:  # zero-copy: point into the checkpoint file itself
                     _set_external(tensor, link, source[1], array.nbytes)
                     continue
                 padding = (-offset) % _ALIGNMENT

@@ -14,6 +14,7 @@ The helpers at the top are shared with the other test_lowering_*.py files.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import os
 from dataclasses import dataclass
@@ -21,10 +22,13 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import onnx
+import pytest
 from onnx import helper
 
 import qtrace
+import qtrace.primitives as qp
 from qtrace.dims import Dim
+from qtrace.primitives import PRIMITIVES
 
 INT32_MAX = 2147483647
 Sizes = dict[str, int]
@@ -181,12 +185,6 @@ def run_both(lowered: Any, fn: Callable[..., Any], args: Sequence[Any]) -> tuple
 # ======================================================================================================
 # The case table
 # ======================================================================================================
-import functools  # noqa: E402
-
-import pytest  # noqa: E402
-
-import qtrace.primitives as qp  # noqa: E402
-from qtrace.primitives import PRIMITIVES  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -277,6 +275,7 @@ case("sum_last_axis", lambda x: x.sum(-1), floats("B", 3, 4))
 case("sum_axes_keepdims", lambda x: np.sum(x, axis=(0, 2), keepdims=True), floats("B", 3, 4))
 case("sum_all", lambda x: np.sum(x), floats("B", 3))
 case("sum_int32_accumulates_in_int64", lambda x: x.sum(1), ints("B", 4, dtype="int32"))
+case("sum_bool_counts", lambda x: x.sum(-1), bools("B", 5))
 case("sum_no_axes_is_identity", lambda x: np.sum(x, axis=()), floats("B", 3))
 case("mean_last_axis", lambda x: x.mean(-1), floats("B", 3, 4))
 case("mean_axes_keepdims", lambda x: np.mean(x, axis=(1, 2), keepdims=True), floats("B", 3, 4))
@@ -293,6 +292,7 @@ case("reshape_static", lambda x: x.reshape(6, 4), floats(2, 3, 4), sizes=({},))
 case("reshape_split_last_dim", lambda x: x.reshape(x.shape[0], x.shape[1], 2, 4), floats("B", "S", 8), sizes=BS)
 case("reshape_merge_symbolic", lambda x: x.reshape(-1, 8), floats("B", "S", 8), sizes=BS)
 case("reshape_flatten_tail", lambda x: x.reshape(x.shape[0], -1), floats("B", "S", 8), sizes=BS)
+case("reshape_to_zero_size", lambda x: x.reshape(x.shape[0], 0, 3), floats("B", 3, 0))
 case("reshape_swap_symbolic", lambda x: x.reshape(x.shape[1], x.shape[0], 2), floats("B", "S", 2), sizes=BS)
 case("transpose_reverse", lambda x: x.T, floats("B", 3, 4))
 case("transpose_perm", lambda x: np.transpose(x, (1, 0, 2)), floats("B", 3, 4))
@@ -332,6 +332,8 @@ case("index_put_int_index", lambda x, v: qp.index_put(x, (slice(None), 1), v), f
 case("index_put_scalar_into_slice", lambda x: qp.index_put(x, (slice(None), slice(1, 3)), 0.0), floats("B", 4))
 case("index_put_index_array", lambda x, i, v: qp.index_put(x, (slice(None), i), v), floats("B", 6, 2),
      custom(3, dtype="int64", make=_distinct(6)), floats("B", 3, 2))
+case("index_put_negative_int_of_symbolic_dim", lambda x, v: qp.index_put(x, (slice(None), -2), v),
+     floats("B", "S"), floats("B"), sizes=BS)
 case("index_put_slice_of_symbolic_dim", lambda x, v: qp.index_put(x, (slice(None), slice(1, None)), v),
      floats("B", "S", 2), floats(2), sizes=BS)
 
@@ -362,6 +364,7 @@ case("matmul_batched", np.matmul, floats("B", 3, 4), floats("B", 4, 5))
 case("matmul_broadcast_batch", lambda x, y: x @ y, floats("B", 2, 3, 4), floats(2, 4, 5))
 case("matmul_vector_matrix", lambda v, m: v @ m, floats(4), floats(4, "B"))
 case("matmul_matrix_vector", lambda m, v: m @ v, floats("B", 3, 4), floats(4))
+case("matmul_vector_vector", lambda u, v: u @ v, floats(4), floats(4), sizes=({},))
 case("matmul_int64", lambda x, y: x @ y, ints("B", 3), ints(3, 2))
 
 # -- nn -----------------------------------------------------------------------------------------------
