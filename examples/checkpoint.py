@@ -39,12 +39,16 @@ def _bfloat16() -> Any:
 def read_safetensors(path: str) -> dict[str, np.memmap]:
     """Every tensor of one safetensors file as a read-only memory map (no data is read)."""
     try:
+        file_size = os.path.getsize(path)
         with open(path, "rb") as f:
             (header_len,) = struct.unpack("<Q", f.read(8))
+            if 8 + header_len > file_size:
+                raise ValueError(f"its header length {header_len} exceeds the file size {file_size}")
             header = json.loads(f.read(header_len))
-    except (OSError, struct.error, json.JSONDecodeError, UnicodeDecodeError) as exc:
+        if not isinstance(header, dict):
+            raise ValueError("its header is not a JSON object")
+    except (OSError, struct.error, ValueError) as exc:  # JSONDecodeError and UnicodeDecodeError too
         raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
-    file_size = os.path.getsize(path)
     data_start = 8 + header_len
     tensors = {}
     for name, info in header.items():
@@ -54,11 +58,14 @@ def read_safetensors(path: str) -> dict[str, np.memmap]:
             dtype = _SAFETENSORS_DTYPES.get(info["dtype"]) or (_bfloat16() if info["dtype"] == "BF16" else None)
             if dtype is None:
                 raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info['dtype']}")
-            start, end = info["data_offsets"]
+            start, end = (int(offset) for offset in info["data_offsets"])
             shape = tuple(int(d) for d in info["shape"])
+        except CheckpointError:
+            raise
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{path}: malformed header entry for tensor {name} ({exc})") from None
-        if end - start != int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize or data_start + end > file_size:
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if start < 0 or end - start != nbytes or data_start + end > file_size:
             raise CheckpointError(f"{path}: tensor {name} has a byte range that does not fit its shape or the file")
         tensors[name] = np.memmap(path, dtype=dtype, mode="r", offset=data_start + start, shape=shape)
     return tensors
@@ -110,7 +117,9 @@ def load_checkpoint(directory: str, dtype: Any = np.float32) -> tuple[LlamaConfi
     for path, (name, shape) in _hf_names(cfg).items():
         array = tensors.get(name)
         if array is None:
-            raise CheckpointError(f"{directory}: tensor {name} is missing (expected shape {list(shape)})")
+            searched = os.path.join(directory, files[0]) if len(files) == 1 else \
+                f"{directory} ({', '.join(files)})"
+            raise CheckpointError(f"{searched}: tensor {name} is missing (expected shape {list(shape)})")
         if tuple(array.shape) != shape:
             raise CheckpointError(f"{os.path.join(directory, origin[name])}: tensor {name} has shape "
                                   f"{list(array.shape)}, the config implies {list(shape)}")
@@ -179,12 +188,19 @@ def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_
     out_dir as it was."""
     if weights not in ("copy", "reference"):
         raise CheckpointError(f"--weights must be copy or reference, got {weights!r}")
+    if cfg.sliding_window is not None and ctx_len > cfg.sliding_window:
+        raise ConfigError(f"{cfg.architecture}: ctx_len {ctx_len} exceeds the model's sliding window of "
+                          f"{cfg.sliding_window} positions, which qtrace's attention does not implement; "
+                          f"export with --ctx-len {cfg.sliding_window} or less")
     say = progress or (lambda _: None)
     stages: dict[str, float] = {}
     start = time.perf_counter()
     say("tracing and lowering")
+    # The cache has the weights' dtype (float16 weights, as `qtrace export --dtype float16` loads them,
+    # make float16 keys and values); lowering to float16 converts whatever is still float32.
     fn, args = causal_lm_signature(cfg, params, full_batch_size="full_batch_size" if full_batch_size else None,
-                                   ctx_len="ctx_len", layer_functions=layer_functions)
+                                   ctx_len="ctx_len", dtype=np.asarray(params["embed_tokens"]).dtype,
+                                   layer_functions=layer_functions)
     lowered = qtrace.lower(fn, args, dtype=np.float16 if dtype == "float16" else None)
     stages["lower"] = time.perf_counter() - start
     scratch = _atomic_directory(out_dir)

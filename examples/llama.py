@@ -2,9 +2,9 @@
 compiler wants (design.md §6): KV cache written with ctx_scatter and read back with ctx_gather,
 INT32_MAX beyond the live context, causality from position_ids, logits only at argmax(position_ids).
 
-Covers LlamaForCausalLM (default and Llama 3 RoPE scaling), MistralForCausalLM (no sliding window)
-and Qwen2ForCausalLM (q/k/v bias), tied embeddings, grouped-query attention and continuous
-batching. Runs eagerly on numpy (the reference) and traces with qtrace.
+Covers LlamaForCausalLM (default and Llama 3 RoPE scaling), MistralForCausalLM (contexts no longer
+than its sliding window) and Qwen2ForCausalLM (q/k/v bias), tied embeddings, grouped-query attention
+and continuous batching. Runs eagerly on numpy (the reference) and traces with qtrace.
 
     cfg = LlamaConfig.tiny()
     params = init_params(cfg, seed=0)
@@ -25,7 +25,7 @@ import numpy as np
 
 import qtrace
 from qtrace.primitives import (INT32_MAX, arange, argmax, concatenate, ctx_gather, ctx_gather_cb, ctx_scatter,
-                               ctx_scatter_cb, gather, rms_norm, silu, softmax, take, where)
+                               ctx_scatter_cb, gather, rms_norm, silu, softmax, take, transpose, where)
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 
@@ -49,6 +49,7 @@ class LlamaConfig:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False
+    sliding_window: int | None = None  # attention sees only this many latest positions (None: all)
     architecture: str = "LlamaForCausalLM"
 
     @staticmethod
@@ -71,16 +72,22 @@ class LlamaConfig:
         try:
             heads = int(config["num_attention_heads"])
             hidden = int(config["hidden_size"])
-            scaling = config.get("rope_scaling")
+            # transformers >= 5 writes `rope_parameters` (rope_theta inside); older versions write
+            # `rope_theta` and `rope_scaling` at the top level.
+            scaling = config.get("rope_parameters") or config.get("rope_scaling")
+            rope_theta = config.get("rope_theta", 10000.0)
             if scaling is not None:
-                kind = scaling.get("rope_type", scaling.get("type"))
+                if not isinstance(scaling, dict):
+                    raise ConfigError(f"{source}: rope_parameters must be an object, got {scaling!r}")
+                rope_theta = scaling.get("rope_theta", rope_theta)
+                kind = scaling.get("rope_type", scaling.get("type", "default"))
                 if kind not in ("default", "llama3"):
                     raise ConfigError(f"{source}: rope_scaling type {kind!r} is not supported (default, llama3)")
-                scaling = None if kind == "default" else tuple(sorted((k, v) for k, v in scaling.items()
-                                                                       if isinstance(v, (int, float, str))))
-            if arch == "MistralForCausalLM" and config.get("sliding_window") not in (None, 0):
-                # A window at least as long as any context we build never cuts attention.
-                pass
+                scaling = None if kind == "default" else tuple(sorted(
+                    (k, v) for k, v in scaling.items() if isinstance(v, (int, float, str)) and k != "rope_theta"))
+            # Mistral always slides its attention window; Qwen2 only with use_sliding_window.
+            window = config.get("sliding_window") if arch == "MistralForCausalLM" or \
+                (arch == "Qwen2ForCausalLM" and config.get("use_sliding_window")) else None
             return LlamaConfig(
                 vocab_size=int(config["vocab_size"]), hidden_size=hidden,
                 intermediate_size=int(config["intermediate_size"]),
@@ -88,11 +95,11 @@ class LlamaConfig:
                 num_key_value_heads=int(config.get("num_key_value_heads") or heads),
                 head_dim=int(config.get("head_dim") or hidden // heads),
                 rms_norm_eps=float(config.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(config.get("rope_theta", 10000.0)), rope_scaling=scaling,
+                rope_theta=float(rope_theta), rope_scaling=scaling,
                 max_position_embeddings=int(config.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
                 attention_bias=bool(config.get("attention_bias", arch == "Qwen2ForCausalLM")),
-                architecture=arch)
+                sliding_window=int(window) if window else None, architecture=arch)
         except KeyError as exc:
             raise ConfigError(f"{source}: missing field {exc.args[0]!r}") from None
         except (TypeError, ValueError) as exc:
@@ -112,8 +119,11 @@ class LlamaConfig:
 
 
 # -- parameters -----------------------------------------------------------------------------------------
-# Linear weights are stored as the checkpoint stores them, [out_features, in_features]; the model
-# multiplies by their transpose.
+# Linear weights are stored as the checkpoint stores them, [out_features, in_features]. The model
+# transposes them once in the main graph (not inside the layer function), where constant folding
+# pre-transposes in-memory weights and leaves memory-mapped checkpoint weights untouched.
+
+LINEAR_WEIGHTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def init_params(cfg: LlamaConfig, seed: int = 0, dtype: Any = np.float32) -> dict[str, Any]:
@@ -189,9 +199,15 @@ def apply_rope(x: Any, cos: Any, sin: Any) -> Any:
 # -- the model ------------------------------------------------------------------------------------------
 
 
-def linear(x: Any, weight: Any, bias: Any = None) -> Any:
-    y = x @ weight.T
+def linear(x: Any, kernel: Any, bias: Any = None) -> Any:
+    """x @ kernel (+ bias), kernel [in_features, out_features]."""
+    y = x @ kernel
     return y if bias is None else y + bias
+
+
+def kernels(layer: dict[str, Any]) -> dict[str, Any]:
+    """A layer's params with linear weights as [in, out] kernels."""
+    return {k: transpose(v) if k in LINEAR_WEIGHTS else v for k, v in layer.items()}
 
 
 def _split_heads(x: Any, heads: int, head_dim: int) -> Any:
@@ -199,8 +215,21 @@ def _split_heads(x: Any, heads: int, head_dim: int) -> Any:
     return x.reshape(batch, seq, heads, head_dim).transpose(0, 2, 1, 3)
 
 
-def attention(x: Any, p: dict[str, Any], cos: Any, sin: Any, position_ids: Any, past_key: Any, past_value: Any,
-              batch_index: Any, cfg: LlamaConfig) -> tuple[Any, Any, Any]:
+def attention_masks(position_ids: Any, ctx_len: Any) -> tuple[Any, Any, Any]:
+    """What every layer's attention reads from position_ids, computed once per step at model level:
+    the CtxGather indices (arange(ctx_len), INT32_MAX past max(position_ids)) [B,1,C], the slots
+    past the live context [B,1,C,1] and the causal mask [B,1,S,C]. Padding rows (position -1) attend
+    slot 0, so no row is all -inf."""
+    slots = arange(ctx_len)[None, None, :]                                 # [1,1,C]
+    invalid = slots > position_ids.max(axis=1, keepdims=True)[:, :, None]  # [B,1,C]
+    ctx_indices = where(invalid, INT32_MAX, slots)
+    query_positions = np.maximum(position_ids, 0)[:, None, :, None]
+    causal = slots[:, :, None, :] > query_positions                        # [B,1,S,C]
+    return ctx_indices, invalid[:, :, :, None], causal
+
+
+def attention(x: Any, p: dict[str, Any], cos: Any, sin: Any, position_ids: Any, masks: tuple[Any, Any, Any],
+              past_key: Any, past_value: Any, batch_index: Any, cfg: LlamaConfig) -> tuple[Any, Any, Any]:
     batch, seq = x.shape[0], x.shape[1]
     q = _split_heads(linear(x, p["q_proj"], p.get("q_bias")), cfg.num_attention_heads, cfg.head_dim)
     k = _split_heads(linear(x, p["k_proj"], p.get("k_bias")), cfg.num_key_value_heads, cfg.head_dim)
@@ -214,24 +243,18 @@ def attention(x: Any, p: dict[str, Any], cos: Any, sin: Any, position_ids: Any, 
     else:
         key_cache = ctx_scatter_cb(past_key, batch_index, position_ids, k)
         value_cache = ctx_scatter_cb(past_value, batch_index, position_ids, v)
-    ctx_len = past_key.shape[2]
-    slots = arange(ctx_len)[None, None, :]                                 # [1,1,C]
-    invalid = slots > position_ids.max(axis=1, keepdims=True)[:, :, None]  # [B,1,C]
-    ctx_indices = where(invalid, INT32_MAX, slots)
+    ctx_indices, invalid, causal = masks
     if batch_index is None:
         keys, values = ctx_gather(key_cache, ctx_indices), ctx_gather(value_cache, ctx_indices)
     else:
         keys = ctx_gather_cb(key_cache, batch_index, ctx_indices)
         values = ctx_gather_cb(value_cache, batch_index, ctx_indices)
-    values = where(invalid[:, :, :, None], 0.0, values)
+    values = where(invalid, 0.0, values)
 
     groups = cfg.num_attention_heads // cfg.num_key_value_heads
     keys, values = np.repeat(keys, groups, axis=1), np.repeat(values, groups, axis=1)
     scores = (q @ keys.transpose(0, 1, 3, 2)) * (cfg.head_dim ** -0.5)       # [B,H,S,C]
-    # Causality from positions; padding rows (position -1) attend slot 0 so no row is all -inf.
-    query_positions = np.maximum(position_ids, 0)[:, None, :, None]
-    masked = slots[:, :, None, :] > query_positions
-    scores = where(masked, -np.inf, scores)
+    scores = where(causal, -np.inf, scores)
     out = softmax(scores, axis=-1) @ values                                 # [B,H,S,hd]
     out = out.transpose(0, 2, 1, 3).reshape(batch, seq, cfg.num_attention_heads * cfg.head_dim)
     return linear(out, p["o_proj"]), key_cache, value_cache
@@ -242,10 +265,10 @@ def mlp(x: Any, p: dict[str, Any]) -> Any:
 
 
 @qtrace.function
-def decoder_layer(x: Any, p: dict[str, Any], cos: Any, sin: Any, position_ids: Any, past_key: Any, past_value: Any,
-                  batch_index: Any, cfg: LlamaConfig) -> tuple[Any, Any, Any]:
+def decoder_layer(x: Any, p: dict[str, Any], cos: Any, sin: Any, position_ids: Any, masks: tuple[Any, Any, Any],
+                  past_key: Any, past_value: Any, batch_index: Any, cfg: LlamaConfig) -> tuple[Any, Any, Any]:
     attn, key_cache, value_cache = attention(rms_norm(x, p["input_layernorm"], cfg.rms_norm_eps), p, cos, sin,
-                                             position_ids, past_key, past_value, batch_index, cfg)
+                                             position_ids, masks, past_key, past_value, batch_index, cfg)
     h = x + attn
     return h + mlp(rms_norm(h, p["post_attention_layernorm"], cfg.rms_norm_eps), p), key_cache, value_cache
 
@@ -260,18 +283,20 @@ def causal_lm(params: dict[str, Any], cfg: LlamaConfig, rope: tuple[np.ndarray, 
     safe_positions = np.maximum(position_ids, 0)
     cos = take(cos_table, safe_positions, axis=0)[:, None]                 # [B,1,S,hd]
     sin = take(sin_table, safe_positions, axis=0)[:, None]
+    masks = attention_masks(position_ids, past_key_values["past_key.0"].shape[2])
     layer = decoder_layer if layer_functions else decoder_layer.__wrapped__
     outputs: dict[str, Any] = {}
     for i, p in enumerate(params["layers"]):
         with qtrace.scope(f"layers.{i}"):
-            h, key_cache, value_cache = layer(h, p, cos, sin, position_ids, past_key_values[f"past_key.{i}"],
-                                              past_key_values[f"past_value.{i}"], batch_index, cfg)
+            h, key_cache, value_cache = layer(h, kernels(p), cos, sin, position_ids, masks,
+                                              past_key_values[f"past_key.{i}"], past_key_values[f"past_value.{i}"],
+                                              batch_index, cfg)
         outputs[f"past_key.{i}"], outputs[f"past_value.{i}"] = key_cache, value_cache
     h = rms_norm(h, params["norm"], cfg.rms_norm_eps)
     last = argmax(position_ids, axis=1, keepdims=True)                     # [B,1]
     rows = arange(h.shape[0])[:, None]
     h_last = gather(h, [rows, last], axis=0)                               # [B,1,D]
-    return {"logits": linear(h_last, params["lm_head"]), **outputs}
+    return {"logits": linear(h_last, transpose(params["lm_head"])), **outputs}
 
 
 def causal_lm_signature(cfg: LlamaConfig, params: dict[str, Any], *, ctx_len: int | str = "ctx_len",
@@ -280,7 +305,8 @@ def causal_lm_signature(cfg: LlamaConfig, params: dict[str, Any], *, ctx_len: in
                         layer_functions: bool = True) -> tuple[Any, tuple]:
     """The function to lower and its example specs, with QEfficient's input names and dims."""
     max_positions = max(cfg.max_position_embeddings, ctx_len if isinstance(ctx_len, int) else 0)
-    rope = rope_tables(cfg, max_positions)
+    # The tables share the cache's dtype, so float16 weights compute in float16 throughout.
+    rope = tuple(table.astype(dtype) for table in rope_tables(cfg, max_positions))
     cache_batch = batch_size if full_batch_size is None else full_batch_size
     cache = qtrace.ShapeDtype((cache_batch, cfg.num_key_value_heads, ctx_len, cfg.head_dim), dtype)
     past = {}
