@@ -116,6 +116,16 @@ def _output_values(trace: Trace, leaves: Sequence[Any], names: Sequence[str]) ->
     return values
 
 
+def _run_on_tracers(trace_: Trace, fn: Callable[..., Any], leaves: list[Any], mask: list[bool], in_tree: Any,
+                    input_names: Sequence[str]) -> Any:
+    """Call fn with the masked argument leaves replaced by new inputs of the trace (named in order)."""
+    with trace_.active():
+        names = iter(input_names)
+        traced = [trace_.new_input(next(names), ShapeDtype.of(leaf)) if m else leaf for leaf, m in zip(leaves, mask)]
+        args, kwargs = pytree.unflatten(in_tree, traced)
+        return fn(*args, **kwargs)
+
+
 def trace(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwargs: dict[str, Any] | None = None,
           *, input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
           name: str | None = None) -> Graph:
@@ -144,12 +154,7 @@ def trace(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwar
     graph = Graph(name or _function_name(fn))
     tracer_trace = Trace(graph)
     tracer_trace.constant_names.update(_constant_names(fn))
-    with tracer_trace.active():
-        it = iter(names)
-        traced_leaves = [tracer_trace.new_input(next(it), ShapeDtype.of(leaf)) if m else leaf
-                         for leaf, m in zip(leaves, mask)]
-        args, kwargs = pytree.unflatten(in_tree, traced_leaves)
-        result = fn(*args, **kwargs)
+    result = _run_on_tracers(tracer_trace, fn, leaves, mask, in_tree, names)
     out_leaves, out_tree = pytree.flatten(result)
     if output_names is not None:
         if len(output_names) != len(out_leaves):
@@ -236,12 +241,7 @@ def _trace_body(outer: Trace, fn: Callable[..., Any], fn_name: str, args: Sequen
     leaf_names = _named_leaves(list(zip(_parameter_names(fn, len(args)), args)) + list(kwargs.items()))
     input_names = [n for n, m in zip(leaf_names, mask) if m]
     _check_unique(input_names, "function inputs")
-    with body_trace.active():
-        it = iter(input_names)
-        traced = [body_trace.new_input(next(it), ShapeDtype.of(leaf)) if m else leaf
-                  for leaf, m in zip(leaves, mask)]
-        body_args, body_kwargs = pytree.unflatten(in_tree, traced)
-        result = fn(*body_args, **body_kwargs)
+    result = _run_on_tracers(body_trace, fn, leaves, mask, in_tree, input_names)
     out_leaves, out_tree = pytree.flatten(result)
     out_names = pytree.leaf_paths(result, "" if isinstance(result, dict) else "output")
     body.set_outputs(_output_values(body_trace, out_leaves, out_names), out_names)
