@@ -182,10 +182,11 @@ def _atomic_directory(out_dir: str) -> str:
 def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_len: int = 128,
                  prefill_seq_len: int = 32, batch_size: int = 1, full_batch_size: int | None = None,
                  dtype: str = "float32", weights: str = "copy", layer_functions: bool = True,
-                 progress: Callable[[str], None] | None = None) -> ExportReport:
+                 progress: Callable[[str], None] | None = None,
+                 bytes_progress: Callable[[int, int], None] | None = None) -> ExportReport:
     """Lower the model and write model.onnx (+ external data), specializations.json, custom_io.yaml and
     compile.sh into out_dir. Everything is written in a scratch directory first: a failure leaves
-    out_dir as it was."""
+    out_dir as it was. progress(stage) names each stage; bytes_progress(done, total) follows the weights."""
     if weights not in ("copy", "reference"):
         raise CheckpointError(f"--weights must be copy or reference, got {weights!r}")
     if cfg.sliding_window is not None and ctx_len > cfg.sliding_window:
@@ -208,7 +209,8 @@ def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_
         start = time.perf_counter()
         say("writing model.onnx")
         model_path = os.path.join(scratch, "model.onnx")
-        written = lowered.save(model_path, external_data=True, reference_weights=(weights == "reference"))
+        written = lowered.save(model_path, external_data=True, reference_weights=(weights == "reference"),
+                               progress=bytes_progress)
         stages["save"] = time.perf_counter() - start
         with open(os.path.join(scratch, "specializations.json"), "w") as f:
             json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size), f, indent=2)

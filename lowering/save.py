@@ -10,7 +10,7 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import onnx
@@ -87,12 +87,14 @@ def _link_next_to(model_dir: str, source: str, links: dict[str, str]) -> str | N
 
 def save_model(parts: ModelParts, path: str, *, external_data: bool | None = None,
                size_threshold: int = 1024, location: str | None = None,
-               reference_weights: bool = False) -> list[str]:
+               reference_weights: bool = False,
+               progress: Callable[[int, int], None] | None = None) -> list[str]:
     """Write the model to `path`; returns the files written.
 
     external_data: True puts weights of at least `size_threshold` bytes into `location` (default
     `<model file name>.data`) next to the model; None does so only when the model would pass
     protobuf's 2 GiB limit. Files appear under their final names only when complete.
+    progress(bytes_written, total_bytes) is called as external data is written.
     """
     total = sum(a.nbytes for a in parts.weights.values())
     if external_data is None:
@@ -115,7 +117,7 @@ def save_model(parts: ModelParts, path: str, *, external_data: bool | None = Non
     model.CopyFrom(parts.model)
     data_tmp, model_tmp = _atomic_path(data_path), _atomic_path(path)
     try:
-        offset = 0
+        offset = written = 0
         links: dict[str, str] = {}
         with open(data_tmp, "wb") as data_file:
             for name, array in parts.weights.items():
@@ -136,8 +138,13 @@ def save_model(parts: ModelParts, path: str, *, external_data: bool | None = Non
                 offset += padding
                 for chunk in _chunks(array):
                     data_file.write(chunk)
+                    written += chunk.nbytes
+                    if progress is not None:
+                        progress(written, total)
                 _set_external(tensor, location, offset, array.nbytes)
                 offset += array.nbytes
+        if progress is not None:
+            progress(total, total)  # small and referenced weights count as done too
         with open(model_tmp, "wb") as f:
             f.write(model.SerializeToString())
         os.replace(data_tmp, data_path)

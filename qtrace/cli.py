@@ -21,6 +21,25 @@ def _progress(message: str) -> None:
     print(f"  .. {message}", file=sys.stderr, flush=True)
 
 
+class _ProgressBar:
+    """A one-line bar on stderr for writing weights (redrawn in place on a terminal, in quarters otherwise)."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self.shown = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        fraction = done / total if total else 1.0
+        step = int(fraction * (40 if self.tty else 4))
+        if step == self.shown:
+            return
+        self.shown = step
+        bar = "#" * int(fraction * 30)
+        end = "\r" if self.tty and done < total else "\n"
+        print(f"  .. weights [{bar:<30}] {fraction:4.0%} of {total / 2**20:.1f} MiB", end=end, file=sys.stderr,
+              flush=True)
+
+
 def _summary(lowered: Any, stages: dict[str, float]) -> str:
     model = lowered.model if sum(a.nbytes for a in lowered.parts.weights.values()) < 2**31 - 1 else lowered.parts.model
     counts = collections.Counter(n.op_type for n in model.graph.node)
@@ -93,7 +112,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     load_seconds = time.perf_counter() - start
     report = export_model(cfg, params, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size, dtype=args.dtype,
-                          weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress)
+                          weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
+                          bytes_progress=_ProgressBar())
     print(f"{cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
     print(_summary(report.lowered, {"load": load_seconds, **report.stage_seconds}))
     return 0

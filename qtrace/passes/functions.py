@@ -5,7 +5,7 @@
 - hoist_invariants: work inside a body that does not depend on the per-call inputs — it reads only
   constants and inputs that every call passes the same value for (a RoPE table, a mask built from
   position_ids) — moves to the caller, is computed once, and enters the body as a new parameter.
-  Parameters nothing reads any more are dropped.
+  Parameters nothing reads any more are dropped, except one that alone gives the body a symbolic size.
 - check_function_bodies: what the Cloud AI 100 compiler rejects inside a function (a Range or a
   constant fill whose size is symbolic, an Expand to a symbolic size the input does not carry) is
   reported with the user's line, after hoisting has moved whatever it could.
@@ -101,6 +101,7 @@ def hoist_invariants(graph: Graph) -> bool:
                      for f in graph.functions.values() for n in f.body.nodes)
         if len(calls) < 2 or nested:  # with one call, everything is computed once already
             continue
+        eliminate_dead_code(body)  # dead code must not keep hoisted values (and their parameters) alive
         invariant = {v for i, v in enumerate(body.inputs) if all(c.inputs[i] is calls[0].inputs[i] for c in calls)}
         hoisted = _hoistable_nodes(body, invariant)
         if not hoisted:
@@ -111,29 +112,56 @@ def hoist_invariants(graph: Graph) -> bool:
                     if v in body.outputs or any(n not in hoisted_set for n, _ in body.consumers(v))]
         # Recreate the hoisted computation once in the caller, before the first call.
         outer: dict[Value, Value] = {v: calls[0].inputs[i] for i, v in enumerate(body.inputs) if v in invariant}
-        for value in body.constants:
-            outer[value] = graph.add_constant(value.const, f"{function.name}/{value.name}")
         for node in hoisted:
+            for value in node.inputs:
+                if value.is_constant and value not in outer:
+                    outer[value] = graph.add_constant(value.const, value.name)  # lowering keeps names unique
             copy = graph.add_node(node.primitive, [outer[v] for v in node.inputs], node.params,
                                   [v.aval for v in node.outputs], node.location, calls[0].scope)
             outer.update(zip(node.outputs, copy.outputs))
-        # The body reads the hoisted results as new parameters.
+        # The body reads the hoisted results as new parameters; each call passes what it read before
+        # for the parameters that stay, and the caller's copies for the new ones.
+        parameters, hoisted_arguments = list(body.inputs), {}
         for value in frontier:
             param = body.add_input(f"{value.name.replace('/', '.')}.hoisted", value.aval)
             body.replace_all_uses(value, param)
+            hoisted_arguments[param] = outer[value]
         eliminate_dead_code(body)
         unused = {v for v in body.inputs if body.nx.out_degree(v) == 0 and v not in body.outputs}
-        kept_ports = [i for i, v in enumerate(body.inputs) if v not in unused]
+        unused -= _sole_dim_carriers(body, unused)
         body.inputs = [v for v in body.inputs if v not in unused]
         for value in unused:
             body.nx.remove_node(value)
-        for call in calls:
-            original = list(call.inputs)
-            new_inputs = [original[i] for i in kept_ports if i < len(original)]
-            new_inputs += [outer[v] for v in frontier if v not in unused]
-            _rebuild_call(graph, call, new_inputs)
+        for call in calls:  # read its inputs now: rebuilding an earlier call may have renewed them
+            by_param = {**dict(zip(parameters, call.inputs)), **hoisted_arguments}
+            _rebuild_call(graph, call, [by_param[v] for v in body.inputs])
         changed = True
     return changed
+
+
+def _single_dim_names(value: Value) -> set[str]:
+    """Names of the symbolic dims `value` carries on their own (those a body reads sizes from)."""
+    return {d.names[0] for d in value.shape
+            if isinstance(d, Dim) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1}
+
+
+def _sole_dim_carriers(body: Graph, unused: set[Value]) -> set[Value]:
+    """Unused parameters to keep: the only ones giving the size of a symbolic dim a body parameter
+    (a reshape's shape, an arange's bounds) still needs."""
+    def names(param: Any) -> set[str]:
+        if isinstance(param, Dim):
+            return set(param.names)
+        return set().union(*map(names, param)) if isinstance(param, tuple) else set()
+
+    needed = {n for node in body.nodes for param in node.params.values() for n in names(param)}
+    carried = {n for v in body.inputs if v not in unused for n in _single_dim_names(v)}
+    keep = set()
+    for value in sorted(unused, key=lambda v: v.index):
+        missing = (_single_dim_names(value) & needed) - carried
+        if missing:
+            keep.add(value)
+            carried |= missing
+    return keep
 
 
 # -- what the compiler rejects inside functions ---------------------------------------------------------

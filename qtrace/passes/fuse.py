@@ -99,14 +99,18 @@ _upcast = Pat("cast", Var("h"), dtype=float32_dtype, name="upcast")
 
 @fusion("rms_norm", *_rms_patterns(_x, _x), *_rms_patterns(_upcast, _upcast))
 def fuse_rms_norm(graph: Graph, root: Node, m: Match) -> Value | None:
-    x = m.get("h", m.get("x"))
+    # Normalize in the dtype the written-out form computes its statistics in (float32 when it upcasts
+    # float16, whose squares overflow past 256), or in the output's dtype when that is wider.
+    x = m["upcast"].outputs[0] if "upcast" in m else m["x"]
     weight = m["w"]
     if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
         return None
     out_dtype = root.outputs[0].dtype
+    dtype = np.promote_types(x.dtype, out_dtype)
     eps = float(m["eps"].const.reshape(-1)[0])
-    normed = _apply(graph, root, "rms_norm", _cast_to(graph, root, x, out_dtype),
-                    _cast_to(graph, root, weight, out_dtype), eps=eps)
+    normed = _apply(graph, root, "rms_norm", _cast_to(graph, root, x, dtype), _cast_to(graph, root, weight, dtype),
+                    eps=eps)
+    normed = _cast_to(graph, root, normed, out_dtype)
     return normed if normed.aval == root.outputs[0].aval else None
 
 

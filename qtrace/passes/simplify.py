@@ -16,7 +16,7 @@ from ..ir import Graph, Node, Value
 from .manager import register_pass
 from .rewrite import RuleSet, graphs_of, remove_dead, rewrite
 
-FOLD_LIMIT_BYTES = 1 << 16  # fold results up to this size, or larger ones that free their inputs
+FOLD_LIMIT_BYTES = 1 << 16  # fold results up to this size, or larger ones that free as many bytes
 ELEMENTWISE_BINARY = ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
                       "logical_and", "logical_or", "logical_xor")
 
@@ -152,8 +152,8 @@ def drop_identity(graph: Graph, node: Node) -> Value | None:
         return x if list(node.params["perm"]) == list(range(x.ndim)) else None
     if node.op in ("squeeze", "expand_dims") and not node.params["axes"]:
         return x
-    if node.op == "slice" and not all(s == (None, None, 1) for s in node.params["slices"]):
-        return None
+    if node.op == "slice" and not all(step == 1 for _, _, step in node.params["slices"]):
+        return None  # with unit steps, a slice that keeps every dim's size keeps every element in order
     return x if _same_type(x, out) else None
 
 
@@ -222,9 +222,13 @@ def _has_symbolic_param(node: Node) -> bool:
     return any(symbolic(v) for v in node.params.values())
 
 
-def _frees_its_inputs(graph: Graph, node: Node) -> bool:
+def _freed_bytes(graph: Graph, node: Node) -> int:
+    """Bytes that folding `node` removes: the constants only it reads. A memory-mapped input (a
+    checkpoint tensor) is never counted: exports reference such weights in place."""
     outputs = set(graph.outputs)
-    return all(graph.nx.out_degree(v) == 1 and v not in outputs for v in node.inputs)
+    return sum(v.const.nbytes for v in set(node.inputs)
+               if v not in outputs and not isinstance(v.const, np.memmap)
+               and all(user is node for user, _ in graph.consumers(v)))
 
 
 def fold_constants(graph: Graph) -> bool:
@@ -237,27 +241,19 @@ def fold_constants(graph: Graph) -> bool:
         if not all(isinstance(d, int) for v in node.outputs for d in v.shape):
             continue
         out_bytes = sum(int(np.prod(v.shape, dtype=np.int64)) * v.dtype.itemsize for v in node.outputs)
-        if out_bytes > FOLD_LIMIT_BYTES and not _frees_its_inputs(graph, node):
-            continue  # folding would keep both the weight and its transformed copy
+        if out_bytes > FOLD_LIMIT_BYTES and out_bytes > _freed_bytes(graph, node):
+            continue  # folding would grow the model: a weight and its copy, or a fill made an array
         results = node.primitive.impl(*[v.const for v in node.inputs], **node.params)
         results = results if node.primitive.multiple_results else [results]
         for out, result in zip(node.outputs, results):
             array = np.ascontiguousarray(np.asarray(result, dtype=out.dtype))
-            name = out.name if not node.inputs or len(node.inputs) != 1 else node.inputs[0].name
-            folded = graph.add_constant(array, _fresh_constant_name(graph, name))
+            # A transformed weight keeps the weight's name (lm_head.transpose); lowering keeps names unique.
+            source = node.inputs[0].name if len(node.inputs) == 1 else out.name
+            folded = graph.add_constant(array, f"{source}.{node.op}")
             graph.replace_all_uses(out, folded)
         remove_dead(graph, [node])
         changed = True
     return changed
-
-
-def _fresh_constant_name(graph: Graph, base: str) -> str:
-    taken = {c.name for c in graph.constants}
-    name, n = f"{base}.folded", 0
-    while name in taken:
-        n += 1
-        name = f"{base}.folded{n}"
-    return name
 
 
 @register_pass("fold")

@@ -1,0 +1,445 @@
+"""fuse (design.md §4): every written-out spelling of RMSNorm, softmax, sigmoid/silu, GELU and the
+KV-cache index assignments becomes one node, computing what it computed before; near-misses (another
+axis, eps used differently, an intermediate with a second consumer, indices that are not the cache
+grid) stay as written. Also: a Llama-style decoder written in plain numpy lowers to single nodes."""
+
+from __future__ import annotations
+
+import collections
+import copy
+import math
+
+import numpy as np
+import pytest
+
+import qtrace
+import qtrace.primitives as qp
+from qtrace import ShapeDtype
+from qtrace.examples import numpy_decoder
+from qtrace.passes import run_pipeline
+
+EPS = 1e-5
+D = 8
+W = (1.0 + 0.1 * np.random.default_rng(1).standard_normal(D)).astype(np.float32)
+HIDDEN = ShapeDtype(("batch", "seq", D))
+
+
+def ops(graph) -> collections.Counter:
+    return collections.Counter(node.op for node in graph.nodes)
+
+
+def random_inputs(graph, seed: int = 0, sizes: dict | None = None) -> list[np.ndarray]:
+    """One array per graph input: symbolic dims take `sizes` (default 3), floats are normal, ints
+    are valid distinct positions."""
+    from qtrace.dims import substitute
+
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for value in graph.inputs:
+        names = {n for d in value.shape if not isinstance(d, int) for n in d.names}
+        shape = tuple(substitute(d, {n: (sizes or {}).get(n, 3) for n in names}) for d in value.shape)
+        if value.dtype.kind == "f":
+            arrays.append(rng.standard_normal(shape).astype(value.dtype))
+        else:  # positions: each row a distinct set (numpy's scatter order is unspecified for repeats)
+            rows = [rng.permutation(8)[:shape[-1]] for _ in range(int(np.prod(shape[:-1])))]
+            arrays.append(np.array(rows, dtype=value.dtype).reshape(shape))
+    return arrays
+
+
+def fuse(fn, *specs, passes=("canonicalize", "fuse"), sizes=None, rtol=1e-5, atol=1e-5):
+    """Trace fn, run the passes and check Graph.eval is unchanged on random inputs; the graph."""
+    graph = qtrace.trace(fn, specs)
+    inputs = random_inputs(graph, sizes=sizes)
+    before = graph.eval_flat(inputs)
+    run_pipeline(graph, list(passes))
+    after = graph.eval_flat(inputs)
+    for want, have in zip(before, after):
+        assert have.dtype == want.dtype and have.shape == want.shape
+        np.testing.assert_allclose(have, want, rtol=rtol, atol=atol)
+    return graph
+
+
+# -- RMSNorm --------------------------------------------------------------------------------------------
+
+RMS_NORM_SPELLINGS = {
+    "mul_by_one_over_sqrt": lambda x: x * (1 / np.sqrt(np.mean(x * x, -1, keepdims=True) + EPS)) * W,
+    "div_by_sqrt": lambda x: x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + EPS) * W,
+    "rsqrt": lambda x: x * qp.rsqrt((x * x).mean(-1, keepdims=True) + EPS) * W,
+    "reciprocal_of_sqrt": lambda x: x * np.reciprocal(np.sqrt((x * x).mean(-1, keepdims=True) + EPS)) * W,
+    "power_of_two": lambda x: x / np.sqrt(np.mean(x ** 2, -1, keepdims=True) + EPS) * W,
+    "np_square": lambda x: x / np.sqrt(np.mean(np.square(x), -1, keepdims=True) + EPS) * W,
+    "eps_first_weight_first": lambda x: W * (x / np.sqrt(EPS + np.mean(x * x, -1, keepdims=True))),
+    "axis_2_of_rank_3": lambda x: x / np.sqrt(np.mean(x * x, axis=2, keepdims=True) + EPS) * W,
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(RMS_NORM_SPELLINGS))
+def test_rms_norm_spelling_fuses_to_one_node(spelling):
+    graph = fuse(RMS_NORM_SPELLINGS[spelling], HIDDEN)
+    assert ops(graph) == {"rms_norm": 1}
+
+
+def test_rms_norm_fused_node_has_the_written_eps_and_weight():
+    graph = fuse(RMS_NORM_SPELLINGS["div_by_sqrt"], HIDDEN)
+    (node,) = graph.nodes
+    assert node.params["eps"] == pytest.approx(EPS, rel=1e-6)
+    assert np.array_equal(node.inputs[1].const, W)
+
+
+def test_rms_norm_with_weight_as_graph_input_fuses():
+    graph = fuse(lambda x, w: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + EPS) * w, HIDDEN, ShapeDtype((D,)))
+    assert ops(graph) == {"rms_norm": 1}
+
+
+def hf_rms_norm(x, w):
+    """Hugging Face's LlamaRMSNorm: statistics in float32, result cast back, then scaled."""
+    h = x.astype(np.float32)
+    return (h * (1 / np.sqrt(np.mean(h * h, -1, keepdims=True) + EPS))).astype(x.dtype) * w
+
+
+def test_rms_norm_with_float32_upcast_fuses_in_float16_model():
+    graph = fuse(hf_rms_norm, ShapeDtype(("batch", D), "float16"), ShapeDtype((D,), "float16"), rtol=2e-3, atol=2e-3)
+    assert ops(graph)["rms_norm"] == 1
+    assert not {"reduce_mean", "sqrt", "div", "mul"} & set(ops(graph))
+
+
+def test_rms_norm_with_float32_upcast_keeps_float32_accuracy_for_large_activations():
+    # float16 squares overflow past 256: the written form avoids that by upcasting, the fused one must too.
+    graph = qtrace.trace(hf_rms_norm, (ShapeDtype(("batch", D), "float16"), ShapeDtype((D,), "float16")))
+    x = np.full((2, D), 300.0, np.float16)
+    w = np.ones(D, np.float16)
+    run_pipeline(graph, ["canonicalize", "fuse"])
+    assert ops(graph)["rms_norm"] == 1
+    np.testing.assert_allclose(graph.eval(x, w), np.ones((2, D)), rtol=1e-3)
+
+
+RMS_NORM_NEAR_MISSES = {
+    "mean_over_another_axis": lambda x: x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + EPS) * W,
+    "eps_outside_the_sqrt": lambda x: x / (np.sqrt(np.mean(x * x, -1, keepdims=True)) + EPS) * W,
+    "eps_added_twice": lambda x: x / (np.sqrt(np.mean(x * x, -1, keepdims=True) + EPS) + EPS) * W,
+    "square_of_another_value": lambda x: x / np.sqrt(np.mean((x + 1) * (x + 1), -1, keepdims=True) + EPS) * W,
+    "weight_not_one_dimensional": lambda x: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + EPS) * W[None, :],
+}
+
+
+@pytest.mark.parametrize("near_miss", sorted(RMS_NORM_NEAR_MISSES))
+def test_rms_norm_near_miss_does_not_fuse(near_miss):
+    graph = fuse(RMS_NORM_NEAR_MISSES[near_miss], HIDDEN)
+    assert "rms_norm" not in ops(graph)
+
+
+def test_rms_norm_with_traced_eps_does_not_fuse():
+    graph = fuse(lambda x, eps: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * W, HIDDEN, ShapeDtype(()))
+    assert "rms_norm" not in ops(graph)
+
+
+def test_rms_norm_whose_mean_square_is_also_returned_does_not_fuse():
+    def fn(x):
+        mean_square = np.mean(x * x, -1, keepdims=True)
+        return x / np.sqrt(mean_square + EPS) * W, mean_square
+
+    graph = fuse(fn, HIDDEN)
+    assert "rms_norm" not in ops(graph)
+
+
+def test_rms_norm_whose_inverse_rms_has_a_second_consumer_does_not_fuse():
+    def fn(x):
+        inv_rms = 1 / np.sqrt(np.mean(x * x, -1, keepdims=True) + EPS)
+        return x * inv_rms * W + inv_rms
+
+    graph = fuse(fn, HIDDEN)
+    assert "rms_norm" not in ops(graph)
+
+
+# -- softmax --------------------------------------------------------------------------------------------
+
+
+def softmax_last_axis(s):
+    e = np.exp(s - s.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+SOFTMAX_SPELLINGS = {
+    "methods": (softmax_last_axis, -1),
+    "numpy_functions": (lambda s: (lambda e: e / np.sum(e, axis=-1, keepdims=True))(
+        np.exp(s - np.max(s, axis=-1, keepdims=True))), -1),
+    "middle_axis": (lambda s: (lambda e: e / e.sum(1, keepdims=True))(np.exp(s - s.max(1, keepdims=True))), 1),
+    "masked_scores": (lambda s: softmax_last_axis(np.where(s > 1.5, -np.inf, s)), -1),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(SOFTMAX_SPELLINGS))
+def test_softmax_spelling_fuses_to_one_node_on_its_axis(spelling):
+    fn, axis = SOFTMAX_SPELLINGS[spelling]
+    graph = fuse(fn, ShapeDtype(("batch", 4, 6)))
+    (node,) = [n for n in graph.nodes if n.op == "softmax"]
+    assert node.params["axis"] == axis % 3
+    assert not {"exp", "reduce_max", "reduce_sum", "div"} & set(ops(graph))
+
+
+def test_softmax_fused_matches_numpy():
+    graph = fuse(softmax_last_axis, ShapeDtype(("batch", 5)))
+    s = np.random.default_rng(2).standard_normal((3, 5)).astype(np.float32)
+    expected = np.exp(s) / np.exp(s).sum(-1, keepdims=True)
+    np.testing.assert_allclose(graph.eval(s), expected, rtol=1e-6)
+
+
+SOFTMAX_NEAR_MISSES = {
+    "sum_over_another_axis": lambda s: (lambda e: e / e.sum(1, keepdims=True))(np.exp(s - s.max(-1, keepdims=True))),
+    "max_of_another_value": lambda s: (lambda e: e / e.sum(-1, keepdims=True))(
+        np.exp(s - (s * 2).max(-1, keepdims=True))),
+    "over_two_axes": lambda s: (lambda e: e / e.sum((1, 2), keepdims=True))(np.exp(s - s.max((1, 2), keepdims=True))),
+}
+
+
+@pytest.mark.parametrize("near_miss", sorted(SOFTMAX_NEAR_MISSES))
+def test_softmax_near_miss_does_not_fuse(near_miss):
+    graph = fuse(SOFTMAX_NEAR_MISSES[near_miss], ShapeDtype(("batch", 4, 6)))
+    assert "softmax" not in ops(graph)
+
+
+def test_softmax_whose_exponentials_are_also_returned_does_not_fuse():
+    def fn(s):
+        e = np.exp(s - s.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True), e
+
+    graph = fuse(fn, ShapeDtype(("batch", 6)))
+    assert "softmax" not in ops(graph)
+
+
+# -- sigmoid and silu -----------------------------------------------------------------------------------
+
+
+def sigmoid(x):
+    return 1 / (1 + np.exp(-x))
+
+
+def test_sigmoid_written_out_fuses_to_one_node():
+    graph = fuse(sigmoid, HIDDEN)
+    assert ops(graph) == {"sigmoid": 1}
+
+
+SILU_SPELLINGS = {
+    "x_times_sigmoid": lambda x: x * sigmoid(x),
+    "sigmoid_times_x": lambda x: sigmoid(x) * x,
+    "x_times_primitive_sigmoid": lambda x: x * qp.sigmoid(x),
+    "one_over_one_plus_exp": lambda x: x * (1 / (1 + np.exp(-x))),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(SILU_SPELLINGS))
+def test_silu_spelling_fuses_to_one_node(spelling):
+    graph = fuse(SILU_SPELLINGS[spelling], HIDDEN)
+    assert ops(graph) == {"silu": 1}
+
+
+def test_silu_fused_matches_numpy():
+    graph = fuse(SILU_SPELLINGS["x_times_sigmoid"], ShapeDtype((4,)))
+    x = np.array([-3.0, -0.5, 0.0, 2.0], np.float32)
+    np.testing.assert_allclose(graph.eval(x), x / (1 + np.exp(-x)), rtol=1e-6)
+
+
+SIGMOID_NEAR_MISSES = {
+    "exp_without_negation": lambda x: 1 / (1 + np.exp(x)),
+    "two_over": lambda x: 2 / (1 + np.exp(-x)),
+    "one_minus": lambda x: 1 / (1 - np.exp(-x)),
+}
+
+
+@pytest.mark.parametrize("near_miss", sorted(SIGMOID_NEAR_MISSES))
+def test_sigmoid_near_miss_does_not_fuse(near_miss):
+    graph = fuse(SIGMOID_NEAR_MISSES[near_miss], HIDDEN)
+    assert not {"sigmoid", "silu"} & set(ops(graph))
+
+
+def test_silu_of_sigmoid_of_another_value_is_not_silu():
+    graph = fuse(lambda x, y: x * sigmoid(y), HIDDEN, HIDDEN)
+    assert ops(graph) == {"sigmoid": 1, "mul": 1}
+
+
+def test_silu_whose_sigmoid_is_also_returned_does_not_fuse():
+    def fn(x):
+        gate = sigmoid(x)
+        return x * gate, gate
+
+    graph = fuse(fn, HIDDEN)
+    assert ops(graph) == {"sigmoid": 1, "mul": 1}
+
+
+# -- GELU -----------------------------------------------------------------------------------------------
+
+GELU_SPELLINGS = {
+    "erf_div_sqrt2": (lambda x: 0.5 * x * (1 + qp.erf(x / math.sqrt(2))), "none"),
+    "erf_times_inverse_sqrt2": (lambda x: x * 0.5 * (1 + qp.erf(x * (1 / math.sqrt(2)))), "none"),
+    "erf_half_last": (lambda x: x * (1 + qp.erf(x / math.sqrt(2))) * 0.5, "none"),
+    "tanh_pow3": (lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3))), "tanh"),
+    "tanh_cube_by_products": (lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * (x * x * x)))),
+                              "tanh"),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(GELU_SPELLINGS))
+def test_gelu_spelling_fuses_to_one_node(spelling):
+    fn, approximate = GELU_SPELLINGS[spelling]
+    graph = fuse(fn, HIDDEN)
+    (node,) = graph.nodes
+    assert node.op == "gelu" and node.params["approximate"] == approximate
+
+
+GELU_NEAR_MISSES = {
+    "erf_of_x_over_2": lambda x: 0.5 * x * (1 + qp.erf(x / 2)),
+    "tanh_with_another_coefficient": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.05 * x ** 3))),
+    "erf_of_another_value": lambda x: 0.5 * x * (1 + qp.erf((x + 1) / math.sqrt(2))),
+}
+
+
+@pytest.mark.parametrize("near_miss", sorted(GELU_NEAR_MISSES))
+def test_gelu_near_miss_does_not_fuse(near_miss):
+    graph = fuse(GELU_NEAR_MISSES[near_miss], HIDDEN)
+    assert "gelu" not in ops(graph)
+
+
+# -- KV cache: index assignment and index reads -----------------------------------------------------------
+
+HEADS, HEAD_DIM = 2, 4
+CACHE = ShapeDtype(("batch", HEADS, "ctx_len", HEAD_DIM))
+POSITIONS = ShapeDtype(("batch", "seq"), "int64")
+NEW_KV = ShapeDtype(("batch", HEADS, "seq", HEAD_DIM))
+KV_SIZES = {"batch": 2, "seq": 3, "ctx_len": 8}
+
+
+def write_cache(cache, position_ids, kv):
+    batch = position_ids.shape[0]
+    b_idx = qp.arange(batch)[:, None, None]
+    h_idx = qp.arange(cache.shape[1])[None, :, None]
+    cache[b_idx, h_idx, position_ids[:, None, :]] = kv
+    return cache
+
+
+def test_cache_index_assignment_fuses_to_ctx_scatter():
+    graph = fuse(write_cache, CACHE, POSITIONS, NEW_KV, sizes=KV_SIZES)
+    assert ops(graph)["ctx_scatter"] == 1 and "index_put" not in ops(graph)
+    (node,) = [n for n in graph.nodes if n.op == "ctx_scatter"]
+    assert node.inputs[1] is graph.inputs[1]  # position_ids itself, not a reshaped copy
+
+
+def test_ctx_scatter_fused_matches_numpy_assignment():
+    graph = qtrace.trace(write_cache, (CACHE, POSITIONS, NEW_KV))
+    run_pipeline(graph, ["canonicalize", "fuse", "simplify"])
+    rng = np.random.default_rng(3)
+    cache = rng.standard_normal((2, HEADS, 8, HEAD_DIM)).astype(np.float32)
+    positions = np.array([[5, 0, 2], [7, 6, 1]])
+    kv = rng.standard_normal((2, HEADS, 3, HEAD_DIM)).astype(np.float32)
+    expected = cache.copy()
+    for b in range(2):
+        for s in range(3):
+            expected[b, :, positions[b, s], :] = kv[b, :, s, :]
+    np.testing.assert_array_equal(graph.eval(cache, positions, kv), expected)
+
+
+def test_cache_index_assignment_with_reshaped_batch_index_fuses():
+    def fn(cache, position_ids, kv):
+        batch = position_ids.shape[0]
+        cache[qp.arange(batch).reshape(batch, 1, 1), qp.arange(HEADS)[None, :, None], position_ids[:, None, :]] = kv
+        return cache
+
+    graph = fuse(fn, CACHE, POSITIONS, NEW_KV, sizes=KV_SIZES)
+    assert ops(graph)["ctx_scatter"] == 1 and "index_put" not in ops(graph)
+
+
+def test_three_dimensional_cache_index_assignment_fuses_to_ctx_scatter():
+    def fn(cache, position_ids, kv):
+        cache[qp.arange(position_ids.shape[0])[:, None], position_ids] = kv
+        return cache
+
+    graph = fuse(fn, ShapeDtype(("batch", "ctx_len", HEAD_DIM)), POSITIONS, ShapeDtype(("batch", "seq", HEAD_DIM)),
+                 sizes=KV_SIZES)
+    assert ops(graph)["ctx_scatter"] == 1 and "index_put" not in ops(graph)
+
+
+def test_cache_assignment_with_permuted_batch_rows_does_not_fuse():
+    def fn(cache, position_ids, kv):
+        cache[np.array([1, 0])[:, None, None], qp.arange(HEADS)[None, :, None], position_ids[:, None, :]] = kv
+        return cache
+
+    graph = fuse(fn, ShapeDtype((2, HEADS, "ctx_len", HEAD_DIM)), ShapeDtype((2, "seq"), "int64"),
+                 ShapeDtype((2, HEADS, "seq", HEAD_DIM)), sizes=KV_SIZES)
+    assert "ctx_scatter" not in ops(graph) and ops(graph)["index_put"] == 1
+
+
+def test_cache_assignment_with_a_constant_head_index_does_not_fuse():
+    def fn(cache, position_ids, kv):
+        batch = position_ids.shape[0]
+        cache[qp.arange(batch)[:, None, None], np.zeros((1, HEADS, 1), np.int64), position_ids[:, None, :]] = kv
+        return cache
+
+    graph = fuse(fn, CACHE, POSITIONS, NEW_KV, sizes=KV_SIZES)
+    assert "ctx_scatter" not in ops(graph)
+
+
+def test_cache_assignment_with_updates_broadcast_over_heads_does_not_fuse():
+    def fn(cache, position_ids, kv):
+        batch = position_ids.shape[0]
+        cache[qp.arange(batch)[:, None, None], qp.arange(HEADS)[None, :, None], position_ids[:, None, :]] = kv
+        return cache
+
+    graph = fuse(fn, CACHE, POSITIONS, ShapeDtype(("batch", 1, "seq", HEAD_DIM)), sizes=KV_SIZES)
+    assert "ctx_scatter" not in ops(graph)
+
+
+def read_cache(cache, position_ids):
+    batch = position_ids.shape[0]
+    slots = qp.arange(cache.shape[2])
+    return cache[qp.arange(batch)[:, None, None], qp.arange(HEADS)[None, :, None], slots[None, None, :]]
+
+
+def test_cache_index_read_fuses_to_ctx_gather():
+    graph = fuse(read_cache, CACHE, POSITIONS, sizes=KV_SIZES)
+    assert ops(graph)["ctx_gather"] == 1 and "gather" not in ops(graph)
+
+
+def test_index_read_of_a_computed_array_is_not_a_cache_read():
+    graph = fuse(lambda cache, position_ids: read_cache(cache * 2, position_ids), CACHE, POSITIONS, sizes=KV_SIZES)
+    assert "ctx_gather" not in ops(graph) and ops(graph)["gather"] == 1
+
+
+# -- the plain-numpy decoder (examples/numpy_decoder.py) ------------------------------------------------
+
+DECODER_LAYERS = 2
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    cfg = numpy_decoder.DecoderConfig(num_layers=DECODER_LAYERS)
+    fn, args = numpy_decoder.decoder_signature(cfg, numpy_decoder.init_params(cfg))
+    return cfg, fn, args
+
+
+def test_numpy_decoder_traces_without_fused_primitives(decoder):
+    _, fn, args = decoder
+    traced = ops(qtrace.trace(fn, args))
+    assert not {"rms_norm", "softmax", "silu", "sigmoid", "ctx_scatter", "ctx_gather"} & set(traced)
+    assert traced["index_put"] == 2 * DECODER_LAYERS
+
+
+def test_numpy_decoder_lowers_norms_softmax_silu_and_cache_ops_to_single_nodes(decoder):
+    _, fn, args = decoder
+    graph = qtrace.trace(fn, args)
+    run_pipeline(graph)
+    counts = ops(graph)
+    assert counts["rms_norm"] == 2 * DECODER_LAYERS + 1
+    assert counts["softmax"] == DECODER_LAYERS and counts["silu"] == DECODER_LAYERS
+    assert counts["ctx_scatter"] == 2 * DECODER_LAYERS and counts["ctx_gather"] == 2 * DECODER_LAYERS
+    assert not {"exp", "sqrt", "reduce_mean", "reduce_max", "reduce_sum", "index_put", "gather"} & set(counts)
+
+
+def test_numpy_decoder_after_all_passes_matches_eager_numpy(decoder):
+    cfg, fn, args = decoder
+    graph = qtrace.trace(fn, args)
+    run_pipeline(graph)
+    inputs = numpy_decoder.example_inputs(cfg)
+    expected = fn(*copy.deepcopy(inputs))  # eagerly, the model writes into its cache arguments
+    got = graph.eval(*copy.deepcopy(inputs))
+    assert set(got) == set(expected)
+    for name in expected:
+        np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-5, err_msg=name)
