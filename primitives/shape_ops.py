@@ -259,6 +259,8 @@ def array_split(x: Any, indices_or_sections: Any, axis: int = 0) -> list[Array]:
 def _slice_length(dim: DimLike, start: int | None, stop: int | None, step: int) -> DimLike:
     if isinstance(dim, int):
         return len(range(*builtins.slice(start, stop, step).indices(dim)))
+    if step == -1 and start is None and stop is None:  # a reversal keeps the length
+        return dim
     if step != 1:
         raise ShapeError(f"a strided slice ({start}:{stop}:{step}) of symbolic dim {dim} has no polynomial size")
 

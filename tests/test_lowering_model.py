@@ -388,3 +388,12 @@ def test_retained_state_output_with_another_dtype_is_an_error() -> None:
     specs = (ShapeDtype(("B", 1, "C", 2)), ShapeDtype(("B", "S"), "int64"), ShapeDtype(("B", 1, "S", 2)))
     with pytest.raises(qtrace.ShapeError, match="cache_RetainedState"):
         qtrace.lower(fn, specs)
+
+
+def test_reversing_a_symbolic_dim_runs_at_two_sizes():
+    """x[:, ::-1] keeps a symbolic length; onnxruntime reverses like numpy at any size."""
+    lowered = qtrace.lower(lambda x: x[:, ::-1], (qtrace.ShapeDtype(("b", "s")),))
+    assert str(lowered.graph.outputs[0].aval) == "f32[b,s]"
+    for size in (3, 6):
+        x = np.arange(2 * size, dtype=np.float32).reshape(2, size)
+        np.testing.assert_array_equal(lowered.run(x), x[:, ::-1])
