@@ -201,7 +201,7 @@ def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_
     # make float16 keys and values); lowering to float16 converts whatever is still float32.
     fn, args = causal_lm_signature(cfg, params, full_batch_size="full_batch_size" if full_batch_size else None,
                                    ctx_len="ctx_len", dtype=np.asarray(params["embed_tokens"]).dtype,
-                                   layer_functions=layer_functions)
+                                   layer_functions=layer_functions, max_ctx_len=ctx_len)
     lowered = qtrace.lower(fn, args, dtype=np.float16 if dtype == "float16" else None)
     stages["lower"] = time.perf_counter() - start
     scratch = _atomic_directory(out_dir)

@@ -302,9 +302,11 @@ def causal_lm(params: dict[str, Any], cfg: LlamaConfig, rope: tuple[np.ndarray, 
 def causal_lm_signature(cfg: LlamaConfig, params: dict[str, Any], *, ctx_len: int | str = "ctx_len",
                         batch_size: int | str = "batch_size", seq_len: int | str = "seq_len",
                         full_batch_size: int | str | None = None, dtype: Any = np.float32,
-                        layer_functions: bool = True) -> tuple[Any, tuple]:
-    """The function to lower and its example specs, with QEfficient's input names and dims."""
-    max_positions = max(cfg.max_position_embeddings, ctx_len if isinstance(ctx_len, int) else 0)
+                        layer_functions: bool = True, max_ctx_len: int = 0) -> tuple[Any, tuple]:
+    """The function to lower and its example specs, with QEfficient's input names and dims.
+    The RoPE tables cover max_position_embeddings, ctx_len when it is an int, and max_ctx_len (the
+    largest context a symbolic ctx_len will be specialized to)."""
+    max_positions = max(cfg.max_position_embeddings, ctx_len if isinstance(ctx_len, int) else 0, max_ctx_len)
     # The tables share the cache's dtype, so float16 weights compute in float16 throughout.
     rope = tuple(table.astype(dtype) for table in rope_tables(cfg, max_positions))
     cache_batch = batch_size if full_batch_size is None else full_batch_size

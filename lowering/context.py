@@ -7,6 +7,7 @@ and returns the names holding the node's results.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Sequence
 
 import numpy as np
@@ -35,7 +36,9 @@ def add_source(node: onnx.NodeProto, location: SourceLocation | None) -> None:
     """Point an ONNX node back at the user's line (metadata key `qtrace.source`)."""
     if location is not None:
         entry = node.metadata_props.add()
-        entry.key, entry.value = "qtrace.source", str(location)
+        # An absolute path: the model's bytes must not depend on the working directory.
+        entry.key = "qtrace.source"
+        entry.value = f"{os.path.abspath(location.file)}:{location.line} in {location.function}"
 
 
 class LoweringContext:
@@ -110,6 +113,10 @@ class LoweringContext:
             self.initializers.append((name, array))
         self._const_cache[key] = name
         return name
+
+    def shared_names(self) -> set[str]:
+        """Names later rules may reuse (cached constants and dim sizes): never renamed."""
+        return set(self._const_cache.values()) | set(self._dim_cache.values())
 
     def ints(self, values: Sequence[int]) -> str:
         return self.const(np.asarray(list(values), dtype=np.int64), hint="ints")

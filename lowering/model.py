@@ -126,10 +126,11 @@ def lower_body(graph: Graph, output_names: list[str], *, opset: int, in_function
         results = results if isinstance(results, list) else [results]
         emitted = ctx.nodes[start:]
         produced = {name for n in emitted for name in n.output}
+        shared = ctx.shared_names()
         for value, result in zip(node.outputs, results):
-            if result in produced:
+            if result in produced and result not in shared:
                 _rename(emitted, result, names[value])
-            else:  # the rule returned an existing value (e.g. a shared constant): give it this name
+            else:  # an existing or cached value (a shared constant): keep it, give this value its name
                 ctx.op("Identity", result)
                 ctx.nodes[-1].output[0] = names[value]
     ctx.current = None

@@ -335,7 +335,7 @@ def take(a: Any, indices: Any, axis: int | None = None, out: Any = None, mode: A
 def _gather_rule(x: ShapeDtype, *indices: ShapeDtype, axis: int) -> ShapeDtype:
     for idx in indices:
         require_integer(idx, "index arrays")
-    if axis + len(indices) > x.ndim:
+    if not 0 <= axis or axis + len(indices) > x.ndim:
         raise ShapeError(f"{len(indices)} index arrays from axis {axis} are too many for {x}")
     batch = broadcast_shapes(*(i.shape for i in indices))
     return ShapeDtype(x.shape[:axis] + batch + x.shape[axis + len(indices):], x.dtype)
@@ -348,7 +348,8 @@ gather_p = primitive("gather", _gather_rule,
 
 def gather(x: Any, indices: Sequence[Any], axis: int = 0) -> Array:
     """`x[:, ..., i0, i1, ...]` with index arrays i0, i1 (broadcast together) on axes axis, axis+1, ..."""
-    return gather_p.bind(as_array(x), *[as_array(i) for i in indices], axis=axis)
+    x = as_array(x)
+    return gather_p.bind(x, *[as_array(i) for i in indices], axis=normalize_axis(axis, x.ndim))
 
 
 # -- numpy indexing -----------------------------------------------------------------------------------

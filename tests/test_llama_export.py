@@ -656,8 +656,9 @@ def test_custom_io_yaml_lists_every_cache_input_and_retained_state_output(defaul
     assert expected <= io_names
 
 
-def test_custom_io_yaml_is_yaml_when_pyyaml_is_available(default_export: str) -> None:
-    yaml = pytest.importorskip("yaml")
+def test_custom_io_yaml_parses_as_yaml(default_export: str) -> None:
+    import yaml
+
     with open(os.path.join(default_export, "custom_io.yaml")) as f:
         entries = yaml.safe_load(f)
     assert entries[0] == {"IOName": "past_key.0", "Precision": "float16"}
@@ -854,3 +855,19 @@ def test_cli_main_is_the_installed_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "qtrace.cli", "generate", "--help"], capture_output=True,
                             text=True)
     assert result.returncode == 0 and "--prompt-ids" in result.stdout
+
+
+def test_export_covers_a_context_longer_than_max_position_embeddings(tmp_path: Any) -> None:
+    """The RoPE tables are sized for the exported ctx_len, so positions past max_position_embeddings
+    still index them (onnxruntime agrees with the eager model at the last slot)."""
+    cfg = llama.LlamaConfig.tiny(max_position_embeddings=8)
+    params = llama.init_params(cfg, seed=5)
+    out = str(tmp_path / "long")
+    export_model(cfg, params, out, ctx_len=32, prefill_seq_len=8)
+    step = onnx_step(onnx_session(out))
+    cache = onnx_cache(out, 1)
+    ids, positions = np.array([[3]], np.int64), np.array([[31]], np.int64)
+    logits, _ = step(ids, positions, cache, None)
+    eager = llama.causal_lm_signature(cfg, params, max_ctx_len=32)[0]
+    expected = eager(ids, positions, llama.empty_cache(cfg, 1, 32))["logits"]
+    assert np.max(np.abs(logits - expected)) <= TOLERANCE

@@ -279,7 +279,9 @@ def test_lowering_in_another_process_gives_identical_bytes(tmp_path: Any) -> Non
     script = (f"import sys; sys.path.insert(0, {os.path.dirname(__file__)!r}); import test_lowering_model as m; "
               "m.qtrace.lower(m.tiny_lm, m.TINY_SPECS).save(sys.argv[1])")
     env = dict(os.environ, PYTHONHASHSEED="12345")
-    subprocess.run([sys.executable, "-c", script, str(tmp_path / "other.onnx")], check=True, env=env)
+    # run from another working directory too: nothing in the bytes may depend on it
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "other.onnx")], check=True, env=env,
+                   cwd=str(tmp_path))
     qtrace.lower(tiny_lm, TINY_SPECS).save(tmp_path / "here.onnx")
     assert (tmp_path / "other.onnx").read_bytes() == (tmp_path / "here.onnx").read_bytes()
 
@@ -397,3 +399,16 @@ def test_reversing_a_symbolic_dim_runs_at_two_sizes():
     for size in (3, 6):
         x = np.arange(2 * size, dtype=np.float32).reshape(2, size)
         np.testing.assert_array_equal(lowered.run(x), x[:, ::-1])
+
+
+def test_a_constant_a_rule_returns_stays_shared_inside_a_function() -> None:
+    """arange(2) lowers to the cached constant [0, 1]; the later Unsqueeze axes (0, 1) reuse the same
+    bytes, so the constant must keep its name (regression: it was renamed and the axes dangled)."""
+    @qtrace.function
+    def body(x: Any) -> Any:
+        return x + qp.expand_dims(qp.arange(2), (0, 1)).astype(np.float32)
+
+    lowered = qtrace.lower(lambda x: body(x) * 2, (ShapeDtype(("b", 3, 2)),), passes=["shape_check"])
+    onnx.checker.check_model(lowered.model, full_check=True)
+    x = np.random.default_rng(0).random((2, 3, 2)).astype(np.float32)
+    np.testing.assert_allclose(lowered.run(x), (x + np.arange(2)) * 2, rtol=1e-6)
