@@ -255,8 +255,12 @@ def lower_index_put(ctx: LoweringContext, node: Node, data: str, updates: str, *
             if isinstance(dim, int):
                 grid = ctx.ints(range(*slice(start, stop, step).indices(dim)))
             else:
-                first = 0 if start is None else (start if start >= 0 else dim + start)
-                last = dim if stop is None else (stop if stop >= 0 else dim + stop)
+                def resolve(bound: int | None, open_end: Any) -> Any:
+                    return open_end if bound is None else (bound if bound >= 0 else dim + bound)
+
+                # Python's open ends: 0..dim going forward, dim-1 down to -1 (exclusive) going back
+                first = resolve(start, 0 if step > 0 else dim - 1)
+                last = resolve(stop, dim if step > 0 else -1)
                 grid = ctx.op("Range", ctx.scalar_dim(first), ctx.scalar_dim(last), ctx.scalar(step, np.int64))
             along = [-1 if i == position else 1 for i in range(len(region))]
             columns.append((ctx.op("Reshape", grid, ctx.ints(along)), None))

@@ -270,8 +270,11 @@ def _slice_length(dim: DimLike, start: int | None, stop: int | None, step: int) 
         return index if index >= 0 else dim + index
 
     length = position(stop, dim) - position(start, 0)
-    if isinstance(length, int) and length < 0:
-        return 0
+    if isinstance(length, int) and length > 1:
+        # e.g. x[:5] on a dim n: min(n, 5) rows, which no single size describes for every n (symbolic
+        # dims are at least 1, as in JAX, so x[-1:] and x[:, -1] are exact)
+        raise ShapeError(f"slice {start}:{stop} of symbolic dim {dim} has {length} elements only when {dim} is "
+                         f"large enough; slice relative to the dim (x[:n-1], x[1:]) or make the dim static")
     return length
 
 

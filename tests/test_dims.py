@@ -248,8 +248,14 @@ def test_slice_from_one_shortens_a_symbolic_dim_by_one():
     assert traced_shape(lambda x: x[:, 1:], ShapeDtype((2, "b"))) == (2, b - 1)
 
 
-def test_slice_of_the_last_three_has_length_three():
-    assert traced_shape(lambda x: x[-3:], ShapeDtype(("a",))) == (3,)
+def test_slice_of_the_last_three_of_a_symbolic_dim_raises_shape_error():
+    """x[-3:] has min(a, 3) elements: no single size is right for every a, so it is refused."""
+    with pytest.raises(qtrace.ShapeError, match="only when a is large enough"):
+        qtrace.trace(lambda x: x[-3:], (ShapeDtype(("a",)),))
+
+
+def test_slice_of_the_last_one_of_a_symbolic_dim_has_length_one():
+    assert traced_shape(lambda x: x[-1:], ShapeDtype(("a",))) == (1,)
 
 
 def test_int_index_on_a_symbolic_dim_removes_it():

@@ -412,3 +412,17 @@ def test_a_constant_a_rule_returns_stays_shared_inside_a_function() -> None:
     onnx.checker.check_model(lowered.model, full_check=True)
     x = np.random.default_rng(0).random((2, 3, 2)).astype(np.float32)
     np.testing.assert_allclose(lowered.run(x), (x + np.arange(2)) * 2, rtol=1e-6)
+
+
+def test_assigning_to_a_reversed_symbolic_dim_runs_at_two_sizes():
+    def fn(x: Any, v: Any) -> Any:
+        x[:, ::-1] = v
+        return x
+
+    lowered = qtrace.lower(fn, (ShapeDtype((2, "s")), ShapeDtype((2, "s"))))
+    for size in (3, 5):
+        x = np.zeros((2, size), np.float32)
+        v = np.arange(2 * size, dtype=np.float32).reshape(2, size)
+        expected = x.copy()
+        expected[:, ::-1] = v
+        np.testing.assert_array_equal(lowered.run(x, v), expected)

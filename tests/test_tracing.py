@@ -814,3 +814,12 @@ def test_setitem_with_updates_that_do_not_fit_raises_shape_error():
     with pytest.raises(qtrace.ShapeError) as info:
         qtrace.trace(fn, (ShapeDtype((2, 3)),))
     assert_located(info.value, fn, "# bad update")
+
+
+def test_gather_with_a_negative_axis_counts_from_the_end():
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    index = np.array([3, 0, 1])
+    np.testing.assert_array_equal(qp.gather(x, [index], axis=-1), x[:, :, index])
+    graph = qtrace.trace(lambda a: qp.gather(a, [index], axis=-1), (ShapeDtype((2, 3, 4)),))
+    assert graph.outputs[0].shape == (2, 3, 3)
+    np.testing.assert_array_equal(graph.eval(x), x[:, :, index])
