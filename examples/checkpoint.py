@@ -209,7 +209,7 @@ def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_
         start = time.perf_counter()
         say("writing model.onnx")
         model_path = os.path.join(scratch, "model.onnx")
-        written = lowered.save(model_path, external_data=True, reference_weights=(weights == "reference"),
+        lowered.save(model_path, external_data=True, reference_weights=(weights == "reference"),
                                progress=bytes_progress)
         stages["save"] = time.perf_counter() - start
         with open(os.path.join(scratch, "specializations.json"), "w") as f:
@@ -227,7 +227,6 @@ def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_
             target = os.path.join(out_dir, name)
             os.replace(os.path.join(scratch, name), target)
             files.append(target)
-        del written
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return ExportReport(files, stages, lowered)

@@ -129,8 +129,8 @@ def lower(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwar
     """Trace `fn` on example arguments, optimize the IR and lower it to ONNX.
 
     opset: ONNX default-domain opset (17 by default, 18..21 selectable). dtype="float16" converts
-    float32 weights and activations to float16. passes: the pass pipeline (default: shape_check,
-    fuse, simplify); dump_dir (or $QTRACE_DUMP) writes the IR after every pass. Outputs that are
+    float32 weights and activations to float16. passes: pass names (default: qtrace.passes.DEFAULT_PIPELINE,
+    shape_check canonicalize fuse simplify functions simplify shape_check); dump_dir (or $QTRACE_DUMP) writes the IR after every pass. Outputs that are
     ctx_scatter chains of an input are named `<input>_RetainedState` unless `retained_state=False`
     or `output_names` is given.
     """

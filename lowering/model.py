@@ -228,11 +228,3 @@ def attach_weights(parts: ModelParts) -> onnx.ModelProto:
         data = array if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(array.shape)
         model.graph.initializer.append(onnx.numpy_helper.from_array(data, name))
     return model
-
-
-def describe(model: onnx.ModelProto) -> dict[str, Any]:
-    """Node counts by op type (main graph and functions) for summaries."""
-    counts: dict[str, int] = {}
-    for node in model.graph.node:
-        counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    return dict(sorted(counts.items()))

@@ -113,9 +113,5 @@ def require_integer(aval: ShapeDtype, name: str) -> None:
         raise DTypeError(f"{name} must be an integer array (int32 or int64), got {aval}")
 
 
-def same_dims(a: DimLike, b: DimLike) -> bool:
-    return a == b
-
-
 def fmt(*avals: ShapeDtype) -> str:
     return ", ".join(map(str, avals))

@@ -140,16 +140,12 @@ def _binary_rule(kind: str, result: str | None = None) -> Callable[[ShapeDtype, 
     return rule
 
 
-def _pow(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    return np.power(x, y)
-
-
 _BINARY = {  # name: (numpy reference, accepted dtypes, result kind, doc)
     "add": (np.add, _NUMERIC, None, "x + y"),
     "sub": (np.subtract, _NUMERIC, None, "x - y"),
     "mul": (np.multiply, _NUMERIC, None, "x * y"),
     "div": (np.divide, _FLOAT, None, "x / y (true division)"),
-    "pow": (_pow, _NUMERIC, None, "x ** y"),
+    "pow": (np.power, _NUMERIC, None, "x ** y"),
     "maximum": (np.maximum, _NUMERIC, None, "elementwise maximum"),
     "minimum": (np.minimum, _NUMERIC, None, "elementwise minimum"),
     "eq": (np.equal, _NUMERIC + "|bool", _BOOL, "x == y"),

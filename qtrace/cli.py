@@ -41,12 +41,14 @@ class _ProgressBar:
 
 
 def _summary(lowered: Any, stages: dict[str, float]) -> str:
-    model = lowered.model if sum(a.nbytes for a in lowered.parts.weights.values()) < 2**31 - 1 else lowered.parts.model
+    from .lowering import CUSTOM_OP_DOMAINS
+
+    model = lowered.parts.model  # the graph without its weights: counting nodes needs no copy of them
     counts = collections.Counter(n.op_type for n in model.graph.node)
-    function_nodes = {f.name: len(f.node) for f in model.functions if f.domain not in
-                      ("com.qualcomm.cloud", "com.qti.aisw.onnx")}
-    custom = sorted({n.op_type for f in model.functions for n in f.node if n.domain.startswith("com.")} |
-                    {n.op_type for n in model.graph.node if n.domain.startswith("com.")})
+    custom_domains = set(CUSTOM_OP_DOMAINS.values())
+    function_nodes = {f.name: len(f.node) for f in model.functions if f.domain not in custom_domains}
+    custom = sorted({n.op_type for f in model.functions for n in f.node if n.domain in custom_domains} |
+                    {n.op_type for n in model.graph.node if n.domain in custom_domains})
     lines = ["passes:", *("  " + line for line in lowered.pass_report.summary().splitlines()),
              f"main graph: {len(model.graph.node)} nodes: " + ", ".join(f"{k} {v}" for k, v in counts.most_common()),
              "local functions: " + (", ".join(f"{k} ({v} nodes)" for k, v in function_nodes.items()) or "none"),
@@ -165,12 +167,12 @@ def _load_target(target: str) -> Any:
 
 def _parse_spec(text: str) -> Any:
     """`f32[batch_size,seq_len,64]` or `i64[b,s]` -> ShapeDtype."""
+    from .dtypes import from_short_name
     from .ir import ShapeDtype
 
-    short = {"f32": "float32", "f16": "float16", "bf16": "bfloat16", "i64": "int64", "i32": "int32", "bool": "bool"}
     dtype, _, rest = text.partition("[")
     dims = [d.strip() for d in rest.rstrip("]").split(",") if d.strip()]
-    return ShapeDtype(tuple(int(d) if d.lstrip("-").isdigit() else d for d in dims), short.get(dtype, dtype))
+    return ShapeDtype(tuple(int(d) if d.lstrip("-").isdigit() else d for d in dims), from_short_name(dtype))
 
 
 def cmd_dump(args: argparse.Namespace) -> int:

@@ -288,7 +288,10 @@ class Tracer:
                 f"numpy.{what} is not supported on traced values; supported ufuncs: "
                 f"{', '.join(sorted(u.__name__ for u in NUMPY_UFUNCS))}", location=user_location())
         kwargs.pop("out", None)
-        return fn(*inputs, **kwargs)
+        if kwargs:  # dtype=, where=, casting=, ...: numpy semantics qtrace does not reproduce
+            raise UnsupportedError(f"numpy.{ufunc.__name__}: keyword arguments {sorted(kwargs)} are not supported "
+                                   "on traced values; cast or select explicitly", location=user_location())
+        return fn(*inputs)
 
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         fn = NUMPY_FUNCTIONS.get(func)

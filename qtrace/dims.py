@@ -75,6 +75,16 @@ class Dim:
 
     __rmul__ = __mul__
 
+    def __truediv__(self, other: object) -> "DimLike":
+        raise ShapeError(f"symbolic dim {self} / {other}: a size has no fractional value; use // for an exact "
+                         "division", location=user_location())
+
+    __rtruediv__ = __mod__ = __rmod__ = __truediv__
+
+    def __float__(self) -> float:
+        raise ConcretizationError(f"symbolic dim {self} has no concrete value while tracing",
+                                  location=user_location())
+
     def __floordiv__(self, other: "DimLike") -> "DimLike":
         quotient = exact_divide(self, other)
         if quotient is None:
@@ -195,14 +205,6 @@ def canonical_shape(shape: Iterable[object]) -> tuple[DimLike, ...]:
     if isinstance(shape, (int, str, Dim)):
         shape = (shape,)
     return tuple(canonical_dim(d) for d in shape)
-
-
-def is_static(dim: DimLike) -> bool:
-    return not isinstance(dim, Dim)
-
-
-def shape_is_static(shape: tuple[DimLike, ...]) -> bool:
-    return all(not isinstance(d, Dim) for d in shape)
 
 
 def dim_product(dims: Iterable[DimLike]) -> DimLike:

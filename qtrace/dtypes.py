@@ -48,6 +48,14 @@ def canonical_dtype(dtype: object) -> np.dtype:
     return result
 
 
+def from_short_name(name: str) -> np.dtype:
+    """`f32`, `i64`, `bf16`, ... (the IR dump's spelling) or a numpy dtype name, as a supported dtype."""
+    for dtype, short in _SHORT_NAMES.items():
+        if short == name:
+            return dtype
+    return canonical_dtype(name)
+
+
 def short_name(dtype: np.dtype) -> str:
     return _SHORT_NAMES.get(np.dtype(dtype), str(dtype))
 

@@ -247,9 +247,6 @@ class Graph:
     def __len__(self) -> int:
         return len(self.nodes)
 
-    def all_functions(self) -> dict[str, Function]:
-        return self.functions
-
     # -- evaluation -------------------------------------------------------------------------------
     def eval_flat(self, arrays: Sequence[Any]) -> list[np.ndarray]:
         """Run the numpy references on one array per graph input; returns one array per output."""

@@ -481,3 +481,13 @@ def test_cli_dump_reports_an_unknown_pass_to_stop_after(capsys):
 def test_cli_dump_reports_a_missing_function(capsys):
     assert cli_main(["dump", os.path.join(EXAMPLES_DIR, "numpy_decoder.py") + ":no_such_function"]) == 2
     assert "has no no_such_function" in capsys.readouterr().err
+
+
+def test_dump_example_specs_use_the_ir_dtype_names(tmp_path, capsys):
+    """`i8[3]` is int8 as in the IR dump (numpy alone would read "i8" as int64)."""
+    from qtrace.cli import main
+
+    source = tmp_path / "model.py"
+    source.write_text("def double(x):\n    return x + x\n")
+    assert main(["dump", f"{source}:double", "--example", "i8[3]", "--after", "trace"]) == 0
+    assert "x: i8[3]" in capsys.readouterr().out

@@ -823,3 +823,21 @@ def test_gather_with_a_negative_axis_counts_from_the_end():
     graph = qtrace.trace(lambda a: qp.gather(a, [index], axis=-1), (ShapeDtype((2, 3, 4)),))
     assert graph.outputs[0].shape == (2, 3, 3)
     np.testing.assert_array_equal(graph.eval(x), x[:, :, index])
+
+
+def test_ufunc_keyword_arguments_raise_unsupported_error_at_the_line():
+    def fn(x):
+        return np.add(x, x, dtype=np.float64)  # marker: ufunc kwargs
+
+    with pytest.raises(qtrace.UnsupportedError, match="dtype") as info:
+        qtrace.trace(fn, (ShapeDtype((2,)),))
+    assert_located(info.value, fn, "marker: ufunc kwargs")
+
+
+def test_true_division_of_a_symbolic_dim_raises_shape_error_at_the_line():
+    def fn(x):
+        return x.reshape(x.shape[0] / 2, 2)  # marker: dim division
+
+    with pytest.raises(qtrace.ShapeError, match="//") as info:
+        qtrace.trace(fn, (ShapeDtype(("n",)),))
+    assert_located(info.value, fn, "marker: dim division")

@@ -14,7 +14,7 @@ Pass = Callable[[Graph], bool]  # edits the graph in place; returns whether it c
 PASSES: dict[str, Pass] = {}
 
 
-def register_pass(name: str, **_: object) -> Callable[[Pass], Pass]:
+def register_pass(name: str) -> Callable[[Pass], Pass]:
     def register(fn: Pass) -> Pass:
         PASSES[name] = fn
         return fn

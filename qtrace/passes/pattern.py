@@ -181,7 +181,3 @@ class CompiledPattern:
                     return None
         result.nodes.sort(key=lambda n: n.index)
         return result
-
-
-def find_matches(graph: Graph, pattern: CompiledPattern) -> list[tuple[Node, Match]]:
-    return [(node, m) for node in list(graph.nodes) if (m := pattern.match(graph, node)) is not None]

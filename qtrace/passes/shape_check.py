@@ -27,7 +27,7 @@ def _fail(graph: Graph, node: Node, message: str) -> CheckError:
     return CheckError(f"{message}\n{_context(graph, node)}", op=node.op, location=node.location)
 
 
-def check_graph(graph: Graph) -> None:
+def check_graph(graph: Graph, *, _checked: set[int] | None = None) -> None:
     """Raise CheckError at the first node whose recorded types disagree with its primitive's rule,
     or that reads a value the graph does not define."""
     defined: set[Value] = set(graph.inputs) | set(graph.constants)
@@ -50,8 +50,13 @@ def check_graph(graph: Graph) -> None:
             if out.producer is not node:
                 raise _fail(graph, node, f"output {out!r} does not point back to its producer")
             defined.add(out)
-        if node.op == "call":
-            check_graph(node.params["function"].body)
+        if node.op == "call":  # each function body once, however many layers call it
+            checked = _checked if _checked is not None else set()
+            body = node.params["function"].body
+            if id(body) not in checked:
+                checked.add(id(body))
+                check_graph(body, _checked=checked)
+                _checked = checked
     for name, value in zip(graph.output_names, graph.outputs):
         if value not in defined:
             raise CheckError(f"output {name} ({value!r}) is not computed by graph {graph.name}")

@@ -121,8 +121,8 @@ def _constant_value(value: Value) -> np.ndarray | None:
 
 def _is_filled_with(value: Value, number: float) -> bool:
     const = _constant_value(value)
-    if const is not None:
-        return const.size > 0 and bool(np.all(const == number))
+    if const is not None:  # only small constants: a weight (maybe a memory map) is never neutral
+        return 0 < const.size <= 64 and bool(np.all(const == number))
     node = value.producer
     return node is not None and node.op == "full" and node.params["fill_value"] == number
 
