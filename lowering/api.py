@@ -91,8 +91,18 @@ class Lowered:
         named = self.run_named(self.feeds(*args, **kwargs))
         return pytree.unflatten(self.graph.out_tree, [named[n] for n in self.output_names])
 
+    def check(self) -> None:
+        """onnx's checker with strict shape inference (full_check) on the model, as a LoweringError."""
+        model = self.model if sum(a.nbytes for a in self.parts.weights.values()) < PROTOBUF_LIMIT else self.parts.model
+        try:
+            onnx.checker.check_model(model, full_check=True)
+        except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+            raise LoweringError(f"the lowered model fails onnx's checker: {exc}") from None
+
     def verify(self, *args: Any, **kwargs: Any) -> dict[str, float]:
-        """Max absolute error per output between onnxruntime and the eager numpy function."""
+        """Check the model with onnx's checker, then return the max absolute error per output between
+        onnxruntime and the eager numpy function on these arguments."""
+        self.check()
         got = self.run_named(self.feeds(*args, **kwargs))
         expected, _ = pytree.flatten(self.fn(*args, **kwargs))
         errors = {}

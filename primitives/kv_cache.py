@@ -48,6 +48,7 @@ def _scatter_checks(data: ShapeDtype, position_ids: ShapeDtype, updates: ShapeDt
 
 
 def _ctx_scatter_rule(data: ShapeDtype, position_ids: ShapeDtype, updates: ShapeDtype) -> ShapeDtype:
+    _check_rank(data, "data")
     _scatter_checks(data, position_ids, updates, data.shape[0])
     return data
 
@@ -119,6 +120,7 @@ def _gather_checks(data: ShapeDtype, ctx_indices: ShapeDtype, batch: DimLike,
 
 
 def _ctx_gather_rule(data: ShapeDtype, ctx_indices: ShapeDtype, *, comp_ctx_len: DimLike | None) -> ShapeDtype:
+    _check_rank(data, "data")
     return _gather_checks(data, ctx_indices, data.shape[0], comp_ctx_len)
 
 
@@ -126,7 +128,7 @@ def _ctx_gather_cb_rule(data: ShapeDtype, batch_index: ShapeDtype, ctx_indices: 
                         comp_ctx_len: DimLike | None) -> ShapeDtype:
     batch = batch_index.shape[0] if batch_index.ndim else None
     _check_batch_index(batch_index, batch)
-    if ctx_indices.shape[0] != batch:
+    if ctx_indices.ndim == 0 or ctx_indices.shape[0] != batch:
         raise ShapeError(f"ctx_indices must have batch {batch} like batch_index: {fmt(data, batch_index, ctx_indices)}")
     return _gather_checks(data, ctx_indices, batch, comp_ctx_len)
 

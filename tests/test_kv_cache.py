@@ -464,3 +464,13 @@ def test_bad_cb_gather_raises_at_the_users_line(error, specs):
 def test_bad_scatter_raises_eagerly_too():
     with pytest.raises(qtrace.DTypeError):
         qp.ctx_scatter(np.zeros((1, 4, 2), np.float32), np.zeros((1, 1), np.float32), np.zeros((1, 1, 2), np.float32))
+
+
+@pytest.mark.parametrize("call", [
+    lambda: qp.ctx_scatter(np.zeros(()), np.zeros((1, 1), np.int64), np.zeros((1, 1))),
+    lambda: qp.ctx_gather(np.zeros(()), np.zeros((1, 1), np.int64)),
+    lambda: qp.ctx_gather_cb(np.zeros((1, 2, 3)), np.zeros((1, 1), np.int64), np.zeros((), np.int64)),
+])
+def test_zero_dimensional_operands_raise_shape_error(call):
+    with pytest.raises(qtrace.ShapeError):
+        call()

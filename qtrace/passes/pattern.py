@@ -9,7 +9,8 @@ predicate `(param, node) -> bool`); a `Var` matches any value (optionally one pa
 predicate), and a Var used twice must bind the same value. Matching is anchored: only nodes whose
 primitive is the pattern's root are tried, the candidate region is the bounded upstream
 neighbourhood of that node, and networkx's MultiDiGraphMatcher finds the embedding. Operands of
-commutative primitives match in either order. A match whose intermediate values are used outside
+commutative primitives match in either order. Matching is a monomorphism (injective), so two
+different Vars never bind the same value: spell a pattern with one Var where it may be one value. A match whose intermediate values are used outside
 the pattern (or are graph outputs) is rejected, since replacing it would not remove them.
 """
 
