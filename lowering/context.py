@@ -130,10 +130,9 @@ class LoweringContext:
         sources: dict[str, tuple[Value, int]] = {}
         for value in self.graph.inputs:
             for axis, dim in enumerate(value.shape):
-                if isinstance(dim, Dim) and len(dim.terms) == 1:
-                    (mono, coef), = dim.terms
-                    if coef == 1 and len(mono) == 1:
-                        sources.setdefault(mono[0], (value, axis))
+                name = dim.single_name if isinstance(dim, Dim) else None
+                if name is not None:
+                    sources.setdefault(name, (value, axis))
         return sources
 
     def dim(self, dim: DimLike) -> str:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from .dims import Dim, DimLike
+from .dims import Dim, DimLike, dim_product
 from .errors import ConcretizationError, QtraceError, TraceError, UnsupportedError, user_location
 from .ir import Graph, ShapeDtype, Value
 
@@ -228,10 +228,7 @@ class Tracer:
 
     @property
     def size(self) -> DimLike:
-        total: DimLike = 1
-        for d in self.shape:
-            total = total * d
-        return total
+        return dim_product(self.shape)
 
     def __repr__(self) -> str:
         return f"Tracer<{self.aval}, %{self.value.name}>"

@@ -44,6 +44,13 @@ class Dim:
         return d
 
     @property
+    def single_name(self) -> str | None:
+        """The name when this dim is exactly one named size (`seq_len`, not `2*seq_len` or `a*b`)."""
+        if len(self.terms) == 1 and self.terms[0][1] == 1 and len(self.terms[0][0]) == 1:
+            return self.terms[0][0][0]
+        return None
+
+    @property
     def names(self) -> tuple[str, ...]:
         return tuple(sorted({n for m, _ in self.terms for n in m}))
 
@@ -205,6 +212,15 @@ def canonical_shape(shape: Iterable[object]) -> tuple[DimLike, ...]:
     if isinstance(shape, (int, str, Dim)):
         shape = (shape,)
     return tuple(canonical_dim(d) for d in shape)
+
+
+def symbolic_names(value: object) -> set[str]:
+    """The dim names inside a value that may be a Dim or a (nested) tuple, e.g. a reshape's shape."""
+    if isinstance(value, Dim):
+        return set(value.names)
+    if isinstance(value, tuple):
+        return set().union(*map(symbolic_names, value)) if value else set()
+    return set()
 
 
 def dim_product(dims: Iterable[DimLike]) -> DimLike:

@@ -333,8 +333,8 @@ def map_symbols(graph_inputs: Sequence[Value], arrays: Sequence[np.ndarray]) -> 
     sizes: dict[str, int] = {}
     for value, array in zip(graph_inputs, arrays):
         for dim, size in zip(value.shape, np.shape(array)):
-            if isinstance(dim, Dim) and len(dim.terms) == 1 and dim.terms[0][1] == 1 and len(dim.terms[0][0]) == 1:
-                name = dim.terms[0][0][0]
+            name = dim.single_name if isinstance(dim, Dim) else None
+            if name is not None:
                 if sizes.setdefault(name, size) != size:
                     raise ShapeError(f"symbolic dim {name} is {sizes[name]} in one input and {size} in "
                                      f"{value.name}")

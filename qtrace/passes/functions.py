@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from ..dims import Dim
+from ..dims import Dim, symbolic_names
 from ..errors import CheckError
 from ..ir import Function, Graph, Node, Value
 from .manager import register_pass
@@ -141,19 +141,13 @@ def hoist_invariants(graph: Graph) -> bool:
 
 def _single_dim_names(value: Value) -> set[str]:
     """Names of the symbolic dims `value` carries on their own (those a body reads sizes from)."""
-    return {d.names[0] for d in value.shape
-            if isinstance(d, Dim) and len(d.terms) == 1 and d.terms[0][1] == 1 and len(d.terms[0][0]) == 1}
+    return {d.single_name for d in value.shape if isinstance(d, Dim) and d.single_name is not None}
 
 
 def _sole_dim_carriers(body: Graph, unused: set[Value]) -> set[Value]:
     """Unused parameters to keep: the only ones giving the size of a symbolic dim a body parameter
     (a reshape's shape, an arange's bounds) still needs."""
-    def names(param: Any) -> set[str]:
-        if isinstance(param, Dim):
-            return set(param.names)
-        return set().union(*map(names, param)) if isinstance(param, tuple) else set()
-
-    needed = {n for node in body.nodes for param in node.params.values() for n in names(param)}
+    needed = {n for node in body.nodes for param in node.params.values() for n in symbolic_names(param)}
     carried = {n for v in body.inputs if v not in unused for n in _single_dim_names(v)}
     keep = set()
     for value in sorted(unused, key=lambda v: v.index):
@@ -168,11 +162,8 @@ def _sole_dim_carriers(body: Graph, unused: set[Value]) -> set[Value]:
 
 
 def _needs_runtime_size(node: Node) -> bool:
-    def symbolic(value: Any) -> bool:
-        return isinstance(value, Dim) or (isinstance(value, tuple) and any(symbolic(v) for v in value))
-
     if node.op in ("arange", "full"):
-        return any(symbolic(v) for v in node.params.values())
+        return any(symbolic_names(v) for v in node.params.values())
     if node.op == "broadcast_to":
         source, target = node.inputs[0].shape, node.params["shape"]
         offset = len(target) - len(source)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from ..dims import Dim
+from ..dims import symbolic_names
 from ..ir import Graph, Node, Value
 from .manager import register_pass
 from .rewrite import RuleSet, graphs_of, remove_dead, rewrite
@@ -214,12 +214,7 @@ def fold_broadcast_into_consumer(graph: Graph, node: Node) -> list[Value] | None
 
 
 def _has_symbolic_param(node: Node) -> bool:
-    def symbolic(value: Any) -> bool:
-        if isinstance(value, Dim):
-            return True
-        return isinstance(value, tuple) and any(symbolic(v) for v in value)
-
-    return any(symbolic(v) for v in node.params.values())
+    return any(symbolic_names(v) for v in node.params.values())
 
 
 def _freed_bytes(graph: Graph, node: Node) -> int:
