@@ -140,9 +140,12 @@ class Trace:
     def value_of(self, x: Any) -> Value:
         if isinstance(x, Tracer):
             if x.trace is not self:
-                raise TraceError(
-                    "a traced value from an enclosing trace is used inside a @qtrace.function body; "
-                    "pass it to the function as an argument", location=user_location())
+                if x.trace.root is self.root:
+                    raise TraceError(
+                        "a traced value from an enclosing trace is used inside a @qtrace.function body; "
+                        "pass it to the function as an argument", location=user_location())
+                raise TraceError("a traced value from another (finished) trace is used here; was it stored in "
+                                 "a global or a closure by an earlier trace?", location=user_location())
             return x.value
         return self.constant(x)
 

@@ -841,3 +841,10 @@ def test_true_division_of_a_symbolic_dim_raises_shape_error_at_the_line():
     with pytest.raises(qtrace.ShapeError, match="//") as info:
         qtrace.trace(fn, (ShapeDtype(("n",)),))
     assert_located(info.value, fn, "marker: dim division")
+
+
+def test_a_tracer_leaked_from_an_earlier_trace_is_reported_as_such():
+    leaked = []
+    qtrace.trace(lambda x: leaked.append(x) or x, (ShapeDtype((2,)),))
+    with pytest.raises(qtrace.TraceError, match="another"):
+        qtrace.trace(lambda y: y + leaked[0], (ShapeDtype((2,)),))
