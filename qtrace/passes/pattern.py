@@ -34,6 +34,18 @@ def operand_port(op: str, port: int) -> int:
     return 0 if op in COMMUTATIVE else port
 
 
+def _plausible(pat: "Pat", node: Node, depth: int) -> bool:
+    """Could `node` root `pat`? Compares primitive names (and operand counts) `depth` levels down,
+    each operand pattern against any operand: necessary for a match, not sufficient."""
+    if node.op != pat.op or len(node.inputs) != len(pat.operands):
+        return False
+    if depth == 0:
+        return True
+    producers = [v.producer for v in node.inputs if v.producer is not None]
+    return all(any(_plausible(operand, p, depth - 1) for p in producers)
+               for operand in pat.operands if isinstance(operand, Pat))
+
+
 class Var:
     """Matches any value (passing `predicate(value)` if given); binds it under `name`."""
 
@@ -73,6 +85,7 @@ class CompiledPattern:
         self.depth = root.depth
         self._add(root)
         self.root_key = ("op", root.id)
+        self.graph.nodes[self.root_key]["root"] = True  # anchors the match: only the tried node maps here
 
     def _add(self, pat: Pat | Var) -> Any:
         if isinstance(pat, Var):
@@ -91,13 +104,8 @@ class CompiledPattern:
 
     # -- matching -------------------------------------------------------------------------------------
     def _quick_reject(self, node: Node) -> bool:
-        """Cheap checks on the root before any graph matching."""
-        root = self.root
-        if node.op != root.op or len(node.inputs) != len(root.operands):
-            return True
-        wanted = sorted(o.op for o in root.operands if isinstance(o, Pat))
-        have = sorted(v.producer.op for v in node.inputs if v.producer is not None)
-        return any(have.count(op) < wanted.count(op) for op in set(wanted))
+        """Cheap checks before any graph matching: the operator tree, three levels deep, must be there."""
+        return not _plausible(self.root, node, 3)
 
     def _region(self, graph: Graph, node: Node) -> nx.MultiDiGraph:
         """The upstream neighbourhood of `node` deep enough to hold the pattern, with ports."""
@@ -128,6 +136,8 @@ class CompiledPattern:
     @staticmethod
     def _node_match(region_attrs: dict, pattern_attrs: dict) -> bool:
         obj, pat, kind = region_attrs["obj"], pattern_attrs["pat"], pattern_attrs["kind"]
+        if region_attrs.get("root", False) != pattern_attrs.get("root", False):
+            return False
         if kind == "op":
             if not isinstance(obj, Node) or obj.op != pat.op:
                 return False
@@ -153,6 +163,7 @@ class CompiledPattern:
         if self._quick_reject(node):
             return None
         region = self._region(graph, node)
+        region.nodes[node]["root"] = True
         matcher = MultiDiGraphMatcher(region, self.graph, node_match=self._node_match, edge_match=self._edge_match)
         outputs = set(graph.outputs)
         for mapping in matcher.subgraph_monomorphisms_iter():
