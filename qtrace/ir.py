@@ -155,6 +155,8 @@ class Graph:
         self.out_tree: Any = None
         self._counter = itertools.count()
         self._order: list[Node] | None = None
+        self._output_set: set[Value] = set()
+        self._output_set_of: list[Value] | None = None
 
     # -- building ---------------------------------------------------------------------------------
     def fresh_name(self, scope: str = "") -> str:
@@ -201,6 +203,12 @@ class Graph:
         self.outputs, self.output_names = list(values), list(names)
 
     # -- editing (used by passes) -----------------------------------------------------------------
+    def is_output(self, value: Value) -> bool:
+        """O(1): the set is rebuilt only when `outputs` is assigned a new list."""
+        if self._output_set_of is not self.outputs:
+            self._output_set, self._output_set_of = set(self.outputs), self.outputs
+        return value in self._output_set
+
     def consumers(self, value: Value) -> list[tuple[Node, int]]:
         """(node, input port) for every use of `value`, in deterministic order."""
         uses = [(node, port) for _, node, port in self.nx.out_edges(value, keys=True)]
@@ -217,12 +225,13 @@ class Graph:
         """Make every consumer of `old` (and the graph outputs) read `new` instead."""
         for node, port in self.consumers(old):
             self.set_input(node, port, new)
-        self.outputs = [new if v is old else v for v in self.outputs]
+        if self.is_output(old):
+            self.outputs = [new if v is old else v for v in self.outputs]
 
     def remove_node(self, node: Node) -> None:
         """Remove a node whose outputs are no longer used."""
         for out in node.outputs:
-            if self.nx.out_degree(out) or out in self.outputs:
+            if self.nx.out_degree(out) or self.is_output(out):
                 raise CheckError(f"cannot remove {node.op}: its output {out!r} is still used")
             self.nx.remove_node(out)
         self.nx.remove_node(node)

@@ -39,10 +39,9 @@ def _operand(value: Value) -> str:
 
 
 def _equation(graph: Graph, node: Node) -> str:
-    used = {v for v in graph.outputs}
     results = []
     for out in node.outputs:
-        if graph.nx.out_degree(out) == 0 and out not in used:
+        if graph.nx.out_degree(out) == 0 and not graph.is_output(out):
             results.append("_")
         else:
             results.append(f"%{out.name}: {out.aval}")

@@ -165,16 +165,15 @@ class CompiledPattern:
         region = self._region(graph, node)
         region.nodes[node]["root"] = True
         matcher = MultiDiGraphMatcher(region, self.graph, node_match=self._node_match, edge_match=self._edge_match)
-        outputs = set(graph.outputs)
         for mapping in matcher.subgraph_monomorphisms_iter():
             if mapping.get(node) != self.root_key:
                 continue
-            result = self._bind(graph, mapping, outputs)
+            result = self._bind(graph, mapping)
             if result is not None:
                 return result
         return None
 
-    def _bind(self, graph: Graph, mapping: dict, outputs: set[Value]) -> Match | None:
+    def _bind(self, graph: Graph, mapping: dict) -> Match | None:
         result = Match()
         result.nodes = []
         for region_obj, key in mapping.items():
@@ -189,7 +188,7 @@ class CompiledPattern:
             elif attrs["kind"] == "value" and key != ("value", self.root.id):
                 # an intermediate: every use must be inside the pattern
                 uses = graph.nx.out_degree(region_obj)
-                if region_obj in outputs or uses != self.graph.out_degree(key):
+                if graph.is_output(region_obj) or uses != self.graph.out_degree(key):
                     return None
         result.nodes.sort(key=lambda n: n.index)
         return result

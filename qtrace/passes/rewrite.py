@@ -56,19 +56,18 @@ class RuleSet:
 def remove_dead(graph: Graph, nodes: Iterable[Node]) -> None:
     """Remove these nodes if nothing uses their outputs, then their producers in turn."""
     stack = list(nodes)
-    outputs = set(graph.outputs)
     while stack:
         node = stack.pop()
         if node not in graph.nx:
             continue
-        if any(graph.nx.out_degree(v) or v in outputs for v in node.outputs):
+        if any(graph.nx.out_degree(v) or graph.is_output(v) for v in node.outputs):
             continue
         producers = [v.producer for v in node.inputs if v.producer is not None]
         constants = [v for v in node.inputs if v.is_constant]
         graph.remove_node(node)
         stack.extend(producers)
         for value in constants:
-            if value in graph.nx and graph.nx.out_degree(value) == 0 and value not in outputs:
+            if value in graph.nx and graph.nx.out_degree(value) == 0 and not graph.is_output(value):
                 graph.remove_constant(value)
 
 

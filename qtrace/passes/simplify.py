@@ -220,9 +220,8 @@ def _has_symbolic_param(node: Node) -> bool:
 def _freed_bytes(graph: Graph, node: Node) -> int:
     """Bytes that folding `node` removes: the constants only it reads. A memory-mapped input (a
     checkpoint tensor) is never counted: exports reference such weights in place."""
-    outputs = set(graph.outputs)
     return sum(v.const.nbytes for v in set(node.inputs)
-               if v not in outputs and not isinstance(v.const, np.memmap)
+               if not graph.is_output(v) and not isinstance(v.const, np.memmap)
                and all(user is node for user, _ in graph.consumers(v)))
 
 
