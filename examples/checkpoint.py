@@ -153,13 +153,27 @@ def custom_io_yaml(num_layers: int, precision: str) -> str:
     return "\n".join(lines)
 
 
-def compile_command(model: str, specs: str, custom_io: str, out: str, *, mxfp6: bool = False,
-                    num_cores: int = 16) -> str:
+@dataclass(frozen=True)
+class CompileOptions:
+    """What compile.sh asks qaic-compile for (design.md §6)."""
+
+    num_cores: int = 16
+    mxfp6_matmul: bool = False
+    mos: int | None = None
+    depth_first: bool = False
+    kv_cache_precision: str = "float16"  # or "mxint8"
+
+
+def compile_command(model: str, specs: str, custom_io: str, out: str, options: CompileOptions = CompileOptions()) -> str:
     parts = ["qaic-compile", "-aic-hw", "-aic-hw-version=ai100", f"-m={model}", "-retained-state",
-             "-convert-to-fp16", f"-aic-num-cores={num_cores}", f"-network-specialization-config={specs}",
+             "-convert-to-fp16", f"-aic-num-cores={options.num_cores}", f"-network-specialization-config={specs}",
              f"-custom-IO-list-file={custom_io}", f"-aic-binary-dir={out}"]
-    if mxfp6:
+    if options.mxfp6_matmul:
         parts.append("-mxfp6-matmul")
+    if options.mos is not None:
+        parts.append(f"-mos={options.mos}")
+    if options.depth_first:
+        parts.append("-aic-enable-depth-first")
     return " ".join(parts)
 
 
@@ -182,6 +196,7 @@ def _atomic_directory(out_dir: str) -> str:
 def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_len: int = 128,
                  prefill_seq_len: int = 32, batch_size: int = 1, full_batch_size: int | None = None,
                  dtype: str = "float32", weights: str = "copy", layer_functions: bool = True,
+                 compile_options: CompileOptions = CompileOptions(),
                  progress: Callable[[str], None] | None = None,
                  bytes_progress: Callable[[int, int], None] | None = None) -> ExportReport:
     """Lower the model and write model.onnx (+ external data), specializations.json, custom_io.yaml and
@@ -215,11 +230,11 @@ def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_
         with open(os.path.join(scratch, "specializations.json"), "w") as f:
             json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size), f, indent=2)
         with open(os.path.join(scratch, "custom_io.yaml"), "w") as f:
-            f.write(custom_io_yaml(cfg.num_hidden_layers, "float16"))
+            f.write(custom_io_yaml(cfg.num_hidden_layers, compile_options.kv_cache_precision))
         with open(os.path.join(scratch, "compile.sh"), "w") as f:
             f.write("#!/usr/bin/env bash\n# Compile for Cloud AI 100 (qaic-compile from the Qualcomm Apps SDK).\n"
                     "cd \"$(dirname \"$0\")\"\n" + compile_command("model.onnx", "specializations.json",
-                                                                 "custom_io.yaml", "qpc") + "\n")
+                                                                 "custom_io.yaml", "qpc", compile_options) + "\n")
         os.chmod(os.path.join(scratch, "compile.sh"), 0o755)
         os.makedirs(out_dir, exist_ok=True)
         files = []
@@ -232,5 +247,5 @@ def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_
     return ExportReport(files, stages, lowered)
 
 
-__all__ = ["load_checkpoint", "read_safetensors", "export_model", "specializations", "custom_io_yaml",
+__all__ = ["CompileOptions", "load_checkpoint", "read_safetensors", "export_model", "specializations", "custom_io_yaml",
            "compile_command", "CheckpointError", "ConfigError"]

@@ -106,7 +106,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .examples.checkpoint import export_model, load_checkpoint
+    from .examples.checkpoint import CompileOptions, export_model, load_checkpoint
 
     start = time.perf_counter()
     dtype = np.float16 if args.dtype == "float16" else np.float32
@@ -115,6 +115,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = export_model(cfg, params, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size, dtype=args.dtype,
                           weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
+                          compile_options=CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
+                                                         args.kv_cache_precision),
                           bytes_progress=_ProgressBar())
     print(f"{cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
     print(_summary(report.lowered, {"load": load_seconds, **report.stage_seconds}))
@@ -230,6 +232,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     export.add_argument("--weights", choices=("copy", "reference"), default="copy")
     export.add_argument("--no-layer-functions", action="store_true")
+    export.add_argument("--num-cores", type=int, default=16, help="qaic-compile -aic-num-cores")
+    export.add_argument("--mxfp6-matmul", action="store_true", help="qaic-compile -mxfp6-matmul")
+    export.add_argument("--mos", type=int, default=None, help="qaic-compile -mos")
+    export.add_argument("--depth-first", action="store_true", help="qaic-compile -aic-enable-depth-first")
+    export.add_argument("--kv-cache-precision", choices=("float16", "mxint8"), default="float16",
+                        help="precision of the KV cache in custom_io.yaml")
     export.set_defaults(run=cmd_export)
 
     generate = sub.add_parser("generate", help="greedy decoding with an exported model on onnxruntime")

@@ -871,3 +871,21 @@ def test_export_covers_a_context_longer_than_max_position_embeddings(tmp_path: A
     eager = llama.causal_lm_signature(cfg, params, max_ctx_len=32)[0]
     expected = eager(ids, positions, llama.empty_cache(cfg, 1, 32))["logits"]
     assert np.max(np.abs(logits - expected)) <= TOLERANCE
+
+
+def test_cli_compile_options_reach_compile_sh_and_custom_io(tmp_path: Any, capsys: Any) -> None:
+    """design.md §6: -mxfp6-matmul, -mos=N, -aic-enable-depth-first and an mxint8 KV cache are opt-in."""
+    out = str(tmp_path / "out")
+    assert cli.main(["export", LLAMA, "-o", out, "--ctx-len", str(CTX_LEN), "--prefill-seq-len", str(PREFILL_LEN),
+                     "--num-cores", "14", "--mxfp6-matmul", "--mos", "2", "--depth-first",
+                     "--kv-cache-precision", "mxint8"]) == 0
+    with open(os.path.join(out, "compile.sh")) as f:
+        command = f.read().splitlines()[-1].split()
+    assert command[0] == "qaic-compile"
+    assert {"-aic-num-cores=14", "-mxfp6-matmul", "-mos=2", "-aic-enable-depth-first"} <= set(command)
+    assert "-aic-num-cores=16" not in command
+    import yaml
+
+    with open(os.path.join(out, "custom_io.yaml")) as f:
+        entries = yaml.safe_load(f)
+    assert {e["Precision"] for e in entries} == {"mxint8"} and len(entries) == 8
