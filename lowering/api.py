@@ -15,7 +15,7 @@ from qtrace.ir import Graph
 from qtrace.tracing import trace
 
 from .fp16 import convert_to_float16
-from .model import ModelParts, attach_weights, build_model, retained_state_source
+from .model import RETAINED_STATE, ModelParts, attach_weights, build_model, retained_state_source
 from .save import PROTOBUF_LIMIT, save_model
 
 SUPPORTED_OPSETS = range(17, 22)
@@ -121,11 +121,8 @@ def _output_names(graph: Graph, explicit: Sequence[str] | None, retained_state: 
         return names
     for i, value in enumerate(graph.outputs):
         source = retained_state_source(graph, value)
-        if source is not None:
-            if source.aval != value.aval:
-                raise ShapeError(f"output {names[i]} is the retained state of input {source.name} but is "
-                                 f"{value.aval}, not {source.aval}")
-            names[i] = f"{source.name}_RetainedState"
+        if source is not None:  # build_model checks it has the input's type
+            names[i] = source.name + RETAINED_STATE
     if len(set(names)) != len(names):
         raise TraceError(f"output names collide after retained-state naming: {names}")
     return names

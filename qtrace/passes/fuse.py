@@ -16,7 +16,7 @@ import numpy as np
 from ..ir import Graph, Node, Value
 from .manager import register_pass
 from .pattern import CompiledPattern, Match, Pat, Var
-from .rewrite import RuleSet, graphs_of, rewrite
+from .rewrite import RuleSet, on_every_graph, rewrite
 
 
 def _prim(name: str):
@@ -267,7 +267,7 @@ def fusion_rules() -> RuleSet:
 @register_pass("fuse")
 def fuse(graph: Graph) -> bool:
     rules = fusion_rules()
-    return any([bool(rewrite(g, rules)) for g in graphs_of(graph)])
+    return on_every_graph(lambda g: bool(rewrite(g, rules)))(graph)
 
 
 __all__ = ["FUSIONS", "Fusion", "fusion", "fuse"]

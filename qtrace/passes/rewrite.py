@@ -109,6 +109,15 @@ def rewrite(graph: Graph, rules: RuleSet, *, max_steps: int | None = None) -> co
     return fired
 
 
+def on_every_graph(transform: Callable[[Graph], bool]) -> Callable[[Graph], bool]:
+    """A pass that applies `transform` to the graph and to every function body."""
+    def run(graph: Graph) -> bool:
+        return any([transform(g) for g in graphs_of(graph)])  # a list: visit them all
+
+    run.__name__ = run.__qualname__ = transform.__name__
+    return run
+
+
 def graphs_of(graph: Graph) -> list[Graph]:
     """The graph and every function body (a model-wide pass visits them all)."""
     return [graph] + [f.body for f in graph.functions.values()]

@@ -14,7 +14,7 @@ import numpy as np
 from ..dims import symbolic_names
 from ..ir import Graph, Node, Value
 from .manager import register_pass
-from .rewrite import RuleSet, graphs_of, remove_dead, rewrite
+from .rewrite import RuleSet, graphs_of, on_every_graph, remove_dead, rewrite
 
 FOLD_LIMIT_BYTES = 1 << 16  # fold results up to this size, or larger ones that free as many bytes
 ELEMENTWISE_BINARY = ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
@@ -57,7 +57,7 @@ def _remove_uncalled_functions(graph: Graph) -> bool:
 
 @register_pass("dce")
 def dce(graph: Graph) -> bool:
-    changed = any([eliminate_dead_code(g) for g in graphs_of(graph)])
+    changed = on_every_graph(eliminate_dead_code)(graph)
     return _remove_uncalled_functions(graph) or changed
 
 
@@ -106,9 +106,7 @@ def eliminate_common_subexpressions(graph: Graph) -> bool:
     return changed
 
 
-@register_pass("cse")
-def cse(graph: Graph) -> bool:
-    return any([eliminate_common_subexpressions(g) for g in graphs_of(graph)])
+cse = register_pass("cse")(on_every_graph(eliminate_common_subexpressions))
 
 
 # -- algebraic rules ------------------------------------------------------------------------------------
@@ -250,14 +248,12 @@ def fold_constants(graph: Graph) -> bool:
     return changed
 
 
-@register_pass("fold")
-def fold(graph: Graph) -> bool:
-    return any([fold_constants(g) for g in graphs_of(graph)])
+def canonicalize_graph(graph: Graph) -> bool:
+    return bool(rewrite(graph, RULES))
 
 
-@register_pass("canonicalize")
-def canonicalize(graph: Graph) -> bool:
-    return any([bool(rewrite(g, RULES)) for g in graphs_of(graph)])
+fold = register_pass("fold")(on_every_graph(fold_constants))
+canonicalize = register_pass("canonicalize")(on_every_graph(canonicalize_graph))
 
 
 @register_pass("simplify")
