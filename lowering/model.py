@@ -5,8 +5,6 @@ and put the result together as an onnx.ModelProto whose weights are kept aside a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
-
 import numpy as np
 import onnx
 from onnx import helper

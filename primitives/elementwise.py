@@ -12,7 +12,7 @@ from qtrace import dtypes
 from qtrace.errors import DTypeError, UnsupportedError, user_location
 from qtrace.ir import ShapeDtype
 
-from .common import Array, as_array, broadcast_shapes, dtype_of, is_python_scalar, primitive, promote, require_dtype
+from .common import Array, as_array, broadcast_shapes, dtype_of, primitive, promote, require_dtype
 
 # -- cast ---------------------------------------------------------------------------------------------
 

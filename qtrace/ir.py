@@ -11,14 +11,14 @@ index, so the same function prints and lowers identically every time.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 import networkx as nx
 import numpy as np
 
 from . import dtypes
-from .dims import DimLike, canonical_dim, canonical_shape, shape_str
+from .dims import DimLike, canonical_shape, shape_str
 from .errors import CheckError, DTypeError, ShapeError, SourceLocation, TraceError
 
 if TYPE_CHECKING:  # pragma: no cover

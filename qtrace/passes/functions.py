@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import hashlib
-from typing import Any
 
 from ..dims import Dim, symbolic_names
 from ..errors import CheckError
