@@ -8,7 +8,7 @@ from typing import Any, Callable, Sequence, Union
 import numpy as np
 
 from qtrace import dtypes
-from qtrace.core import Primitive, Tracer
+from qtrace.core import PRIMITIVES, Primitive, Tracer, register_primitive  # noqa: F401  (the registry `primitive` fills)
 from qtrace.dims import Dim, DimLike, shape_str
 from qtrace.errors import DTypeError, ShapeError, user_location
 from qtrace.ir import ShapeDtype
@@ -16,17 +16,11 @@ from qtrace.ir import ShapeDtype
 Array = Union[np.ndarray, Tracer]
 INT32_MAX = 2147483647
 
-PRIMITIVES: dict[str, Primitive] = {}  # every primitive, by name: the one place each is defined
-
-
 def primitive(name: str, shape_rule: Callable[..., Any], impl: Callable[..., Any], *,
-              multiple_results: bool = False, doc: str = "") -> Primitive:
-    """Define a primitive (once: a second definition with the same name is a bug)."""
-    if name in PRIMITIVES:
-        raise AssertionError(f"primitive {name} is defined twice")
-    prim = Primitive(name, shape_rule, impl, multiple_results=multiple_results, doc=doc)
-    PRIMITIVES[name] = prim
-    return prim
+              multiple_results: bool = False, doc: str = "", traits: tuple[str, ...] = ()) -> Primitive:
+    """Define and register a primitive (once: a second definition with the same name is a bug)."""
+    return register_primitive(Primitive(name, shape_rule, impl, multiple_results=multiple_results, doc=doc,
+                                        traits=traits))
 
 
 def is_python_scalar(x: Any) -> bool:

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qtrace import dtypes
+from qtrace.core import COMMUTATIVE, ELEMENTWISE
 from qtrace.errors import DTypeError, UnsupportedError, user_location
 from qtrace.ir import ShapeDtype
 
@@ -21,7 +22,7 @@ def _cast_rule(x: ShapeDtype, *, dtype: np.dtype) -> ShapeDtype:
     return ShapeDtype(x.shape, dtype)
 
 
-cast_p = primitive("cast", _cast_rule, lambda x, *, dtype: x.astype(dtype),
+cast_p = primitive("cast", _cast_rule, lambda x, *, dtype: x.astype(dtype), traits=(ELEMENTWISE,),
                    doc="Convert to another dtype (numpy `astype` semantics: float to int truncates).")
 
 
@@ -94,7 +95,8 @@ _UNARY = {  # name: (numpy reference, accepted dtypes, doc)
     "logical_not": (np.logical_not, _BOOL, "not x"),
 }
 UNARY_PRIMITIVES = {
-    name: primitive(name, _unary_rule(kind), _quiet(impl), doc=doc) for name, (impl, kind, doc) in _UNARY.items()
+    name: primitive(name, _unary_rule(kind), _quiet(impl), doc=doc, traits=(ELEMENTWISE,))
+    for name, (impl, kind, doc) in _UNARY.items()
 }
 
 
@@ -159,8 +161,10 @@ _BINARY = {  # name: (numpy reference, accepted dtypes, result kind, doc)
     "logical_xor": (np.logical_xor, _BOOL, _BOOL, "x xor y"),
 }
 _KIND_CHECKS[_NUMERIC + "|bool"] = (lambda d: True, "an array")
+_COMMUTATIVE = {"add", "mul", "maximum", "minimum", "eq", "ne", "logical_and", "logical_or", "logical_xor"}
 BINARY_PRIMITIVES = {
-    name: primitive(name, _binary_rule(kind, result), _quiet(impl), doc=doc)
+    name: primitive(name, _binary_rule(kind, result), _quiet(impl), doc=doc,
+                    traits=(ELEMENTWISE, COMMUTATIVE) if name in _COMMUTATIVE else (ELEMENTWISE,))
     for name, (impl, kind, result, doc) in _BINARY.items()
 }
 
@@ -230,7 +234,8 @@ def _where_rule(condition: ShapeDtype, x: ShapeDtype, y: ShapeDtype) -> ShapeDty
     return ShapeDtype(broadcast_shapes(condition.shape, x.shape, y.shape), x.dtype)
 
 
-where_p = primitive("where", _where_rule, np.where, doc="condition ? x : y, broadcasting all three.")
+where_p = primitive("where", _where_rule, np.where, doc="condition ? x : y, broadcasting all three.",
+                    traits=(ELEMENTWISE,))
 
 
 def where(condition: Any, x: Any, y: Any) -> Array:

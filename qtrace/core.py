@@ -5,6 +5,9 @@ on bad input) and a numpy reference implementation. `prim.bind(*arrays, **params
 reference when nothing is being traced, and records a `Node` in the current trace's `Graph` when
 something is. User-facing functions (in `qtrace.primitives`) are thin wrappers around `bind`.
 
+Every primitive is registered by name in `PRIMITIVES` with its traits (`commutative`, `elementwise`),
+so passes can ask what an operation is without importing `qtrace.primitives`.
+
 A `Tracer` stands for a value of the graph being built. Its operators and numpy protocols dispatch
 through `TRACER_OPS`, a table that `qtrace.primitives` fills when imported: the core knows no
 operation by name.
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -23,15 +26,26 @@ from .errors import ConcretizationError, QtraceError, TraceError, UnsupportedErr
 from .ir import Graph, ShapeDtype, Value
 
 
+# -- primitive traits -----------------------------------------------------------------------------------
+# What a pass may rely on without knowing the operation (docs/architecture.md, "Primitives and traits").
+COMMUTATIVE = "commutative"  # two operands; swapping them gives the same result
+ELEMENTWISE = "elementwise"  # output element i reads only operand elements at i (operands broadcast numpy-style)
+TRAITS = frozenset({COMMUTATIVE, ELEMENTWISE})
+
+
 class Primitive:
-    """An operation: a name, a shape rule and a numpy reference (see the module docstring)."""
+    """An operation: a name, a shape rule, a numpy reference and its traits (see the module docstring)."""
 
     def __init__(self, name: str, shape_rule: Callable[..., Any], impl: Callable[..., Any], *,
-                 multiple_results: bool = False, doc: str = ""):
+                 multiple_results: bool = False, doc: str = "", traits: Iterable[str] = ()):
         self.name = name
         self.shape_rule = shape_rule
         self.impl = impl
         self.multiple_results = multiple_results
+        self.traits = frozenset(traits)
+        unknown = self.traits - TRAITS
+        if unknown:
+            raise AssertionError(f"primitive {name}: unknown trait(s) {sorted(unknown)}; known: {sorted(TRAITS)}")
         self.__doc__ = doc
 
     def __repr__(self) -> str:
@@ -57,6 +71,28 @@ class Primitive:
             self.abstract_eval([ShapeDtype(a.shape, a.dtype) for a in arrays], params)
             return self.impl(*arrays, **params)
         return trace.record(self, args, params)
+
+
+PRIMITIVES: dict[str, Primitive] = {}  # every registered primitive, by name: the one place each is defined
+
+
+def register_primitive(prim: Primitive) -> Primitive:
+    """Make a primitive known by name (once: a second definition with the same name is a bug)."""
+    if prim.name in PRIMITIVES:
+        raise AssertionError(f"primitive {prim.name} is defined twice")
+    PRIMITIVES[prim.name] = prim
+    return prim
+
+
+def has_trait(op: str, trait: str) -> bool:
+    """Does the primitive named `op` have `trait`? (False for a name nothing registered.)"""
+    prim = PRIMITIVES.get(op)
+    return prim is not None and trait in prim.traits
+
+
+def primitives_with(trait: str) -> tuple[str, ...]:
+    """Names of the registered primitives that have `trait`, sorted."""
+    return tuple(sorted(name for name, prim in PRIMITIVES.items() if trait in prim.traits))
 
 
 # -- the trace ----------------------------------------------------------------------------------------
