@@ -10,6 +10,7 @@ index, so the same function prints and lowers identically every time.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
@@ -140,11 +141,15 @@ class Function:
 
 
 class Graph:
-    """Inputs, constants, nodes and named outputs; see the module docstring for the networkx view."""
+    """Inputs, constants, nodes and named outputs; see the module docstring for the networkx view.
+
+    Passes read the graph freely but change it only through the methods below (building, editing):
+    they keep the networkx edges, the cached topological order and the output set consistent.
+    """
 
     def __init__(self, name: str = "main"):
         self.name = name
-        self.nx = nx.MultiDiGraph()
+        self._nx = nx.MultiDiGraph()
         self.inputs: list[Value] = []
         self.constants: list[Value] = []
         self.outputs: list[Value] = []
@@ -157,6 +162,12 @@ class Graph:
         self._order: list[Node] | None = None
         self._output_set: set[Value] = set()
         self._output_set_of: list[Value] | None = None
+        self._changed: set[Node] | None = None  # while tracking: nodes an edit touched
+
+    @property
+    def nx(self) -> nx.MultiDiGraph:
+        """A read-only view of the networkx graph, for networkx's algorithms (edit through Graph methods)."""
+        return self._nx.copy(as_view=True)
 
     # -- building ---------------------------------------------------------------------------------
     def fresh_name(self, scope: str = "") -> str:
@@ -166,27 +177,28 @@ class Graph:
     def add_input(self, name: str, aval: ShapeDtype) -> Value:
         value = Value(name, aval)
         self.inputs.append(value)
-        self.nx.add_node(value)
+        self._nx.add_node(value)
         return value
 
     def add_constant(self, array: np.ndarray, name: str) -> Value:
         value = Value(name, ShapeDtype(array.shape, array.dtype), const=array)
         self.constants.append(value)
-        self.nx.add_node(value)
+        self._nx.add_node(value)
         return value
 
     def add_node(self, primitive: "Primitive", inputs: Sequence[Value], params: dict[str, Any],
                  out_avals: Sequence[ShapeDtype], location: SourceLocation | None = None,
                  scope: str = "", out_names: Sequence[str] | None = None) -> Node:
         node = Node(primitive, list(inputs), dict(params), location, scope)
-        self.nx.add_node(node)
+        self._nx.add_node(node)
         for port, value in enumerate(node.inputs):
-            self.nx.add_edge(value, node, key=port)
+            self._nx.add_edge(value, node, key=port)
+            self._touch(value.producer)
         for port, aval in enumerate(out_avals):
             name = out_names[port] if out_names else self.fresh_name(scope)
             out = Value(name, aval, producer=node, port=port)
             node.outputs.append(out)
-            self.nx.add_edge(node, out, key=port)
+            self._nx.add_edge(node, out, key=port)
         self._order = None
         return node
 
@@ -200,53 +212,43 @@ class Graph:
     def set_outputs(self, values: Sequence[Value], names: Sequence[str]) -> None:
         if len(values) != len(names):
             raise TraceError(f"{len(values)} outputs but {len(names)} output names")
+        for value in self.outputs + list(values):
+            self._touch(value.producer)
         self.outputs, self.output_names = list(values), list(names)
 
-    # -- editing (used by passes) -----------------------------------------------------------------
+    def add_function(self, function: Function) -> None:
+        """Register a @qtrace.function body (on the outermost graph)."""
+        self.functions[function.name] = function
+
+    # -- reading ----------------------------------------------------------------------------------
+    def __contains__(self, item: object) -> bool:
+        """Is this node or value (still) part of the graph?"""
+        return item in self._nx
+
     def is_output(self, value: Value) -> bool:
         """O(1): the set is rebuilt only when `outputs` is assigned a new list."""
         if self._output_set_of is not self.outputs:
             self._output_set, self._output_set_of = set(self.outputs), self.outputs
         return value in self._output_set
 
+    def use_count(self, value: Value) -> int:
+        """How many node operands read `value` (graph outputs not counted)."""
+        return self._nx.out_degree(value)
+
+    def is_used(self, value: Value) -> bool:
+        """Does a node or a graph output read `value`?"""
+        return self._nx.out_degree(value) > 0 or self.is_output(value)
+
     def consumers(self, value: Value) -> list[tuple[Node, int]]:
         """(node, input port) for every use of `value`, in deterministic order."""
-        uses = [(node, port) for _, node, port in self.nx.out_edges(value, keys=True)]
+        uses = [(node, port) for _, node, port in self._nx.out_edges(value, keys=True)]
         return sorted(uses, key=lambda np_: (np_[0].index, np_[1]))
 
-    def set_input(self, node: Node, port: int, value: Value) -> None:
-        old = node.inputs[port]
-        self.nx.remove_edge(old, node, key=port)
-        node.inputs[port] = value
-        self.nx.add_edge(value, node, key=port)
-        self._order = None
-
-    def replace_all_uses(self, old: Value, new: Value) -> None:
-        """Make every consumer of `old` (and the graph outputs) read `new` instead."""
-        for node, port in self.consumers(old):
-            self.set_input(node, port, new)
-        if self.is_output(old):
-            self.outputs = [new if v is old else v for v in self.outputs]
-
-    def remove_node(self, node: Node) -> None:
-        """Remove a node whose outputs are no longer used."""
-        for out in node.outputs:
-            if self.nx.out_degree(out) or self.is_output(out):
-                raise CheckError(f"cannot remove {node.op}: its output {out!r} is still used")
-            self.nx.remove_node(out)
-        self.nx.remove_node(node)
-        self._order = None
-
-    def remove_constant(self, value: Value) -> None:
-        self.constants.remove(value)
-        self.nx.remove_node(value)
-
-    # -- reading ----------------------------------------------------------------------------------
     @property
     def nodes(self) -> list[Node]:
         """Nodes in topological order, ties broken by creation index."""
         if self._order is None:
-            order = nx.lexicographical_topological_sort(self.nx, key=lambda n: n.index)
+            order = nx.lexicographical_topological_sort(self._nx, key=lambda n: n.index)
             self._order = [n for n in order if isinstance(n, Node)]
         return self._order
 
@@ -255,6 +257,92 @@ class Graph:
 
     def __len__(self) -> int:
         return len(self.nodes)
+
+    # -- editing (used by passes) -----------------------------------------------------------------
+    @contextlib.contextmanager
+    def track_changes(self) -> Iterator[set[Node]]:
+        """Collect, while the block runs, every node an edit touched: removed, given other inputs or
+        parameters, or whose outputs gained or lost a use (a rewrite engine re-checks matches on them)."""
+        outer, self._changed = self._changed, set()
+        try:
+            yield self._changed
+        finally:
+            if outer is not None:
+                outer.update(self._changed)
+            self._changed = outer
+
+    def _touch(self, node: Node | None) -> None:
+        if self._changed is not None and node is not None:
+            self._changed.add(node)
+
+    def set_input(self, node: Node, port: int, value: Value) -> None:
+        old = node.inputs[port]
+        self._nx.remove_edge(old, node, key=port)
+        node.inputs[port] = value
+        self._nx.add_edge(value, node, key=port)
+        self._order = None
+        for touched in (node, old.producer, value.producer):
+            self._touch(touched)
+
+    def replace_all_uses(self, old: Value, new: Value) -> None:
+        """Make every consumer of `old` (and the graph outputs) read `new` instead."""
+        for node, port in self.consumers(old):
+            self.set_input(node, port, new)
+        if self.is_output(old):
+            self.outputs = [new if v is old else v for v in self.outputs]
+            self._touch(old.producer)
+            self._touch(new.producer)
+
+    def set_param(self, node: Node, name: str, value: Any) -> None:
+        """Change one static parameter of a node (the caller keeps its output types right)."""
+        node.params[name] = value
+        self._touch(node)
+
+    def set_type(self, value: Value, aval: ShapeDtype) -> None:
+        """Record a new type for a value (a pass that retypes the graph, e.g. to float16)."""
+        value.aval = aval
+        self._touch(value.producer)
+
+    def set_constant_data(self, value: Value, array: np.ndarray) -> None:
+        """Replace a constant's data; its type follows the new array."""
+        if not value.is_constant:
+            raise CheckError(f"{value!r} is not a constant")
+        value.const = array
+        value.aval = ShapeDtype(array.shape, array.dtype)
+
+    def remove_node(self, node: Node) -> None:
+        """Remove a node whose outputs are no longer used."""
+        self.remove_nodes([node])
+
+    def remove_nodes(self, nodes: Iterable[Node]) -> None:
+        """Remove nodes whose outputs are used only by each other (a dead region, in any order)."""
+        doomed = set(nodes)
+        for node in doomed:
+            for out in node.outputs:
+                if self.is_output(out) or any(user not in doomed for user in self._nx.successors(out)):
+                    raise CheckError(f"cannot remove {node.op}: its output {out!r} is still used")
+        for node in doomed:
+            self._nx.remove_nodes_from(node.outputs)
+            self._nx.remove_node(node)
+            self._touch(node)
+            for value in node.inputs:
+                self._touch(value.producer)
+        if doomed:
+            self._order = None
+
+    def remove_constant(self, value: Value) -> None:
+        self.constants.remove(value)
+        self._nx.remove_node(value)
+
+    def remove_input(self, value: Value) -> None:
+        """Drop an input nothing reads (a function parameter that hoisting made unnecessary)."""
+        if self.is_used(value):
+            raise CheckError(f"cannot remove input {value!r}: it is still used")
+        self.inputs = [v for v in self.inputs if v is not value]
+        self._nx.remove_node(value)
+
+    def remove_function(self, name: str) -> None:
+        del self.functions[name]
 
     # -- evaluation -------------------------------------------------------------------------------
     def eval_flat(self, arrays: Sequence[Any]) -> list[np.ndarray]:

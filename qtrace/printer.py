@@ -41,7 +41,7 @@ def _operand(value: Value) -> str:
 def _equation(graph: Graph, node: Node) -> str:
     results = []
     for out in node.outputs:
-        if graph.nx.out_degree(out) == 0 and not graph.is_output(out):
+        if not graph.is_used(out):
             results.append("_")
         else:
             results.append(f"%{out.name}: {out.aval}")

@@ -246,7 +246,7 @@ def _trace_body(outer: Trace, fn: Callable[..., Any], fn_name: str, args: Sequen
     out_names = pytree.leaf_paths(result, "" if isinstance(result, dict) else "output")
     body.set_outputs(_output_values(body_trace, out_leaves, out_names), out_names)
     function_obj = Function(unique, body)
-    root_graph.functions[unique] = function_obj
+    root_graph.add_function(function_obj)
     return function_obj, out_tree
 
 

@@ -29,8 +29,9 @@ from qtrace.primitives import PRIMITIVES
 from conftest import assert_located
 
 EXAMPLES_DIR = os.path.dirname(numpy_decoder.__file__)
-# Every pass registered by qtrace itself; a pass added later is picked up here automatically.
-BUILTIN_PASSES = sorted(name for name in PASSES if not name.startswith("test_"))
+# Every pass registered by qtrace itself that keeps values; a pass added later is picked up here
+# automatically. float16 changes the model's precision by design (tested on its own below).
+BUILTIN_PASSES = sorted(name for name in PASSES if not name.startswith("test_") and name != "float16")
 
 
 def ops(graph: Graph) -> collections.Counter:
@@ -257,16 +258,20 @@ def dump_files(directory) -> set[str]:
     return set(os.listdir(directory))
 
 
+def without_comments(text: str) -> str:
+    return "".join(line for line in text.splitlines(keepends=True) if not line.startswith("#"))
+
+
 def test_dump_dir_holds_the_trace_each_pass_and_a_summary(tmp_path):
     graph = qtrace.trace(written_softmax, (SCORES,))
     traced_text, traced_nodes = str(graph), len(graph.nodes)
     run_pipeline(graph, ["canonicalize", "fuse"], dump_dir=str(tmp_path))
     assert dump_files(tmp_path) == {"00-trace.ir", "00-trace.dot", "01-canonicalize.ir", "01-canonicalize.dot",
                                     "02-fuse.ir", "02-fuse.dot", "summary.txt"}
-    assert (tmp_path / "00-trace.ir").read_text() == traced_text
-    assert (tmp_path / "02-fuse.ir").read_text() == str(graph)
+    assert without_comments((tmp_path / "00-trace.ir").read_text()) == traced_text
+    assert without_comments((tmp_path / "02-fuse.ir").read_text()) == str(graph)
     assert (tmp_path / "02-fuse.dot").read_text().startswith("digraph")
-    lines = (tmp_path / "summary.txt").read_text().splitlines()
+    lines = [line for line in (tmp_path / "summary.txt").read_text().splitlines() if re.match(r"\d\d ", line)]
     counts = [tuple(map(int, re.search(r"nodes\s+(\d+)\s*->\s*(\d+)", line).groups())) for line in lines]
     assert counts == [(traced_nodes, traced_nodes), (traced_nodes, len(graph.nodes))]
     assert "canonicalize" in lines[0] and "fuse" in lines[1]
@@ -441,7 +446,7 @@ def test_cli_dump_prints_the_optimized_ir_and_the_pass_summary(capsys):
     assert cli_main(["dump", DECODER_TARGET]) == 0
     out = capsys.readouterr().out
     assert out.count("= rms_norm(") == 5 and out.count("= softmax(") == 2 and "= reduce_mean(" not in out
-    summary = [line for line in out.splitlines() if line.startswith("# ")]
+    summary = [line for line in out.splitlines() if re.match(r"# \d\d ", line)]
     assert [line.split()[2] for line in summary] == list(DEFAULT_PIPELINE)
 
 
@@ -454,7 +459,7 @@ def test_cli_dump_after_trace_prints_the_traced_ir(capsys):
 
 def test_cli_dump_after_a_pass_stops_there(capsys):
     assert cli_main(["dump", DECODER_TARGET, "--after", "fuse"]) == 0
-    summary = [line.split()[2] for line in capsys.readouterr().out.splitlines() if line.startswith("# ")]
+    summary = [line.split()[2] for line in capsys.readouterr().out.splitlines() if re.match(r"# \d\d ", line)]
     assert summary == list(DEFAULT_PIPELINE[:DEFAULT_PIPELINE.index("fuse") + 1])
 
 

@@ -14,12 +14,13 @@
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 
 from ..dims import Dim, symbolic_names
 from ..errors import CheckError
 from ..ir import Function, Graph, Node, Value
 from .manager import register_pass
-from .rewrite import graphs_of
+from .rewrite import graphs_of, label_of
 from .simplify import _hashable, eliminate_dead_code
 
 
@@ -47,7 +48,8 @@ def structural_key(body: Graph, canonical: dict[int, str]) -> str:
     return digest.hexdigest()
 
 
-def merge_functions(graph: Graph) -> bool:
+def merge_functions(graph: Graph) -> int:
+    """Merge structurally identical bodies; returns how many functions merged into another."""
     canonical: dict[int, str] = {}  # id(Function) -> name of the function it merges into
     first_by_key: dict[str, Function] = {}
     for function in list(graph.functions.values()):  # callees come first
@@ -55,17 +57,16 @@ def merge_functions(graph: Graph) -> bool:
         first = first_by_key.setdefault(key, function)
         canonical[id(function)] = first.name
     replacements = {fid: graph.functions[name] for fid, name in canonical.items()}
-    changed = False
     for g in graphs_of(graph):
         for node in g.nodes:
             if node.op == "call":
                 target = replacements[id(node.params["function"])]
                 if target is not node.params["function"]:
-                    node.params["function"] = target
-                    changed = True
-    for name in [n for n, f in graph.functions.items() if canonical[id(f)] != n]:
-        del graph.functions[name]
-    return changed
+                    g.set_param(node, "function", target)
+    merged = [n for n, f in graph.functions.items() if canonical[id(f)] != n]
+    for name in merged:
+        graph.remove_function(name)
+    return len(merged)
 
 
 # -- hoisting -------------------------------------------------------------------------------------------
@@ -74,9 +75,8 @@ def merge_functions(graph: Graph) -> bool:
 def _rebuild_call(graph: Graph, call: Node, inputs: list[Value]) -> None:
     """Replace a call node by one with new inputs (same function, same outputs)."""
     new = graph.add_node(call.primitive, inputs, call.params, [v.aval for v in call.outputs], call.location,
-                         call.scope)
+                         call.scope, out_names=[v.name for v in call.outputs])
     for old, out in zip(call.outputs, new.outputs):
-        out.name = old.name
         graph.replace_all_uses(old, out)
     graph.remove_node(call)
 
@@ -91,8 +91,9 @@ def _hoistable_nodes(body: Graph, invariant: set[Value]) -> list[Node]:
     return hoisted
 
 
-def hoist_invariants(graph: Graph) -> bool:
-    changed = False
+def hoist_invariants(graph: Graph) -> int:
+    """Move call-invariant work out of function bodies; returns how many body nodes moved."""
+    moved = 0
     for function in list(graph.functions.values()):
         body = function.body
         calls = [n for n in graph.nodes if n.op == "call" and n.params["function"] is function]
@@ -126,16 +127,14 @@ def hoist_invariants(graph: Graph) -> bool:
             body.replace_all_uses(value, param)
             hoisted_arguments[param] = outer[value]
         eliminate_dead_code(body)
-        unused = {v for v in body.inputs if body.nx.out_degree(v) == 0 and v not in body.outputs}
-        unused -= _sole_dim_carriers(body, unused)
-        body.inputs = [v for v in body.inputs if v not in unused]
-        for value in unused:
-            body.nx.remove_node(value)
+        unused = {v for v in body.inputs if not body.is_used(v)}
+        for value in sorted(unused - _sole_dim_carriers(body, unused), key=lambda v: v.index):
+            body.remove_input(value)
         for call in calls:  # read its inputs now: rebuilding an earlier call may have renewed them
             by_param = {**dict(zip(parameters, call.inputs)), **hoisted_arguments}
             _rebuild_call(graph, call, [by_param[v] for v in body.inputs])
-        changed = True
-    return changed
+        moved += len(hoisted)
+    return moved
 
 
 def _single_dim_names(value: Value) -> set[str]:
@@ -182,10 +181,13 @@ def check_function_bodies(graph: Graph) -> None:
 
 
 @register_pass("functions")
-def function_hygiene(graph: Graph) -> bool:
+def function_hygiene(graph: Graph) -> Counter:
+    changes: Counter = Counter()
     if not graph.functions:
-        return False
-    changed = merge_functions(graph)
-    changed = hoist_invariants(graph) or changed
+        return changes
+    for transform in (merge_functions, hoist_invariants):
+        count = transform(graph)
+        if count:
+            changes[label_of(transform)] += int(count)
     check_function_bodies(graph)
-    return changed
+    return changes

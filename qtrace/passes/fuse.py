@@ -1,28 +1,31 @@
 """fuse: rewrite written-out forms into the primitives the accelerator runs as one op.
 
-Each fusion is a `Fusion`: a pattern (see pattern.py) and a builder that returns the replacement
-value, or None when a constraint the pattern cannot express fails. Adding one is a few lines at
-the bottom of this file.
+Each fusion is a rule of the shared engine (rewrite.py): `@FUSIONS.rule(pattern, ...)` over a
+builder that returns the replacement value, or None when a constraint the pattern cannot express
+fails (a builder checks before it builds, so declining leaves the graph as it was). Where patterns
+overlap the larger one is tried first; `priority=` overrides that. Adding a fusion is a few lines
+(docs/architecture.md, "Adding a fusion").
+
+A fusion must compute the same function as the written-out form, up to float rounding: constants a
+pattern expects (the 1 in 1 / (1 + exp(-x)), GELU's 0.5, 1/sqrt(2), 0.044715) must be those numbers
+rounded to the constant's dtype, within one unit in the last place, never "close".
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 
+from ..core import PRIMITIVES
+from ..errors import QtraceError
 from ..ir import Graph, Node, Value
 from .manager import register_pass
-from .pattern import CompiledPattern, Match, Pat, Var
+from .pattern import Match, Pat, Var
 from .rewrite import RuleSet, on_every_graph, rewrite
 
-
-def _prim(name: str):
-    from qtrace.primitives import PRIMITIVES
-
-    return PRIMITIVES[name]
+FUSIONS = RuleSet()
 
 
 # -- constraints ----------------------------------------------------------------------------------------
@@ -32,9 +35,18 @@ def scalar_constant(value: Value) -> bool:
     return value.is_constant and value.const.size == 1
 
 
-def constant_near(number: float, rtol: float = 1e-3) -> Callable[[Value], bool]:
+def constant_equal(number: float) -> Callable[[Value], bool]:
+    """A scalar constant that is `number` up to rounding in its own dtype (one unit in the last place:
+    a constant computed in float32 arithmetic may differ from the correctly rounded one by that)."""
+
     def check(value: Value) -> bool:
-        return scalar_constant(value) and math.isclose(float(value.const.reshape(-1)[0]), number, rel_tol=rtol)
+        if not scalar_constant(value):
+            return False
+        have = value.const.reshape(-1)[0]
+        if value.dtype.kind != "f":
+            return bool(have == number)
+        want = np.asarray(number, dtype=value.dtype)
+        return abs(float(have) - float(want)) <= float(np.spacing(np.abs(want)))
 
     return check
 
@@ -47,27 +59,8 @@ def float32_dtype(dtype: np.dtype, node: Node) -> bool:
     return np.dtype(dtype) == np.float32
 
 
-@dataclass
-class Fusion:
-    name: str
-    pattern: CompiledPattern
-    build: Callable[[Graph, Node, Match], Value | None]
-
-
-FUSIONS: list[Fusion] = []
-
-
-def fusion(name: str, *patterns: Pat) -> Callable:
-    def register(build: Callable[[Graph, Node, Match], Value | None]) -> Callable:
-        for i, pat in enumerate(patterns):
-            FUSIONS.append(Fusion(f"{name}[{i}]", CompiledPattern(pat), build))
-        return build
-
-    return register
-
-
 def _apply(graph: Graph, root: Node, primitive: str, *inputs: Value, **params) -> Value:
-    return graph.apply(_prim(primitive), *inputs, location=root.location, scope=root.scope, **params)[0]
+    return graph.apply(PRIMITIVES[primitive], *inputs, location=root.location, scope=root.scope, **params)[0]
 
 
 def _cast_to(graph: Graph, root: Node, value: Value, dtype: np.dtype) -> Value:
@@ -82,12 +75,12 @@ def _cast_to(graph: Graph, root: Node, value: Value, dtype: np.dtype) -> Value:
 def _rms_patterns(x: Var | Pat, x_in_norm: Var | Pat) -> list[Pat]:
     eps, w = Var("eps", scalar_constant), Var("w")
     patterns = []
-    for square in (Pat("mul", x, x), Pat("pow", x, Var("two", constant_near(2.0)))):
+    for square in (Pat("mul", x, x), Pat("pow", x, Var("two", constant_equal(2.0)))):
         variance = Pat("add", Pat("reduce_mean", square, axes=last_axis, keepdims=True), eps)
         for normed in (Pat("mul", x_in_norm, Pat("rsqrt", variance)),
                        Pat("div", x_in_norm, Pat("sqrt", variance)),
                        Pat("mul", x_in_norm, Pat("reciprocal", Pat("sqrt", variance))),
-                       Pat("mul", x_in_norm, Pat("div", Var("one", constant_near(1.0)), Pat("sqrt", variance)))):
+                       Pat("mul", x_in_norm, Pat("div", Var("one", constant_equal(1.0)), Pat("sqrt", variance)))):
             patterns.append(Pat("mul", normed, w))
             patterns.append(Pat("mul", Pat("cast", normed, name="downcast"), w))
     return patterns
@@ -97,21 +90,20 @@ _x = Var("x")
 _upcast = Pat("cast", Var("h"), dtype=float32_dtype, name="upcast")
 
 
-@fusion("rms_norm", *_rms_patterns(_x, _x), *_rms_patterns(_upcast, _upcast))
+@FUSIONS.rule(*_rms_patterns(_x, _x), *_rms_patterns(_upcast, _upcast))
 def fuse_rms_norm(graph: Graph, root: Node, m: Match) -> Value | None:
     # Normalize in the dtype the written-out form computes its statistics in (float32 when it upcasts
     # float16, whose squares overflow past 256), or in the output's dtype when that is wider.
     x = m["upcast"].outputs[0] if "upcast" in m else m["x"]
     weight = m["w"]
-    if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
+    if weight.ndim != 1 or weight.shape[0] != x.shape[-1] or x.shape != root.outputs[0].shape:
         return None
     out_dtype = root.outputs[0].dtype
     dtype = np.promote_types(x.dtype, out_dtype)
     eps = float(m["eps"].const.reshape(-1)[0])
     normed = _apply(graph, root, "rms_norm", _cast_to(graph, root, x, dtype), _cast_to(graph, root, weight, dtype),
                     eps=eps)
-    normed = _cast_to(graph, root, normed, out_dtype)
-    return normed if normed.aval == root.outputs[0].aval else None
+    return _cast_to(graph, root, normed, out_dtype)
 
 
 # -- softmax, silu, gelu --------------------------------------------------------------------------------
@@ -119,7 +111,7 @@ _sx = Var("x")
 _shifted = Pat("exp", Pat("sub", _sx, Pat("reduce_max", _sx, name="max", keepdims=True)), name="exp")
 
 
-@fusion("softmax", Pat("div", _shifted, Pat("reduce_sum", _shifted, name="sum", keepdims=True)))
+@FUSIONS.rule(Pat("div", _shifted, Pat("reduce_sum", _shifted, name="sum", keepdims=True)))
 def fuse_softmax(graph: Graph, root: Node, m: Match) -> Value | None:
     axes = m["max"].params["axes"]
     if len(axes) != 1 or m["sum"].params["axes"] != axes:
@@ -127,11 +119,13 @@ def fuse_softmax(graph: Graph, root: Node, m: Match) -> Value | None:
     return _apply(graph, root, "softmax", m["x"], axis=axes[0])
 
 
-_sig_x = Var("x")
+def _sigmoid_patterns() -> list[Pat]:
+    # The two 1s are usually two constants, one value once CSE has merged them: a pattern for each.
+    x, one, other_one = Var("x"), Var("one", constant_equal(1.0)), Var("one_", constant_equal(1.0))
+    return [Pat("div", one, Pat("add", second, Pat("exp", Pat("neg", x)))) for second in (other_one, one)]
 
 
-@fusion("sigmoid", Pat("div", Var("one", constant_near(1.0)),
-                       Pat("add", Var("one_", constant_near(1.0)), Pat("exp", Pat("neg", _sig_x)))))
+@FUSIONS.rule(*_sigmoid_patterns())
 def fuse_sigmoid(graph: Graph, root: Node, m: Match) -> Value | None:
     return _apply(graph, root, "sigmoid", m["x"])
 
@@ -139,18 +133,19 @@ def fuse_sigmoid(graph: Graph, root: Node, m: Match) -> Value | None:
 _silu_x = Var("x")
 
 
-@fusion("silu", Pat("mul", _silu_x, Pat("sigmoid", _silu_x)))
+@FUSIONS.rule(Pat("mul", _silu_x, Pat("sigmoid", _silu_x)))
 def fuse_silu(graph: Graph, root: Node, m: Match) -> Value | None:
     return _apply(graph, root, "silu", m["x"])
 
 
 def _gelu_patterns() -> list[Pat]:
     x = Var("x")
-    half, one = Var("half", constant_near(0.5)), Var("one", constant_near(1.0))
-    erf_arg = [Pat("mul", x, Var("k", constant_near(1 / math.sqrt(2)))), Pat("div", x, Var("k", constant_near(math.sqrt(2))))]
-    cube = [Pat("pow", x, Var("three", constant_near(3.0))), Pat("mul", Pat("mul", x, x), x)]
-    tanh_arg = [Pat("mul", Var("k", constant_near(math.sqrt(2 / math.pi))),
-                    Pat("add", x, Pat("mul", Var("c", constant_near(0.044715)), c))) for c in cube]
+    half, one = Var("half", constant_equal(0.5)), Var("one", constant_equal(1.0))
+    erf_arg = [Pat("mul", x, Var("k", constant_equal(1 / math.sqrt(2)))),
+               Pat("div", x, Var("k", constant_equal(math.sqrt(2))))]
+    cube = [Pat("pow", x, Var("three", constant_equal(3.0))), Pat("mul", Pat("mul", x, x), x)]
+    tanh_arg = [Pat("mul", Var("k", constant_equal(math.sqrt(2 / math.pi))),
+                    Pat("add", x, Pat("mul", Var("c", constant_equal(0.044715)), c))) for c in cube]
     gates = [Pat("erf", a, name="erf") for a in erf_arg] + [Pat("tanh", a, name="tanh") for a in tanh_arg]
     patterns = []
     for gate in gates:
@@ -160,7 +155,7 @@ def _gelu_patterns() -> list[Pat]:
     return patterns
 
 
-@fusion("gelu", *_gelu_patterns())
+@FUSIONS.rule(*_gelu_patterns())
 def fuse_gelu(graph: Graph, root: Node, m: Match) -> Value | None:
     return _apply(graph, root, "gelu", m["x"], approximate="tanh" if "tanh" in m else "none")
 
@@ -187,12 +182,17 @@ def _index_grid_axis(value: Value, length, axis: int, ndim: int) -> bool:
     return node.params["start"] == 0 and node.params["step"] == 1 and node.params["stop"] == length
 
 
-def _positions_2d(graph: Graph, root: Node, index: Value, batch, heads: bool) -> Value | None:
-    """position_ids [B, S] from the index laid out as [B, 1, S] (4-D) or [B, S] (3-D)."""
+def _positions_layout_ok(index: Value, batch, heads: bool) -> bool:
+    """Is the index position_ids [B, S] laid out as [B, 1, S] (4-D cache) or [B, S] (3-D cache)?"""
     if not heads:
-        return index if index.ndim == 2 and index.shape[0] == batch else None
-    if index.ndim != 3 or index.shape[0] != batch or index.shape[1] != 1:
-        return None
+        return index.ndim == 2 and index.shape[0] == batch
+    return index.ndim == 3 and index.shape[0] == batch and index.shape[1] == 1
+
+
+def _positions_2d(graph: Graph, root: Node, index: Value, heads: bool) -> Value:
+    """position_ids [B, S] from an index that passed `_positions_layout_ok`."""
+    if not heads:
+        return index
     producer = index.producer
     if producer is not None and producer.op in ("expand_dims", "reshape") and producer.inputs[0].ndim == 2 \
             and producer.inputs[0].shape == (index.shape[0], index.shape[2]):
@@ -204,7 +204,7 @@ _ARRAY_SLOT = lambda k: ("array", k)  # noqa: E731
 _FULL_SLICE = ("slice", None, None, 1)
 
 
-@fusion("ctx_scatter",
+@FUSIONS.rule(
         Pat("index_put", Var("data"), Var("updates"), Var("i0"), Var("i1"), Var("i2"),
             spec=(_ARRAY_SLOT(0), _ARRAY_SLOT(1), _ARRAY_SLOT(2), _FULL_SLICE)),
         Pat("index_put", Var("data"), Var("updates"), Var("i0"), Var("i1"),
@@ -217,17 +217,17 @@ def fuse_ctx_scatter(graph: Graph, root: Node, m: Match) -> Value | None:
         return None
     if heads and not _index_grid_axis(m["i1"], data.shape[1], 1, 3):
         return None
-    positions = _positions_2d(graph, root, m["i2"] if heads else m["i1"], batch, heads)
-    if positions is None:
+    index = m["i2"] if heads else m["i1"]
+    if not _positions_layout_ok(index, batch, heads):
         return None
-    seq = positions.shape[1]
+    seq = index.shape[-1]
     expected = (batch, data.shape[1], seq, data.shape[3]) if heads else (batch, seq, data.shape[2])
     if updates.shape != expected:
         return None
-    return _apply(graph, root, "ctx_scatter", data, positions, updates)
+    return _apply(graph, root, "ctx_scatter", data, _positions_2d(graph, root, index, heads), updates)
 
 
-@fusion("ctx_gather",
+@FUSIONS.rule(
         Pat("gather", Var("data"), Var("i0"), Var("i1"), Var("i2"), axis=0),
         Pat("gather", Var("data"), Var("i0"), Var("i1"), axis=0))
 def fuse_ctx_gather(graph: Graph, root: Node, m: Match) -> Value | None:
@@ -246,28 +246,22 @@ def fuse_ctx_gather(graph: Graph, root: Node, m: Match) -> Value | None:
     lead = (data.shape[0], data.shape[1]) if heads else (data.shape[0],)
     if index.ndim != len(lead) + 1 or any(d != 1 and d != want for d, want in zip(index.shape, lead)):
         return None
-    out = _apply(graph, root, "ctx_gather", data, index, comp_ctx_len=None)
-    return out if out.aval == root.outputs[0].aval else None
+    try:
+        (aval,) = PRIMITIVES["ctx_gather"].abstract_eval([data.aval, index.aval], {"comp_ctx_len": None})
+    except QtraceError:
+        return None
+    if aval != root.outputs[0].aval:
+        return None
+    return _apply(graph, root, "ctx_gather", data, index, comp_ctx_len=None)
 
 
 # -- the pass -------------------------------------------------------------------------------------------
 
 
-def fusion_rules() -> RuleSet:
-    rules = RuleSet()
-    for item in FUSIONS:
-        def fn(graph: Graph, node: Node, _f: Fusion = item) -> Value | None:
-            match = _f.pattern.match(graph, node)
-            return None if match is None else _f.build(graph, node, match)
-
-        rules.rule(item.pattern.root.op, name=f"fuse_{item.name}")(fn)
-    return rules
+def fuse_graph(graph: Graph):
+    return rewrite(graph, FUSIONS)
 
 
-@register_pass("fuse")
-def fuse(graph: Graph) -> bool:
-    rules = fusion_rules()
-    return on_every_graph(lambda g: bool(rewrite(g, rules)))(graph)
+fuse = register_pass("fuse")(on_every_graph(fuse_graph))
 
-
-__all__ = ["FUSIONS", "Fusion", "fusion", "fuse"]
+__all__ = ["FUSIONS", "constant_equal", "scalar_constant", "fuse"]

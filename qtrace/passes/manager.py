@@ -1,16 +1,23 @@
-"""Passes and the pipeline that runs them (design.md §4)."""
+"""Passes and the pipeline that runs them (docs/architecture.md, "Passes").
+
+A pass edits a graph in place, through the Graph methods, and returns what it did: a Counter of
+rule (or transform) labels to how often each fired, or simply a bool; either is falsy when nothing
+changed. The pipeline records that per pass; the report and the IR dumps show it.
+"""
 
 from __future__ import annotations
 
+import collections
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Sequence, Union
 
 from ..errors import CheckError
 from ..ir import Graph
 
-Pass = Callable[[Graph], bool]  # edits the graph in place; returns whether it changed anything
+PassResult = Union[bool, "collections.Counter[str]"]
+Pass = Callable[[Graph], PassResult]
 PASSES: dict[str, Pass] = {}
 
 
@@ -29,6 +36,16 @@ class PassRecord:
     nodes_after: int
     seconds: float
     changed: bool
+    fired: collections.Counter = field(default_factory=collections.Counter)  # rule label -> times fired
+
+    def header(self) -> str:
+        """One line: the pass, node counts, time and whether it changed the graph."""
+        return (f"{self.name:<16} nodes {self.nodes_before:>6} -> {self.nodes_after:<6} "
+                f"{self.seconds * 1000:9.1f} ms{'' if self.changed else '  (no change)'}")
+
+    def fired_lines(self) -> list[str]:
+        """`fuse_rms_norm (fuse.py:97) x5`, most frequent first (ties by label)."""
+        return [f"{label} x{count}" for label, count in sorted(self.fired.items(), key=lambda kv: (-kv[1], kv[0]))]
 
 
 @dataclass
@@ -36,9 +53,18 @@ class PassReport:
     records: list[PassRecord] = field(default_factory=list)
 
     def summary(self) -> str:
-        return "\n".join(f"{i + 1:02d} {r.name:<16} nodes {r.nodes_before:>6} -> {r.nodes_after:<6} "
-                         f"{r.seconds * 1000:9.1f} ms{'' if r.changed else '  (no change)'}"
-                         for i, r in enumerate(self.records))
+        lines = []
+        for i, record in enumerate(self.records):
+            lines.append(f"{i + 1:02d} {record.header()}")
+            lines.extend(f"     {line}" for line in record.fired_lines())
+        return "\n".join(lines)
+
+    def fired(self) -> collections.Counter:
+        """How often each rule fired over the whole pipeline."""
+        total: collections.Counter = collections.Counter()
+        for record in self.records:
+            total.update(record.fired)
+        return total
 
 
 def count_nodes(graph: Graph) -> int:
@@ -56,27 +82,38 @@ def run_pipeline(graph: Graph, names: Sequence[str] | None = None, *, dump_dir: 
     report = PassReport()
     if dump_dir:
         os.makedirs(dump_dir, exist_ok=True)
-        _dump(graph, dump_dir, 0, "trace")
+        _dump(graph, dump_dir, 0, "trace", None)
     probe = _DebugProbe(graph) if debug else None
     for i, name in enumerate(names, start=1):
         before = count_nodes(graph)
         start = time.perf_counter()
-        changed = bool(PASSES[name](graph))
-        report.records.append(PassRecord(name, before, count_nodes(graph), time.perf_counter() - start, changed))
+        result = PASSES[name](graph)
+        seconds = time.perf_counter() - start
+        fired = result if isinstance(result, collections.Counter) else collections.Counter()
+        record = PassRecord(name, before, count_nodes(graph), seconds, bool(result), fired)
+        report.records.append(record)
         if probe is not None:
             probe.check(graph, name)
         if dump_dir:
-            _dump(graph, dump_dir, i, name)
+            _dump(graph, dump_dir, i, name, record)
     if dump_dir:
         with open(os.path.join(dump_dir, "summary.txt"), "w") as f:
             f.write(report.summary() + "\n")
     return report
 
 
-def _dump(graph: Graph, directory: str, index: int, name: str) -> None:
+def dump_header(record: PassRecord | None) -> str:
+    """The comment lines an IR dump starts with: which pass made it, how long it took, what fired."""
+    if record is None:
+        return "# trace\n"
+    lines = [f"# after {record.header()}"] + [f"#   {line}" for line in record.fired_lines()]
+    return "\n".join(lines) + "\n"
+
+
+def _dump(graph: Graph, directory: str, index: int, name: str, record: PassRecord | None) -> None:
     base = os.path.join(directory, f"{index:02d}-{name}")
     with open(base + ".ir", "w") as f:
-        f.write(str(graph))
+        f.write(dump_header(record) + str(graph))
     with open(base + ".dot", "w") as f:
         f.write(graph.to_dot())
 

@@ -5,13 +5,18 @@
     pattern = Pat("mul", Pat("mul", x, Pat("rsqrt", Pat("add", mean_square, eps))), w)
 
 A `Pat` names a primitive, its operand patterns and constraints on its parameters (a value, or a
-predicate `(param, node) -> bool`); a `Var` matches any value (optionally one passing a
-predicate), and a Var used twice must bind the same value. Matching is anchored: only nodes whose
-primitive is the pattern's root are tried, the candidate region is the bounded upstream
-neighbourhood of that node, and networkx's MultiDiGraphMatcher finds the embedding. Operands of
-commutative primitives match in either order. Matching is a monomorphism (injective), so two
-different Vars never bind the same value: spell a pattern with one Var where it may be one value. A match whose intermediate values are used outside
-the pattern (or are graph outputs) is rejected, since replacing it would not remove them.
+predicate `(param, node) -> bool`); a `Var` is a leaf that matches any value (optionally one passing
+a predicate), and a Var used twice must bind the same value. A pattern becomes a rewrite rule with
+`RuleSet.rule(pattern, ...)` (rewrite.py); its `size` (the number of operations it spans) orders
+overlapping rules, largest first.
+
+Matching is anchored: only nodes whose primitive is the pattern's root are tried, a cheap check of
+the operator tree rejects most of them, the candidate region is the bounded upstream neighbourhood
+of the node, and networkx's MultiDiGraphMatcher finds the embedding. Operands of primitives with
+the `commutative` trait match in either order. Matching is a monomorphism (injective), so two
+different Vars never bind the same value: spell a pattern with one Var where it may be one value.
+A match whose intermediate values are used outside the pattern (or are graph outputs) is rejected,
+since replacing it would not remove them.
 """
 
 from __future__ import annotations
@@ -22,52 +27,15 @@ from typing import Any, Callable
 import networkx as nx
 from networkx.algorithms.isomorphism import MultiDiGraphMatcher
 
+from ..core import COMMUTATIVE, has_trait
 from ..ir import Graph, Node, Value
 
-COMMUTATIVE = frozenset({"add", "mul", "maximum", "minimum", "eq", "ne", "logical_and", "logical_or",
-                         "logical_xor"})
 _ids = itertools.count()
 
 
 def operand_port(op: str, port: int) -> int:
     """The port an operand edge is compared by: operands of commutative primitives are interchangeable."""
-    return 0 if op in COMMUTATIVE else port
-
-
-def _plausible(pat: "Pat", node: Node, depth: int) -> bool:
-    """Could `node` root `pat`? Compares primitive names (and operand counts) `depth` levels down,
-    each operand pattern against any operand: necessary for a match, not sufficient."""
-    if node.op != pat.op or len(node.inputs) != len(pat.operands):
-        return False
-    if depth == 0:
-        return True
-    producers = [v.producer for v in node.inputs if v.producer is not None]
-    return all(any(_plausible(operand, p, depth - 1) for p in producers)
-               for operand in pat.operands if isinstance(operand, Pat))
-
-
-class Var:
-    """Matches any value (passing `predicate(value)` if given); binds it under `name`."""
-
-    def __init__(self, name: str, predicate: Callable[[Value], bool] | None = None):
-        self.name = name
-        self.predicate = predicate
-
-
-class Pat:
-    """Matches a node of primitive `op` whose operands match `operands` and params match `params`."""
-
-    def __init__(self, op: str, *operands: "Pat | Var", name: str | None = None, port: int = 0, **params: Any):
-        self.op = op
-        self.operands = operands
-        self.name = name
-        self.port = port  # which output of the node this pattern stands for
-        self.params = params
-        self.id = next(_ids)
-
-    @property
-    def depth(self) -> int:
-        return 1 + max((o.depth for o in self.operands if isinstance(o, Pat)), default=0)
+    return 0 if has_trait(op, COMMUTATIVE) else port
 
 
 class Match(dict):
@@ -76,8 +44,82 @@ class Match(dict):
     nodes: list[Node]
 
 
-class CompiledPattern:
-    """A pattern turned into a networkx MultiDiGraph once, for matching many times."""
+class Pat:
+    """Matches a node of primitive `op` whose operands match `operands` and params match `params`;
+    `name` binds the node, `port` says which of its outputs the pattern stands for."""
+
+    def __init__(self, op: str, *operands: "Pat", name: str | None = None, port: int = 0, **params: Any):
+        self.op = op
+        self.operands = operands
+        self.name = name
+        self.port = port
+        self.params = params
+        self.predicate: Callable[[Value], bool] | None = None
+        self.id = next(_ids)
+        self._compiled: _Compiled | None = None
+
+    @property
+    def is_var(self) -> bool:
+        return self.op == ""
+
+    @property
+    def depth(self) -> int:
+        """Operations on the longest path from the root down to a leaf."""
+        if self.is_var:
+            return 0
+        return 1 + max((o.depth for o in self.operands), default=0)
+
+    @property
+    def size(self) -> int:
+        """How many distinct operations the pattern spans (what "largest match first" compares)."""
+        seen: set[int] = set()
+        stack = [self]
+        while stack:
+            pat = stack.pop()
+            if not pat.is_var and pat.id not in seen:
+                seen.add(pat.id)
+                stack.extend(pat.operands)
+        return len(seen)
+
+    def op_depths(self) -> dict[str, frozenset[int]]:
+        """For each primitive in the pattern, how many levels above the root it sits (root: 0)."""
+        depths: dict[str, set[int]] = {}
+        stack = [(self, 0)]
+        while stack:
+            pat, depth = stack.pop()
+            if not pat.is_var:
+                depths.setdefault(pat.op, set()).add(depth)
+                stack.extend((operand, depth + 1) for operand in pat.operands)
+        return {op: frozenset(ds) for op, ds in depths.items()}
+
+    def match(self, graph: Graph, node: Node) -> Match | None:
+        """The bindings if the pattern matches with its root at `node`, else None."""
+        if self._compiled is None:  # compiled on first use: every primitive's traits are known by then
+            self._compiled = _Compiled(self)
+        return self._compiled.match(graph, node)
+
+
+def Var(name: str, predicate: Callable[[Value], bool] | None = None) -> Pat:  # noqa: N802  (reads as a type)
+    """A pattern leaf: any value (passing `predicate(value)` if given), bound under `name`."""
+    var = Pat("", name=name)
+    var.predicate = predicate
+    return var
+
+
+def _plausible(pat: Pat, node: Node, depth: int) -> bool:
+    """Could `node` root `pat`? Compares primitive names (and operand counts) `depth` levels down,
+    each operand pattern against any operand: necessary for a match, not sufficient."""
+    if node.op != pat.op or len(node.inputs) != len(pat.operands):
+        return False
+    if depth == 0:
+        return True
+    producers = [v.producer for v in node.inputs if v.producer is not None]
+    return all(any(_plausible(operand, p, depth - 1) for p in producers)
+               for operand in pat.operands if not operand.is_var)
+
+
+class _Compiled:
+    """A pattern as a networkx MultiDiGraph, built once and matched many times."""
 
     def __init__(self, root: Pat):
         self.root = root
@@ -87,8 +129,8 @@ class CompiledPattern:
         self.root_key = ("op", root.id)
         self.graph.nodes[self.root_key]["root"] = True  # anchors the match: only the tried node maps here
 
-    def _add(self, pat: Pat | Var) -> Any:
-        if isinstance(pat, Var):
+    def _add(self, pat: Pat) -> Any:
+        if pat.is_var:
             key = ("var", pat.name)
             self.graph.add_node(key, kind="var", pat=pat)
             return key
@@ -102,16 +144,11 @@ class CompiledPattern:
             self.graph.add_edge(self._add(operand), op_key, port=operand_port(pat.op, port))
         return value_key
 
-    # -- matching -------------------------------------------------------------------------------------
-    def _quick_reject(self, node: Node) -> bool:
-        """Cheap checks before any graph matching: the operator tree, three levels deep, must be there."""
-        return not _plausible(self.root, node, 3)
-
-    def _region(self, graph: Graph, node: Node) -> nx.MultiDiGraph:
+    def _region(self, node: Node) -> nx.MultiDiGraph:
         """The upstream neighbourhood of `node` deep enough to hold the pattern, with ports."""
         region = nx.MultiDiGraph()
         frontier, seen = [node], {node}
-        region.add_node(node, obj=node)
+        region.add_node(node, obj=node, root=True)
         for _ in range(self.depth):
             next_frontier = []
             for op_node in frontier:
@@ -160,11 +197,10 @@ class CompiledPattern:
         return sorted(e["port"] for e in region_edges.values()) == sorted(e["port"] for e in pattern_edges.values())
 
     def match(self, graph: Graph, node: Node) -> Match | None:
-        if self._quick_reject(node):
+        if not _plausible(self.root, node, 3):  # cheap: the operator tree, three levels deep
             return None
-        region = self._region(graph, node)
-        region.nodes[node]["root"] = True
-        matcher = MultiDiGraphMatcher(region, self.graph, node_match=self._node_match, edge_match=self._edge_match)
+        matcher = MultiDiGraphMatcher(self._region(node), self.graph, node_match=self._node_match,
+                                      edge_match=self._edge_match)
         for mapping in matcher.subgraph_monomorphisms_iter():
             if mapping.get(node) != self.root_key:
                 continue
@@ -187,8 +223,10 @@ class CompiledPattern:
                     result[pat.name] = region_obj
             elif attrs["kind"] == "value" and key != ("value", self.root.id):
                 # an intermediate: every use must be inside the pattern
-                uses = graph.nx.out_degree(region_obj)
-                if graph.is_output(region_obj) or uses != self.graph.out_degree(key):
+                if graph.is_output(region_obj) or graph.use_count(region_obj) != self.graph.out_degree(key):
                     return None
         result.nodes.sort(key=lambda n: n.index)
         return result
+
+
+__all__ = ["Pat", "Var", "Match", "operand_port"]

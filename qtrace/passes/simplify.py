@@ -2,63 +2,68 @@
 weights are not duplicated), cancelling transpose/reshape/cast pairs, dropping identity operations
 and folding explicit broadcasts into the elementwise ops that broadcast anyway.
 
-Every rewrite here is a `Rule` of the shared engine; each pass visits the graph and function bodies.
+The algebraic rewrites are rules of the shared engine (rewrite.py); folding, CSE and DCE are single
+sweeps. Each pass visits the graph and every function body and reports what it did, by name and
+file:line, for the pass report and the IR dumps.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any
 
 import numpy as np
 
+from ..core import COMMUTATIVE, ELEMENTWISE, has_trait
 from ..dims import symbolic_names
+from ..errors import QtraceError
 from ..ir import Graph, Node, Value
 from .manager import register_pass
-from .rewrite import RuleSet, graphs_of, on_every_graph, remove_dead, rewrite
+from .pattern import Match
+from .rewrite import RuleSet, graphs_of, label_of, on_every_graph, remove_dead, rewrite, trait
 
 FOLD_LIMIT_BYTES = 1 << 16  # fold results up to this size, or larger ones that free as many bytes
-ELEMENTWISE_BINARY = ("add", "sub", "mul", "div", "pow", "maximum", "minimum", "eq", "ne", "lt", "le", "gt", "ge",
-                      "logical_and", "logical_or", "logical_xor")
 
 
 # -- dead code ------------------------------------------------------------------------------------------
 
 
-def eliminate_dead_code(graph: Graph) -> bool:
-    """Remove nodes and constants no output depends on (one reverse walk from the outputs)."""
+def eliminate_dead_code(graph: Graph) -> int:
+    """Remove nodes and constants no output depends on (one reverse walk from the outputs); returns
+    how many it removed."""
     live: set[Any] = set()
-    stack: list[Any] = list(graph.outputs)
+    stack: list[Value] = list(graph.outputs)
     while stack:
-        item = stack.pop()
-        if item in live:
+        value = stack.pop()
+        if value in live:
             continue
-        live.add(item)
-        stack.extend(graph.nx.predecessors(item))
+        live.add(value)
+        if value.producer is not None and value.producer not in live:
+            live.add(value.producer)
+            stack.extend(value.producer.inputs)
     dead_nodes = [n for n in graph.nodes if n not in live]
     dead_constants = [c for c in graph.constants if c not in live]
-    for node in reversed(dead_nodes):  # reverse topological: consumers first
-        for out in node.outputs:
-            graph.nx.remove_node(out)
-        graph.nx.remove_node(node)
+    graph.remove_nodes(dead_nodes)
     for value in dead_constants:
         graph.remove_constant(value)
-    if dead_nodes:
-        graph._order = None
-    return bool(dead_nodes or dead_constants)
+    return len(dead_nodes) + len(dead_constants)
 
 
-def _remove_uncalled_functions(graph: Graph) -> bool:
+def remove_uncalled_functions(graph: Graph) -> int:
     called = {n.params["function"].name for g in graphs_of(graph) for n in g.nodes if n.op == "call"}
     unused = [name for name in graph.functions if name not in called]
     for name in unused:
-        del graph.functions[name]
-    return bool(unused)
+        graph.remove_function(name)
+    return len(unused)
 
 
 @register_pass("dce")
-def dce(graph: Graph) -> bool:
-    changed = on_every_graph(eliminate_dead_code)(graph)
-    return _remove_uncalled_functions(graph) or changed
+def dce(graph: Graph) -> Counter:
+    changes = on_every_graph(eliminate_dead_code)(graph)
+    removed = remove_uncalled_functions(graph)
+    if removed:
+        changes[label_of(remove_uncalled_functions)] += removed
+    return changes
 
 
 # -- common subexpressions ------------------------------------------------------------------------------
@@ -77,9 +82,10 @@ def _hashable(value: Any) -> Any:
 _SMALL_CONSTANT = 1 << 12
 
 
-def eliminate_common_subexpressions(graph: Graph) -> bool:
-    """One topological sweep: equal small constants merge, then equal (op, params, inputs) nodes."""
-    changed = False
+def eliminate_common_subexpressions(graph: Graph) -> int:
+    """One topological sweep: equal small constants merge, then equal (op, params, inputs) nodes
+    (operands of a commutative primitive in either order); returns how many it merged."""
+    merged = 0
     constants: dict[Any, Value] = {}
     for value in list(graph.constants):
         if value.const.nbytes > _SMALL_CONSTANT:
@@ -89,21 +95,23 @@ def eliminate_common_subexpressions(graph: Graph) -> bool:
         if first is not value:
             graph.replace_all_uses(value, first)
             graph.remove_constant(value)
-            changed = True
+            merged += 1
     seen: dict[Any, Node] = {}
     for node in list(graph.nodes):
-        if node not in graph.nx:
+        if node not in graph:
             continue
-        key = (node.op, tuple(id(v) for v in node.inputs),
-               tuple(sorted((k, _hashable(v)) for k, v in node.params.items())))
+        operands = [v.index for v in node.inputs]
+        if has_trait(node.op, COMMUTATIVE):
+            operands.sort()
+        key = (node.op, tuple(operands), tuple(sorted((k, _hashable(v)) for k, v in node.params.items())))
         first = seen.setdefault(key, node)
         if first is node:
             continue
         for old, new in zip(node.outputs, first.outputs):
             graph.replace_all_uses(old, new)
         remove_dead(graph, [node])
-        changed = True
-    return changed
+        merged += 1
+    return merged
 
 
 cse = register_pass("cse")(on_every_graph(eliminate_common_subexpressions))
@@ -129,21 +137,24 @@ def _same_type(a: Value, b: Value) -> bool:
     return a.aval == b.aval
 
 
-@RULES.rule("add", "sub", "mul", "div", "pow")
-def drop_neutral_operand(graph: Graph, node: Node) -> Value | None:
+_RIGHT_IDENTITY = {"add": 0, "sub": 0, "mul": 1, "div": 1, "pow": 1}
+
+
+@RULES.rule(*_RIGHT_IDENTITY)
+def drop_neutral_operand(graph: Graph, node: Node, m: Match) -> Value | None:
     """x + 0, 0 + x, x - 0, x * 1, 1 * x, x / 1, x ** 1 -> x (when that keeps the output's type)."""
     out = node.outputs[0]
     x, y = node.inputs
-    neutral = {"add": 0, "sub": 0, "mul": 1, "div": 1, "pow": 1}[node.op]
+    neutral = _RIGHT_IDENTITY[node.op]
     if _is_filled_with(y, neutral) and _same_type(x, out):
         return x
-    if node.op in ("add", "mul") and _is_filled_with(x, neutral) and _same_type(y, out):
+    if has_trait(node.op, COMMUTATIVE) and _is_filled_with(x, neutral) and _same_type(y, out):
         return y
     return None
 
 
 @RULES.rule("cast", "reshape", "broadcast_to", "transpose", "squeeze", "expand_dims", "slice")
-def drop_identity(graph: Graph, node: Node) -> Value | None:
+def drop_identity(graph: Graph, node: Node, m: Match) -> Value | None:
     """cast to the same dtype, reshape/broadcast to the same shape, identity perm, empty axes."""
     x, out = node.inputs[0], node.outputs[0]
     if node.op == "transpose":
@@ -156,7 +167,7 @@ def drop_identity(graph: Graph, node: Node) -> Value | None:
 
 
 @RULES.rule("transpose")
-def compose_transposes(graph: Graph, node: Node) -> list[Value] | None:
+def compose_transposes(graph: Graph, node: Node, m: Match) -> list[Value] | None:
     inner = node.inputs[0].producer
     if inner is None or inner.op != "transpose":
         return None
@@ -166,7 +177,7 @@ def compose_transposes(graph: Graph, node: Node) -> list[Value] | None:
 
 
 @RULES.rule("reshape")
-def compose_reshapes(graph: Graph, node: Node) -> list[Value] | None:
+def compose_reshapes(graph: Graph, node: Node, m: Match) -> list[Value] | None:
     inner = node.inputs[0].producer
     if inner is None or inner.op not in ("reshape", "squeeze", "expand_dims"):
         return None
@@ -179,7 +190,7 @@ def _lossless(source: np.dtype, target: np.dtype) -> bool:
 
 
 @RULES.rule("cast")
-def compose_casts(graph: Graph, node: Node) -> list[Value] | None:
+def compose_casts(graph: Graph, node: Node, m: Match) -> list[Value] | None:
     """cast(cast(x, wider), t) -> cast(x, t): the first cast lost nothing, so skipping it is exact."""
     inner = node.inputs[0].producer
     if inner is None or inner.op != "cast" or not _lossless(inner.inputs[0].dtype, inner.params["dtype"]):
@@ -188,22 +199,20 @@ def compose_casts(graph: Graph, node: Node) -> list[Value] | None:
                        scope=node.scope)
 
 
-@RULES.rule(*ELEMENTWISE_BINARY, "where")
-def fold_broadcast_into_consumer(graph: Graph, node: Node) -> list[Value] | None:
+@RULES.rule(trait(ELEMENTWISE))
+def fold_broadcast_into_consumer(graph: Graph, node: Node, m: Match) -> list[Value] | None:
     """An elementwise op broadcasts by itself: feed it the un-broadcast operand when that keeps its type."""
-    from qtrace.primitives.common import broadcast_shapes
-
     for port, value in enumerate(node.inputs):
         producer = value.producer
         if producer is None or producer.op != "broadcast_to":
             continue
         inputs = list(node.inputs)
         inputs[port] = producer.inputs[0]
-        try:
-            shape = broadcast_shapes(*(v.shape for v in inputs))
-        except Exception:
+        try:  # the primitive's own shape rule says whether the operands still broadcast to the output
+            (aval,) = node.primitive.abstract_eval([v.aval for v in inputs], node.params)
+        except QtraceError:
             continue
-        if shape == node.outputs[0].shape:
+        if aval == node.outputs[0].aval:
             return graph.apply(node.primitive, *inputs, location=node.location, scope=node.scope, **node.params)
     return None
 
@@ -223,10 +232,11 @@ def _freed_bytes(graph: Graph, node: Node) -> int:
                and all(user is node for user, _ in graph.consumers(v)))
 
 
-def fold_constants(graph: Graph) -> bool:
-    changed = False
+def fold_constants(graph: Graph) -> int:
+    """Evaluate nodes whose inputs are all constants (within the size cap); returns how many."""
+    folded_nodes = 0
     for node in list(graph.nodes):
-        if node not in graph.nx or node.op == "call" or _has_symbolic_param(node):
+        if node not in graph or node.op == "call" or _has_symbolic_param(node):
             continue
         if not all(v.is_constant for v in node.inputs):
             continue
@@ -244,12 +254,12 @@ def fold_constants(graph: Graph) -> bool:
             folded = graph.add_constant(array, f"{source}.{node.op}")
             graph.replace_all_uses(out, folded)
         remove_dead(graph, [node])
-        changed = True
-    return changed
+        folded_nodes += 1
+    return folded_nodes
 
 
-def canonicalize_graph(graph: Graph) -> bool:
-    return bool(rewrite(graph, RULES))
+def canonicalize_graph(graph: Graph) -> Counter:
+    return rewrite(graph, RULES)
 
 
 fold = register_pass("fold")(on_every_graph(fold_constants))
@@ -257,15 +267,12 @@ canonicalize = register_pass("canonicalize")(on_every_graph(canonicalize_graph))
 
 
 @register_pass("simplify")
-def simplify(graph: Graph) -> bool:
+def simplify(graph: Graph) -> Counter:
     """canonicalize, fold, cse and dce until nothing changes (at most a few rounds)."""
-    changed_any = False
+    changes: Counter = Counter()
     for _ in range(8):
-        changed = canonicalize(graph)
-        changed = fold(graph) or changed
-        changed = cse(graph) or changed
-        changed = dce(graph) or changed
-        changed_any = changed_any or changed
+        changed = canonicalize(graph) + fold(graph) + cse(graph) + dce(graph)
+        changes.update(changed)
         if not changed:
             break
-    return changed_any
+    return changes
