@@ -14,7 +14,7 @@ from qtrace.errors import LoweringError, ShapeError, TraceError
 from qtrace.ir import Graph
 from qtrace.tracing import trace
 
-from .fp16 import convert_to_float16
+from . import fp16  # noqa: F401  (registers the float16 pass)
 from .model import RETAINED_STATE, ModelParts, attach_weights, build_model, retained_state_source
 from .save import PROTOBUF_LIMIT, save_model
 
@@ -135,23 +135,25 @@ def lower(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwar
           debug: bool = False) -> Lowered:
     """Trace `fn` on example arguments, optimize the IR and lower it to ONNX.
 
-    opset: ONNX default-domain opset (17 by default, 18..21 selectable). dtype="float16" converts
-    float32 weights and activations to float16. passes: pass names (default: qtrace.passes.DEFAULT_PIPELINE,
-    shape_check canonicalize fuse simplify functions simplify shape_check); dump_dir (or $QTRACE_DUMP) writes the IR after every pass. Outputs that are
+    opset: ONNX default-domain opset (17 by default, 18..21 selectable). dtype="float16" runs the
+    `float16` pass first, converting float32 weights and activations to float16. passes: pass names
+    (default: qtrace.passes.DEFAULT_PIPELINE, shape_check canonicalize fuse simplify functions
+    simplify shape_check); dump_dir (or $QTRACE_DUMP) writes the IR after every pass. Outputs that are
     ctx_scatter chains of an input are named `<input>_RetainedState` unless `retained_state=False`
     or `output_names` is given.
     """
-    from qtrace.passes import run_pipeline
+    from qtrace.passes import DEFAULT_PIPELINE, run_pipeline
 
     if opset not in SUPPORTED_OPSETS:
         raise LoweringError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}.."
                             f"{SUPPORTED_OPSETS.stop - 1}")
     graph = trace(fn, example_args, example_kwargs, input_names=input_names, output_names=output_names, name=name)
+    pipeline = list(DEFAULT_PIPELINE if passes is None else passes)
     if dtype is not None:
         if np.dtype(dtype) != np.float16:
             raise LoweringError(f"dtype must be None or float16, got {dtype}")
-        convert_to_float16(graph)
-    report = run_pipeline(graph, passes, dump_dir=dump_dir or os.environ.get("QTRACE_DUMP") or None, debug=debug)
+        pipeline.insert(0, "float16")  # not optional: the model's dtype, whatever passes were asked for
+    report = run_pipeline(graph, pipeline, dump_dir=dump_dir or os.environ.get("QTRACE_DUMP") or None, debug=debug)
     names = _output_names(graph, output_names, retained_state)
     parts = build_model(graph, names, opset=opset, local_domain=local_domain)
     return Lowered(fn, graph, parts, names, report)
