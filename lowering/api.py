@@ -21,6 +21,19 @@ from .save import PROTOBUF_LIMIT, save_model
 SUPPORTED_OPSETS = range(17, 22)
 
 
+def onnxruntime_session(model: str | bytes) -> Any:
+    """An onnxruntime CPU session for a model file or serialized model, as qtrace runs models to check
+    them: warnings off, and idle threads sleep instead of spinning (onnxruntime's default spin-wait
+    burns a core per thread between the small runs a check makes)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
+
+
 class Lowered:
     """A lowered function: `.model` (onnx.ModelProto), `.graph` (final IR), `.save(path)`,
     `.run(*args)` on onnxruntime and `.verify(*args)` against the eager numpy function."""
@@ -68,18 +81,13 @@ class Lowered:
 
     def session(self) -> Any:
         if self._session is None:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.log_severity_level = 3
             if sum(a.nbytes for a in self.parts.weights.values()) < PROTOBUF_LIMIT:
-                self._session = ort.InferenceSession(self.model.SerializeToString(), options,
-                                                     providers=["CPUExecutionProvider"])
+                self._session = onnxruntime_session(self.model.SerializeToString())
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     path = os.path.join(tmp, "model.onnx")
                     self.save(path, external_data=True)
-                    self._session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+                    self._session = onnxruntime_session(path)
         return self._session
 
     def run_named(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,10 +1,12 @@
 """Saving models with external data (lowering/save.py): a model past protobuf's 2 GiB limit is written
-as a small .onnx file plus a data file, streamed without a second copy of the weights in memory, and
-what is written reads back exactly; smaller models save the same way when asked.
+as a small .onnx file plus external data, which onnx's checker accepts and onnxruntime runs from the
+files; saving streams the weights without a second copy in memory; what is written reads back
+exactly; smaller models save the same way when asked.
 
-The > 2 GiB weights are generated lazily: each table is a strided view of a small random vector
-(row i is `base[i : i + D]`), so the test needs little memory, and the truth for any row is a slice of
-`base`. Its files live in a temporary directory that is removed when the module's tests end.
+The > 2 GiB model costs almost nothing: its three 0.7 GiB weight tables are memory maps of one sparse
+file (holes, plus a few rows of random data whose values are the truth), and it is saved with
+`reference_weights=True`, so the external-data entries point into that file, at offsets past 2 GiB
+for the last table, instead of copying it. The copying path is measured on a smaller model.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from typing import Any, Iterator
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 from numpy.lib.stride_tricks import as_strided
 from onnx import numpy_helper
@@ -24,33 +25,33 @@ from onnx import numpy_helper
 import qtrace
 import qtrace.primitives as qp
 from qtrace import ShapeDtype
+from qtrace.lowering.api import onnxruntime_session
 
 from test_lowering import assert_matches
 
-GIB = 2**30
 PROTOBUF_LIMIT = 2**31 - 1
 WIDTH = 4096  # floats per row
 ROWS = 46_000  # per table: three tables make 2.1 GiB
+TABLE_BYTES = ROWS * WIDTH * 4
+DATA_ROWS = (0, 7, 12_345, ROWS - 1)  # the rows that hold data; the rest of each table is a hole (zeros)
+BIAS = np.linspace(-1, 1, WIDTH).astype(np.float32)  # 16 KiB: copied into the model's own data file
 
 
 # -- memory ---------------------------------------------------------------------------------------------
-def _status(key: str) -> int:
+def _anonymous_memory() -> int:
+    """RssAnon of this process: memory a copy of the weights would take (mapped file pages excluded)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith(key + ":"):
+            if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
-    raise KeyError(key)
+    raise KeyError("RssAnon")
 
 
-class PeakRss:
-    """Peak resident memory above the starting point while the block runs (Linux): the kernel's
-    high-water mark, reset on entry, cross-checked by sampling in a thread."""
+class PeakAnonymousMemory:
+    """Peak anonymous memory above the starting point while the block runs, sampled every 2 ms."""
 
-    def __enter__(self) -> "PeakRss":
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-        self.start = _status("VmRSS")
-        self.sampled = self.start
+    def __enter__(self) -> "PeakAnonymousMemory":
+        self.start = self.peak = _anonymous_memory()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
@@ -58,36 +59,33 @@ class PeakRss:
 
     def _sample(self) -> None:
         while not self._stop.wait(0.002):
-            self.sampled = max(self.sampled, _status("VmRSS"))
+            self.peak = max(self.peak, _anonymous_memory())
 
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
-        self.increase = max(_status("VmHWM"), self.sampled) - self.start
+        self.increase = max(self.peak, _anonymous_memory()) - self.start
 
 
 # -- the big model ----------------------------------------------------------------------------------------
-def _tables() -> tuple[list[np.ndarray], list[np.ndarray]]:
+def write_sparse_weights(path: str) -> dict[tuple[int, int], np.ndarray]:
+    """Three [ROWS, WIDTH] float32 tables back to back in a sparse file; returns the rows with data."""
     rng = np.random.default_rng(2024)
-    bases = [rng.standard_normal(ROWS + WIDTH).astype(np.float32) for _ in range(3)]
-    tables = [as_strided(base, shape=(ROWS, WIDTH), strides=(4, 4), writeable=False) for base in bases]
-    return bases, tables
+    rows = {}
+    with open(path, "wb") as f:
+        f.truncate(3 * TABLE_BYTES)
+        for table in range(3):
+            for row in DATA_ROWS:
+                rows[table, row] = rng.standard_normal(WIDTH).astype(np.float32)
+                f.seek(table * TABLE_BYTES + row * WIDTH * 4)
+                f.write(rows[table, row].tobytes())
+    return rows
 
 
-BASES, TABLES = _tables()
-BIAS = np.linspace(-1, 1, WIDTH).astype(np.float32)  # 16 KiB: external too
-WEIGHT_BYTES = sum(t.nbytes for t in TABLES) + BIAS.nbytes
-
-
-def big_model(ids: Any) -> Any:
-    rows = [qp.take(table, ids, axis=0) for table in TABLES]
-    return (rows[0] + rows[1] - rows[2]) * 0.5 + BIAS
-
-
-def expected_rows(ids: np.ndarray) -> np.ndarray:
-    """From the bases, not the tables: row i of table k is bases[k][i : i + WIDTH]."""
+def expected_rows(data: dict[tuple[int, int], np.ndarray], ids: np.ndarray) -> np.ndarray:
+    """From the rows written, not from the tables: any other row is zeros."""
     def row(k: int, i: int) -> np.ndarray:
-        return BASES[k][i:i + WIDTH]
+        return data.get((k, i), np.zeros(WIDTH, np.float32))
 
     out = [(row(0, i) + row(1, i) - row(2, i)) * np.float32(0.5) + BIAS for i in ids.reshape(-1)]
     return np.stack(out).reshape(ids.shape + (WIDTH,)).astype(np.float32)
@@ -95,23 +93,31 @@ def expected_rows(ids: np.ndarray) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def big(tmp_path_factory: Any) -> Iterator[dict[str, Any]]:
-    assert WEIGHT_BYTES > PROTOBUF_LIMIT
     directory = tmp_path_factory.mktemp("big_model")
     try:
+        weights = str(directory / "weights.bin")  # beside the model: referenced in place, no link
+        data = write_sparse_weights(weights)
+        tables = [np.memmap(weights, np.float32, "r", offset=k * TABLE_BYTES, shape=(ROWS, WIDTH)) for k in range(3)]
+        assert sum(t.nbytes for t in tables) > PROTOBUF_LIMIT
+
+        def big_model(ids: Any) -> Any:
+            rows = [qp.take(table, ids, axis=0) for table in tables]
+            return (rows[0] + rows[1] - rows[2]) * 0.5 + BIAS
+
         lowered = qtrace.lower(big_model, (ShapeDtype(("B",), "int64"),))
         path = str(directory / "model.onnx")
-        with PeakRss() as memory:
-            files = lowered.save(path)
-        yield {"lowered": lowered, "path": path, "files": files, "peak": memory.increase, "dir": directory}
+        files = lowered.save(path, reference_weights=True)  # external_data=None: decided by the size
+        yield {"lowered": lowered, "path": path, "files": files, "dir": directory, "data": data,
+               "weights": weights}
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_big_model_saves_its_weights_as_external_data(big: dict[str, Any]) -> None:
-    model_file, data_file = big["files"]
-    assert os.path.basename(data_file) == "model.onnx.data"
+    model_file, data_file, weights_file = big["files"]
+    assert os.path.basename(data_file) == "model.onnx.data" and os.path.samefile(weights_file, big["weights"])
     assert os.path.getsize(model_file) < 1 << 20
-    assert os.path.getsize(data_file) >= WEIGHT_BYTES
+    assert os.path.getsize(data_file) >= BIAS.nbytes
 
 
 def test_big_model_passes_full_check(big: dict[str, Any]) -> None:
@@ -120,33 +126,34 @@ def test_big_model_passes_full_check(big: dict[str, Any]) -> None:
 
 def test_big_model_external_data_reads_back_exactly(big: dict[str, Any]) -> None:
     model = onnx.load(big["path"], load_external_data=False)
-    data_path = os.path.join(os.path.dirname(big["path"]), "model.onnx.data")
-    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    seen_tables = 0
-    for tensor in external:
+    directory = os.path.dirname(big["path"])
+    offsets = []
+    for tensor in model.graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:  # the 0.5: below the size threshold
+            continue
         info = {e.key: e.value for e in tensor.external_data}
-        assert info["location"] == "model.onnx.data"
-        shape, offset = tuple(tensor.dims), int(info["offset"])
-        stored = np.memmap(data_path, dtype=np.float32, mode="r", offset=offset, shape=shape)
-        if shape == BIAS.shape:
+        stored = np.memmap(os.path.join(directory, info["location"]), dtype=np.float32, mode="r",
+                           offset=int(info["offset"]), shape=tuple(tensor.dims))
+        if tuple(tensor.dims) == BIAS.shape:
+            assert info["location"] == "model.onnx.data"
             np.testing.assert_array_equal(stored, BIAS)
             continue
-        seen_tables += 1
-        base = next(b for b in BASES if np.array_equal(stored[0], b[:WIDTH]))
-        for i in range(0, ROWS, 4999):  # rows across the whole table, each a window of its base
-            np.testing.assert_array_equal(stored[i], base[i:i + WIDTH])
-        np.testing.assert_array_equal(stored[-1], base[ROWS - 1:ROWS - 1 + WIDTH])
+        assert info["location"] == "weights.bin"
+        table = int(info["offset"]) // TABLE_BYTES
+        offsets.append(int(info["offset"]))
+        for row in DATA_ROWS:
+            np.testing.assert_array_equal(stored[row], big["data"][table, row])
+        np.testing.assert_array_equal(stored[100], np.zeros(WIDTH, np.float32))
         del stored
-    assert seen_tables == 3
+    assert sorted(offsets) == [0, TABLE_BYTES, 2 * TABLE_BYTES]
+    assert 2 * TABLE_BYTES + (ROWS - 1) * WIDTH * 4 > PROTOBUF_LIMIT  # the last row lies past 2 GiB
 
 
 def test_big_model_runs_on_onnxruntime_from_its_files(big: dict[str, Any]) -> None:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(big["path"], options, providers=["CPUExecutionProvider"])
-    ids = np.array([0, ROWS - 1, 12345, 7], np.int64)
+    session = onnxruntime_session(big["path"])
+    ids = np.array([0, ROWS - 1, 12_345, 7, 100], np.int64)
     (got,) = session.run(None, {"ids": ids})
-    assert_matches(got, expected_rows(ids))
+    assert_matches(got, expected_rows(big["data"], ids))
     del session
 
 
@@ -155,13 +162,33 @@ def test_big_model_is_not_embedded_in_one_protobuf(big: dict[str, Any]) -> None:
         big["lowered"].model  # noqa: B018 - the property is what raises
 
 
-def test_saving_the_big_model_holds_no_copy_of_the_weights(big: dict[str, Any]) -> None:
-    # The weights are views of a few MiB: anything near their 2.1 GiB would be a copy.
-    assert big["peak"] < 0.25 * WEIGHT_BYTES, f"peak RSS rose by {big['peak'] / GIB:.2f} GiB while saving"
+def test_save_leaves_only_the_model_its_data_and_the_referenced_weights(big: dict[str, Any]) -> None:
+    assert sorted(os.listdir(big["dir"])) == ["model.onnx", "model.onnx.data", "weights.bin"]
 
 
-def test_save_leaves_only_the_model_and_its_data(big: dict[str, Any]) -> None:
-    assert sorted(os.listdir(big["dir"])) == ["model.onnx", "model.onnx.data"]
+# -- streaming: saving copies weights piece by piece ------------------------------------------------------
+STREAMED_ROWS = 8192  # with WIDTH floats: 128 MiB per table
+
+
+def test_saving_streams_the_weights_without_a_copy_in_memory(tmp_path: Any, monkeypatch: Any) -> None:
+    from qtrace.lowering import save
+
+    monkeypatch.setattr(save, "_CHUNK", 4 << 20)
+    rng = np.random.default_rng(7)
+    base = rng.standard_normal(STREAMED_ROWS + WIDTH).astype(np.float32)
+    # Row i is base[i : i + WIDTH]: 128 MiB of weights that take 160 KiB of memory.
+    table = as_strided(base, shape=(STREAMED_ROWS, WIDTH), strides=(4, 4), writeable=False)
+    lowered = qtrace.lower(lambda ids: qp.take(table, ids, axis=0) * 2.0, (ShapeDtype(("B",), "int64"),))
+    with PeakAnonymousMemory() as memory:
+        lowered.save(tmp_path / "m.onnx", external_data=True)
+    assert memory.increase < 0.25 * table.nbytes, f"anonymous memory rose by {memory.increase >> 20} MiB"
+    model = onnx.load(str(tmp_path / "m.onnx"), load_external_data=False)
+    (tensor,) = [t for t in model.graph.initializer if tuple(t.dims) == table.shape]
+    offset = int({e.key: e.value for e in tensor.external_data}["offset"])
+    stored = np.memmap(tmp_path / "m.onnx.data", dtype=np.float32, mode="r", offset=offset, shape=table.shape)
+    for i in (0, 1, 4099, STREAMED_ROWS - 1):
+        np.testing.assert_array_equal(stored[i], base[i:i + WIDTH])
+    del stored
 
 
 # -- small models, external on request ---------------------------------------------------------------------
@@ -172,19 +199,13 @@ def small_model(x: Any) -> Any:
     return (x @ SMALL_WEIGHT[:, :16]) * 2.0 + np.float32(1.0)
 
 
-def _session(path: str) -> Any:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-
-
 def test_external_data_on_request_runs_from_the_files(tmp_path: Any) -> None:
     lowered = qtrace.lower(small_model, (ShapeDtype(("B", 64)),))
     files = lowered.save(tmp_path / "small.onnx", external_data=True)
     assert [os.path.basename(f) for f in files] == ["small.onnx", "small.onnx.data"]
     onnx.checker.check_model(str(tmp_path / "small.onnx"), full_check=True)
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
-    (got,) = _session(str(tmp_path / "small.onnx")).run(None, {"x": x})
+    (got,) = onnxruntime_session(str(tmp_path / "small.onnx")).run(None, {"x": x})
     assert_matches(got, small_model(x))
 
 
@@ -219,7 +240,7 @@ def test_strided_weights_are_written_in_c_order(tmp_path: Any, monkeypatch: Any)
     lowered = qtrace.lower(lambda x: x @ transposed[:, :24] + broadcast[:3], (ShapeDtype((3, 24)),))
     lowered.save(tmp_path / "m.onnx", external_data=True, size_threshold=0)
     x = np.random.default_rng(1).standard_normal((3, 24)).astype(np.float32)
-    (got,) = _session(str(tmp_path / "m.onnx")).run(None, {"x": x})
+    (got,) = onnxruntime_session(str(tmp_path / "m.onnx")).run(None, {"x": x})
     assert_matches(got, x @ np.ascontiguousarray(transposed)[:, :24] + np.ascontiguousarray(broadcast)[:3])
 
 
