@@ -4,9 +4,11 @@ onnxruntime at two concrete sizes against the eager numpy function.
 
 The table is data, in the style of jax2onnx's test cases: a name, the function, one `Arg` per array
 argument (shape with symbolic names such as ("B", 4), dtype, how to fill it) and the concrete sizes
-to run at. Each case runs at opset 17 and 18 and both without passes (so the lowering rule of every
-traced primitive is what runs) and with the default pass pipeline (whatever it does, it must not
-change the answer). `test_every_primitive_has_a_case` keeps the table complete.
+to run at. Each case runs at opset 17, both without passes (so the lowering rule of every traced
+primitive is what runs) and with the default pass pipeline (whatever it does, it must not change the
+answer); the cases whose lowering depends on the opset (reductions: axes become an input at 18;
+GELU: a native Gelu at 20) run again at the newest supported opset, and a test keeps that list
+exactly the cases whose ONNX changes. `test_every_primitive_has_a_case` keeps the table complete.
 
 The helpers at the top are shared with the other test_lowering_*.py files.
 """
@@ -28,6 +30,7 @@ from onnx import helper
 import qtrace
 import qtrace.primitives as qp
 from qtrace.dims import Dim
+from qtrace.lowering.api import SUPPORTED_OPSETS
 from qtrace.primitives import PRIMITIVES
 
 INT32_MAX = 2147483647
@@ -415,7 +418,11 @@ case("call_function_twice", lambda x, w1, w2: _block(_block(x, w1), w2), floats(
 # ======================================================================================================
 # Tests generated from the table
 # ======================================================================================================
-OPSETS = [17, 18]
+OPSET = 17  # qtrace's default: every case
+NEWEST_OPSET = max(SUPPORTED_OPSETS)
+# The cases whose ONNX differs at NEWEST_OPSET (kept exact by test_opset_dependent_cases_are_declared).
+OPSET_DEPENDENT = {"mean_last_axis", "mean_axes_keepdims", "max_axis", "max_int64_keepdims", "min_axis", "min_all",
+                   "gelu_erf", "gelu_tanh"}
 PIPELINES = {"no_passes": (), "default_passes": None}
 
 
@@ -427,6 +434,7 @@ def lowered_case(name: str, opset: int, pipeline: str) -> Any:
 
 CASE_BY_NAME = {c.name: c for c in CASES}
 CASE_IDS = list(CASE_BY_NAME)
+CASE_OPSETS = [(name, OPSET) for name in CASE_IDS] + [(name, NEWEST_OPSET) for name in sorted(OPSET_DEPENDENT)]
 
 
 def case_inputs(c: Case, sizes: Sizes, seed: int = 0) -> list[np.ndarray]:
@@ -435,8 +443,7 @@ def case_inputs(c: Case, sizes: Sizes, seed: int = 0) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("pipeline", list(PIPELINES))
-@pytest.mark.parametrize("opset", OPSETS)
-@pytest.mark.parametrize("name", CASE_IDS)
+@pytest.mark.parametrize("name,opset", CASE_OPSETS)
 def test_onnxruntime_matches_numpy(name: str, opset: int, pipeline: str) -> None:
     c = CASE_BY_NAME[name]
     lowered = lowered_case(name, opset, pipeline)
@@ -448,14 +455,12 @@ def test_onnxruntime_matches_numpy(name: str, opset: int, pipeline: str) -> None
             assert_matches(g, e, f"{name} output {i} at {sizes}")
 
 
-@pytest.mark.parametrize("opset", OPSETS)
-@pytest.mark.parametrize("name", CASE_IDS)
+@pytest.mark.parametrize("name,opset", CASE_OPSETS)
 def test_saved_model_passes_full_check(name: str, opset: int, tmp_path: Any) -> None:
     save_and_check(lowered_case(name, opset, "no_passes"), tmp_path)
 
 
-@pytest.mark.parametrize("opset", OPSETS)
-@pytest.mark.parametrize("name", CASE_IDS)
+@pytest.mark.parametrize("name,opset", CASE_OPSETS)
 def test_shape_inference_agrees_with_qtrace(name: str, opset: int) -> None:
     lowered = lowered_case(name, opset, "no_passes")
     assert_shape_inference_agrees(lowered.model, lowered.graph)
@@ -469,3 +474,36 @@ def test_every_primitive_has_a_case() -> None:
             traced.update(node.op for node in g.nodes)
     assert set(PRIMITIVES) - traced == set()
     assert "call" in traced
+
+
+def onnx_structure(model: onnx.ModelProto) -> list[Any]:
+    """What a lowering emits, without names: each node's op, domain and attributes, function by function."""
+    def nodes(node_list: Any) -> list[Any]:
+        return [(n.op_type, n.domain, [a.SerializeToString() for a in n.attribute]) for n in node_list]
+
+    return nodes(model.graph.node) + [(f.domain, f.name, nodes(f.node)) for f in model.functions]
+
+
+def test_opset_dependent_cases_are_declared() -> None:
+    """OPSET_DEPENDENT is exactly the cases whose ONNX differs between opset 17 and the newest opset."""
+    differing = set()
+    for name in CASE_IDS:
+        c = CASE_BY_NAME[name]
+        for pipeline in PIPELINES:
+            newest = qtrace.lower(c.fn, tuple(a.spec for a in c.args), opset=NEWEST_OPSET, passes=PIPELINES[pipeline])
+            if onnx_structure(lowered_case(name, OPSET, pipeline).model) != onnx_structure(newest.model):
+                differing.add(name)
+    assert differing == OPSET_DEPENDENT
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("opset", list(SUPPORTED_OPSETS))
+def test_gelu_is_one_native_gelu_node_from_opset_20(opset: int, approximate: str) -> None:
+    lowered = qtrace.lower(lambda x: qp.gelu(x, approximate=approximate), (floats("B", 7).spec,), opset=opset,
+                           passes=())
+    op_types = [n.op_type for n in lowered.model.graph.node]
+    if opset >= 20:
+        (node,) = lowered.model.graph.node
+        assert node.op_type == "Gelu" and helper.get_attribute_value(node.attribute[0]) == approximate.encode()
+    else:
+        assert "Gelu" not in op_types and ("Tanh" if approximate == "tanh" else "Erf") in op_types
