@@ -1,7 +1,8 @@
-"""fuse (design.md §4): every written-out spelling of RMSNorm, softmax, sigmoid/silu, GELU and the
-KV-cache index assignments becomes one node, computing what it computed before; near-misses (another
-axis, eps used differently, an intermediate with a second consumer, indices that are not the cache
-grid) stay as written. Also: a Llama-style decoder written in plain numpy lowers to single nodes."""
+"""fuse (docs/architecture.md, "Passes"): every written-out spelling of RMSNorm, softmax, sigmoid/silu,
+GELU and the KV-cache index assignments becomes one node, computing what it computed before; near-misses
+(another axis, eps used differently, an intermediate with a second consumer, a constant that is close
+to the formula's but not it, indices that are not the cache grid) stay as written. Also: a Llama-style
+decoder written in plain numpy lowers to single nodes."""
 
 from __future__ import annotations
 
@@ -243,6 +244,9 @@ SIGMOID_NEAR_MISSES = {
     "exp_without_negation": lambda x: 1 / (1 + np.exp(x)),
     "two_over": lambda x: 2 / (1 + np.exp(-x)),
     "one_minus": lambda x: 1 / (1 - np.exp(-x)),
+    # A rewrite must keep the function up to float rounding: 5e-4 off is another function.
+    "numerator_1.0005": lambda x: 1.0005 / (1 + np.exp(-x)),
+    "denominator_1.0005": lambda x: 1 / (1.0005 + np.exp(-x)),
 }
 
 
@@ -250,6 +254,12 @@ SIGMOID_NEAR_MISSES = {
 def test_sigmoid_near_miss_does_not_fuse(near_miss):
     graph = fuse(SIGMOID_NEAR_MISSES[near_miss], HIDDEN)
     assert not {"sigmoid", "silu"} & set(ops(graph))
+
+
+def test_sigmoid_whose_two_ones_are_one_constant_fuses():
+    one = np.float32(1.0)  # the same array object twice: one graph constant, as after CSE
+    graph = fuse(lambda x: one / (one + np.exp(-x)), HIDDEN)
+    assert ops(graph) == {"sigmoid": 1}
 
 
 def test_silu_of_sigmoid_of_another_value_is_not_silu():
@@ -290,6 +300,11 @@ GELU_NEAR_MISSES = {
     "erf_of_x_over_2": lambda x: 0.5 * x * (1 + qp.erf(x / 2)),
     "tanh_with_another_coefficient": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.05 * x ** 3))),
     "erf_of_another_value": lambda x: 0.5 * x * (1 + qp.erf((x + 1) / math.sqrt(2))),
+    # Constants within 1e-3 of GELU's are still other functions (8e-4, 2e-5, 3e-4 and 4e-4 relative).
+    "half_is_0.5004": lambda x: 0.5004 * x * (1 + qp.erf(x / math.sqrt(2))),
+    "sqrt2_is_1.4142": lambda x: 0.5 * x * (1 + qp.erf(x / 1.4142)),
+    "coefficient_0.0447": lambda x: 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.0447 * x ** 3))),
+    "sqrt_2_over_pi_0.7976": lambda x: 0.5 * x * (1 + np.tanh(0.7976 * (x + 0.044715 * x ** 3))),
 }
 
 
@@ -297,6 +312,35 @@ GELU_NEAR_MISSES = {
 def test_gelu_near_miss_does_not_fuse(near_miss):
     graph = fuse(GELU_NEAR_MISSES[near_miss], HIDDEN)
     assert "gelu" not in ops(graph)
+
+
+def test_gelu_constant_computed_in_float32_arithmetic_fuses():
+    # sqrt(2 / pi) computed in float32 is one unit in the last place off the correctly rounded constant.
+    k = np.sqrt(np.float32(2) / np.float32(math.pi))
+    assert k != np.float32(math.sqrt(2 / math.pi))
+    graph = fuse(lambda x: 0.5 * x * (1 + np.tanh(k * (x + 0.044715 * x ** 3))), HIDDEN)
+    assert ops(graph) == {"gelu": 1}
+
+
+@pytest.mark.parametrize("spelling", sorted(GELU_SPELLINGS))
+def test_gelu_spelling_fuses_in_a_float16_model(spelling):
+    """Python constants become float16 there (0.044715 -> 0.04471): rounded in the constant's dtype,
+    they are still the formula's numbers."""
+    fn, approximate = GELU_SPELLINGS[spelling]
+    graph = fuse(fn, ShapeDtype(("batch", D), "float16"), rtol=2e-3, atol=2e-3)
+    assert ops(graph) == {"gelu": 1} and graph.nodes[0].params["approximate"] == approximate
+
+
+RMS_NORM_CONSTANT_NEAR_MISSES = {
+    "power_2.0005": lambda x: x / np.sqrt(np.mean(x ** 2.0005, -1, keepdims=True) + EPS) * W,
+    "numerator_1.0005": lambda x: x * (1.0005 / np.sqrt(np.mean(x * x, -1, keepdims=True) + EPS)) * W,
+}
+
+
+@pytest.mark.parametrize("near_miss", sorted(RMS_NORM_CONSTANT_NEAR_MISSES))
+def test_rms_norm_with_a_constant_close_to_the_formulas_does_not_fuse(near_miss):
+    graph = fuse(RMS_NORM_CONSTANT_NEAR_MISSES[near_miss], HIDDEN, sizes={"batch": 2, "seq": 3})
+    assert "rms_norm" not in ops(graph)
 
 
 # -- KV cache: index assignment and index reads -----------------------------------------------------------
