@@ -1,9 +1,9 @@
 """IR -> ONNX for Cloud AI 100: lowering rules, the custom-op function library, model assembly,
 external data, float16, and running the result on onnxruntime."""
 
-from qtrace.errors import register_library_dir as _register_library_dir
+from qtrace.errors import register_library_package as _register_library_package
 
-_register_library_dir(__file__)
+_register_library_package(__name__)
 
 from .api import Lowered, lower  # noqa: E402
 from .custom_ops import CUSTOM_OP_DOMAINS, custom_op_function  # noqa: E402

@@ -6,9 +6,9 @@ records a primitive. Importing this package also teaches traced values numpy's o
 protocols.
 """
 
-from qtrace.errors import register_library_dir as _register_library_dir
+from qtrace.errors import register_library_package as _register_library_package
 
-_register_library_dir(__file__)
+_register_library_package(__name__)
 
 from . import numpy_api as _numpy_api
 from .common import INT32_MAX, PRIMITIVES

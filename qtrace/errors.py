@@ -5,8 +5,13 @@ Every error a user can cause derives from `QtraceError` and reads
     qtrace.ShapeError: matmul: contracting dims differ: f32[b,s,256] @ f32[512,256]
       at examples/llama.py:63 in attention
 
-The location is the first stack frame outside qtrace (and outside numpy, whose dispatch frames sit
-between a user's `np.exp(x)` and qtrace), found once per recorded operation.
+The location is the first stack frame outside the library, found once per recorded operation.
+Library frames are told apart by the module that runs them, not by their directory
+(docs/architecture.md, "Source locations"): the core's own modules (`qtrace`, `qtrace.core`,
+`qtrace.tracing`, ...; not its subpackages), the packages that register themselves
+(`qtrace.primitives`, `qtrace.passes`, `qtrace.lowering`), numpy (whose dispatch frames sit between a
+user's `np.exp(x)` and qtrace) and functools / contextlib. Everything else is the user's code,
+including the model zoo `qtrace.examples`, which a normal install puts inside the qtrace directory.
 """
 
 from __future__ import annotations
@@ -14,29 +19,29 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from types import FrameType
 
-# Frames from these directories are library frames; the user's frame is the first one outside them.
-_QTRACE_ROOTS: list[str] = []
-
-
-def register_library_dir(path: str) -> None:
-    """Mark a directory as qtrace's own, so frames inside it are skipped when locating user code."""
-    root = os.path.dirname(os.path.abspath(path)) + os.sep
-    if root not in _QTRACE_ROOTS:
-        _QTRACE_ROOTS.append(root)
+CORE_PACKAGE = "qtrace"  # its own modules are library code; its subpackages only when registered
+_LIBRARY_PACKAGES: set[str] = {"numpy"}  # with their subpackages
+_LIBRARY_MODULES = frozenset({"functools", "contextlib"})
+_SKIPPED_FILES = ("<__array_function__ internals>",)
 
 
-register_library_dir(__file__)
-_SKIPPED_FILES = ("functools.py", "contextlib.py", "<__array_function__ internals>")
+def register_library_package(name: str) -> None:
+    """Mark a package and its subpackages as library code: their frames are skipped when locating
+    the user's line (each library package calls this with its `__name__` when imported)."""
+    _LIBRARY_PACKAGES.add(name)
 
 
-def _numpy_root() -> str:
-    import numpy
-
-    return os.path.dirname(os.path.abspath(numpy.__file__)) + os.sep
-
-
-_NUMPY_ROOT = _numpy_root()
+def is_library_frame(frame: FrameType) -> bool:
+    """Does this frame run qtrace's (or numpy's) own code rather than the user's?"""
+    module_globals = frame.f_globals
+    package = module_globals.get("__package__") or ""
+    if package == CORE_PACKAGE or module_globals.get("__name__") in _LIBRARY_MODULES:
+        return True
+    if any(package == p or package.startswith(p + ".") for p in _LIBRARY_PACKAGES):
+        return True
+    return frame.f_code.co_filename.endswith(_SKIPPED_FILES)
 
 
 @dataclass(frozen=True)
@@ -64,19 +69,12 @@ class SourceLocation:
         return f"{os.path.basename(self.file)}:{self.line} ({self.function})"
 
 
-def _is_library_file(filename: str) -> bool:
-    if filename.startswith(_NUMPY_ROOT) or filename.endswith(_SKIPPED_FILES):
-        return True
-    return any(filename.startswith(root) for root in _QTRACE_ROOTS)
-
-
 def user_location() -> SourceLocation | None:
     """The innermost stack frame that belongs to the user's code."""
-    frame = sys._getframe(1)
+    frame: FrameType | None = sys._getframe(1)
     while frame is not None:
-        filename = frame.f_code.co_filename
-        if not _is_library_file(os.path.abspath(filename) if not filename.startswith("<") else filename):
-            return SourceLocation(filename, frame.f_lineno, frame.f_code.co_name)
+        if not is_library_frame(frame):
+            return SourceLocation(frame.f_code.co_filename, frame.f_lineno, frame.f_code.co_name)
         frame = frame.f_back
     return None
 
