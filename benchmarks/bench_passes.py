@@ -1,4 +1,4 @@
-"""Pass time against graph size (design.md §4: cost must stay linear in graph size).
+"""Pass time against graph size (docs/architecture.md, "Passes": cost must stay linear in graph size).
 
 Traces the plain-numpy Llama-style decoder of examples/numpy_decoder.py with 1, 8, 32 and 128 layers
 (no @qtrace.function, so the graph really grows), runs the default pass pipeline and prints, per

@@ -1,4 +1,4 @@
-"""Cloud AI 100 custom ops as ONNX functions (design.md section 5).
+"""Cloud AI 100 custom ops as ONNX functions (docs/architecture.md, "Cloud AI 100 conventions").
 
 The Qualcomm compiler recognises these nodes by op_type, domain and input order and replaces them
 with its own kernels. The function bodies below are the portable reference: attached to a model as

@@ -1,7 +1,7 @@
 """The Cloud AI 100 KV-cache primitives: ctx_scatter / ctx_gather and their continuous-batching
 (`_cb`) forms, each 4-D ([batch, heads, ctx, dim]) or 3-D ([batch, ctx, dim]) by the data's rank.
 
-Index conventions (design.md §5), honoured by these references and by the ONNX function bodies:
+Index conventions (docs/architecture.md, "Cloud AI 100 conventions"), honoured by these references and by the ONNX function bodies:
 - a negative position counts from the end for the plain scatter (so padding at -1 writes the last
   slot); the continuous-batching scatter first turns negative positions into INT32_MAX;
 - INT32_MAX is the invalid index: a scatter there writes nothing, a gather there reads index 0;

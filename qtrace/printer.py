@@ -1,4 +1,5 @@
-"""The IR dump: one equation per line, readable without a manual (design.md §3), and Graphviz DOT."""
+"""The IR dump: one equation per line, readable without a manual (docs/architecture.md, "The IR"), and Graphviz
+DOT."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Cloud AI 100 custom-op functions (lowering/custom_ops.py, design.md section 5).
+"""The Cloud AI 100 custom-op functions (lowering/custom_ops.py, docs/architecture.md "Cloud AI 100 conventions").
 
 Each test builds a one-node ONNX model calling the custom op (its FunctionProto in model.functions),
 runs it with onnxruntime and compares with a numpy reference written here as explicit loops over

@@ -1,4 +1,4 @@
-"""The Cloud AI 100 KV-cache primitives (primitives/kv_cache.py, design.md section 5).
+"""The Cloud AI 100 KV-cache primitives (primitives/kv_cache.py, docs/architecture.md "Cloud AI 100 conventions").
 
 The truth is section 5 written as loops over batch, head and position:
 - scatter: out[b, h, position_ids[b, s], :] = updates[b, h, s, :]; a negative position counts from

@@ -1,4 +1,4 @@
-"""Lowering, primitive by primitive (design.md §5-§7): a table of small functions, each traced with
+"""Lowering, primitive by primitive (docs/architecture.md, "Lowering"): a table of small functions, each traced with
 symbolic-dim inputs, lowered to ONNX, saved and checked by onnx's full checker, and run on
 onnxruntime at two concrete sizes against the eager numpy function.
 

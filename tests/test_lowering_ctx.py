@@ -1,4 +1,4 @@
-"""The Cloud AI 100 KV-cache ops in lowered models (design.md §5): the exact node contract the
+"""The Cloud AI 100 KV-cache ops in lowered models (docs/architecture.md, "Cloud AI 100 conventions"): the exact node contract the
 compiler matches (op_type, domain, input order), and answers on onnxruntime that honour the index
 conventions the hardware relies on: padding position -1, INT32_MAX as the invalid index, and
 continuous batching with batch_index out of order.

@@ -1,6 +1,6 @@
 """What a lowered model looks like as a whole: local functions for @qtrace.function, scoped node names,
 source metadata, retained-state output names, constant reshapes, opsets, float16, reproducible bytes,
-and the errors bad input gets (design.md §2, §5-§7)."""
+and the errors bad input gets (docs/architecture.md: "Lowering", "Cloud AI 100 conventions", "Source locations")."""
 
 from __future__ import annotations
 

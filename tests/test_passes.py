@@ -1,4 +1,4 @@
-"""Passes (design.md §4): every registered pass keeps Graph.eval unchanged (on hypothesis-generated
+"""Passes (docs/architecture.md, "Passes"): every registered pass keeps Graph.eval unchanged (on hypothesis-generated
 graphs and on the example models); the pass manager runs passes by name, dumps the IR after each
 and, in debug mode, names a pass that breaks the graph; shape_check reports inconsistencies with the
 node's line and context; shape errors in the examples point at the example's file:line; `qtrace dump`."""

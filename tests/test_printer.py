@@ -1,4 +1,4 @@
-"""The IR dump (design.md section 3): one equation per line,
+"""The IR dump (docs/architecture.md, "The IR"): one equation per line,
 
     %name: dtype[shape] = op(operands) {params}    # file.py:line (function)
 

@@ -1,4 +1,4 @@
-"""Tracing (design.md section 2): numpy-style functions become graphs that compute what the function
+"""Tracing (docs/architecture.md, "The pipeline"): numpy-style functions become graphs that compute what the function
 computes eagerly; Python control flow on traced values fails at the user's line; names come from
 parameters, dict keys, scopes, partials, closures and globals; @qtrace.function shares bodies."""
 
