@@ -203,6 +203,18 @@ class ConfigReader:
         return RopeSpec(theta=float(theta), kind=kind, scaling=_frozen(scaling),
                         partial_rotary_factor=float(partial), interleaved=interleaved)
 
+    def opt_in_window(self) -> tuple[tuple[str, ...], int | None]:
+        """(layer types, window) of a config whose sliding window is opt-in (Qwen2, Qwen3): no window
+        unless `use_sliding_window`; then the layers `layer_types` marks, or from `max_window_layers` on."""
+        layers = self.require("num_hidden_layers")
+        window = self.get("sliding_window", None) if self.get("use_sliding_window", False, bool) else None
+        if window is None:
+            return (FULL,) * layers, None
+        if self.has("layer_types"):
+            return self.layer_types(layers), window
+        first = self.get("max_window_layers", layers, int, positive=False)
+        return tuple(SLIDING if i >= first else FULL for i in range(layers)), window
+
     def layer_types(self, num_layers: int, default: str = FULL) -> tuple[str, ...]:
         types = self.data.get("layer_types")
         if types is None:
