@@ -5,7 +5,6 @@ the compiler rejects inside a function is reported at the user's line; Graph.eva
 from __future__ import annotations
 
 import collections
-import copy
 
 import numpy as np
 import pytest

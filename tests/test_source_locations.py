@@ -23,7 +23,10 @@ import qtrace
 import qtrace.examples
 from qtrace import ShapeDtype, ShapeError
 from qtrace.errors import is_library_frame
-from qtrace.examples import llama, numpy_decoder
+from qtrace.examples import numpy_decoder
+from qtrace.examples.blocks.layers import linear
+from qtrace.examples.checkpoint import random_model
+from qtrace.examples.families.llama import tiny_config
 from qtrace.passes import run_pipeline
 
 ZOO_DIR = os.path.dirname(os.path.abspath(qtrace.examples.__file__))
@@ -48,8 +51,8 @@ def test_library_frames_are_the_core_primitives_passes_lowering_and_numpy(module
     assert is_library_frame(frame_in(module))
 
 
-@pytest.mark.parametrize("module", ["qtrace.examples", "qtrace.examples.llama", "qtrace.examples.numpy_decoder",
-                                    __name__])
+@pytest.mark.parametrize("module", ["qtrace.examples", "qtrace.examples.families.llama", "qtrace.examples.blocks",
+                                    "qtrace.examples.blocks.attention", "qtrace.examples.numpy_decoder", __name__])
 def test_model_zoo_and_user_modules_are_user_frames(module):
     assert not is_library_frame(frame_in(module))
 
@@ -58,28 +61,26 @@ def test_model_zoo_and_user_modules_are_user_frames(module):
 
 
 def test_shape_error_in_a_zoo_model_points_at_the_model_file():
-    cfg = llama.LlamaConfig.tiny(num_hidden_layers=1)
-    params = llama.init_params(cfg)
-    params["layers"][0]["k_proj"] = params["layers"][0]["k_proj"][:, :48]  # the deliberate error
-    fn, args = llama.causal_lm_signature(cfg, params)
+    model = random_model(tiny_config(num_hidden_layers=1))
+    model.params["layers"][0]["k_proj"] = model.params["layers"][0]["k_proj"][:, :48]  # the deliberate error
+    fn, args = model.signature()
     with pytest.raises(ShapeError) as info:
         qtrace.trace(fn, args)
     location = info.value.location
     assert location is not None and in_zoo(location.file), f"points at {location}, not the model file"
-    lines, first = inspect.getsourcelines(llama.linear)
+    lines, first = inspect.getsourcelines(linear)
     assert location.function == "linear" and "@" in lines[location.line - first]
     assert f"{os.path.basename(location.file)}:{location.line} in linear" in str(info.value)
 
 
 def test_every_ir_line_of_a_zoo_model_names_a_model_file_line():
-    cfg = llama.LlamaConfig.tiny()
-    fn, args = llama.causal_lm_signature(cfg, llama.init_params(cfg))
+    fn, args = random_model(tiny_config()).signature()
     graph = qtrace.trace(fn, args)
     run_pipeline(graph)  # fusions and hoisting keep the line of what they replaced
     nodes = list(graph.nodes) + [n for f in graph.functions.values() for n in f.body.nodes]
     outside = [(n.op, str(n.location)) for n in nodes if n.location is None or not in_zoo(n.location.file)]
     assert not outside
-    assert "# llama.py:" in str(graph)
+    assert "# attention.py:" in str(graph) and "# causal_lm.py:" in str(graph)
 
 
 def test_user_code_calling_the_zoo_is_not_where_zoo_operations_point():
