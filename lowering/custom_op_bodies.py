@@ -47,8 +47,8 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
     # The tuples are sums of broadcast coordinate columns times unit vectors, e.g. for 4-D
     #   slot[:, None, None, None] * [1, 0, 0] + head[None, :, None, None] * [0, 1, 0]
     #   + position[:, None, :, None] * [0, 0, 1]                     -> [B, H, S, 3]
-    # The iotas are reshaped, not unsqueezed: onnx's data propagation mis-infers Unsqueeze of a
-    # ConstantOfShape result (onnx 1.17-1.23).
+    # with the slot and head numbers counted by CumSum over ones. Those counts are never unsqueezed:
+    # onnx's data propagation mis-infers Unsqueeze of a ConstantOfShape result (onnx 1.17-1.23).
     # Rows that must write nothing are dropped (Compress) before the scatter: ONNX scatters have no
     # "skip", and dropping them costs no copy of the cache. ScatterND reads a negative coordinate from
     # the end, which is the non-CB padding rule.
@@ -57,14 +57,14 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
     def CtxScatter(data, position_ids, updates):
         """data[B,H,C,D], position_ids[B,S], updates[B,H,S,D] -> [B,H,C,D]:
         a copy of data with out[b,h,position_ids[b,s],:] = updates[b,h,s,:]."""
-        zero = op.Constant(value_int=0)
-        batch = op.CumSum(op.ConstantOfShape(op.Shape(data, start=0, end=1), value=ONE), zero, exclusive=1)
-        heads = op.CumSum(op.ConstantOfShape(op.Shape(data, start=1, end=2), value=ONE), zero, exclusive=1)
+        ones = op.ConstantOfShape(op.Concat(op.Shape(data, start=0, end=2), op.Constant(value_ints=[1, 1]), axis=0),
+                                  value=ONE)
+        batch = op.CumSum(ones, op.Constant(value_int=0), exclusive=1)  # [B,H,1,1] holding b
+        heads = op.CumSum(ones, op.Constant(value_int=1), exclusive=1)  # [B,H,1,1] holding h
         position = op.Cast(position_ids, to=INT64)
-        rows = (op.Reshape(batch, [-1, 1, 1, 1]) * op.Constant(value_ints=[1, 0, 0])
-                + op.Reshape(heads, [-1, 1, 1]) * op.Constant(value_ints=[0, 1, 0])
+        rows = (batch * op.Constant(value_ints=[1, 0, 0]) + heads * op.Constant(value_ints=[0, 1, 0])
                 + op.Unsqueeze(position, [1, 3]) * op.Constant(value_ints=[0, 0, 1]))
-        rows = op.Reshape(rows, [-1, 3])
+        rows = op.Flatten(rows, axis=3)
         keep = op.Gather(rows, 2, axis=1) < op.Constant(value_int=INT32_MAX)
         out = op.ScatterND(data, op.Compress(rows, keep, axis=0),
                            op.Compress(op.Flatten(updates, axis=3), keep, axis=0))
@@ -79,7 +79,7 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
         position = op.Cast(position_ids, to=INT64)
         rows = (op.Reshape(batch, [-1, 1, 1]) * op.Constant(value_ints=[1, 0])
                 + op.Unsqueeze(position, [2]) * op.Constant(value_ints=[0, 1]))
-        rows = op.Reshape(rows, [-1, 2])
+        rows = op.Flatten(rows, axis=2)
         keep = op.Gather(rows, 1, axis=1) < op.Constant(value_int=INT32_MAX)
         out = op.ScatterND(data, op.Compress(rows, keep, axis=0),
                            op.Compress(op.Flatten(updates, axis=2), keep, axis=0))
@@ -99,7 +99,7 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
         rows = (op.Unsqueeze(slot, [2, 3]) * op.Constant(value_ints=[1, 0, 0])
                 + op.Reshape(heads, [-1, 1, 1]) * op.Constant(value_ints=[0, 1, 0])
                 + op.Unsqueeze(position, [1, 3]) * op.Constant(value_ints=[0, 0, 1]))
-        rows = op.Reshape(rows, [-1, 3])
+        rows = op.Flatten(rows, axis=3)
         position = op.Gather(rows, 2, axis=1)
         keep = op.And(position >= zero, position < op.Constant(value_int=INT32_MAX))
         out = op.ScatterND(data, op.Compress(rows, keep, axis=0),
@@ -114,7 +114,7 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
         position = op.Cast(position_ids, to=INT64)
         rows = (op.Unsqueeze(slot, [2]) * op.Constant(value_ints=[1, 0])
                 + op.Unsqueeze(position, [2]) * op.Constant(value_ints=[0, 1]))
-        rows = op.Reshape(rows, [-1, 2])
+        rows = op.Flatten(rows, axis=2)
         position = op.Gather(rows, 1, axis=1)
         keep = op.And(position >= op.Constant(value_int=0), position < op.Constant(value_int=INT32_MAX))
         out = op.ScatterND(data, op.Compress(rows, keep, axis=0),
