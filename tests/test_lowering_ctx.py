@@ -12,12 +12,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import numpy_helper
 
 import qtrace
 import qtrace.primitives as qp
 from qtrace import ShapeDtype
 
+from conftest import examples
+from test_kv_cache import gather_inputs, scatter_inputs
 from test_lowering import INT32_MAX, assert_matches, save_and_check
 
 QUALCOMM = "com.qualcomm.cloud"
@@ -380,3 +384,29 @@ def test_int32_index_scatter_runs_at_two_sizes(tmp_path: Any) -> None:
             packed = np.flatnonzero(routed[b])
             np.testing.assert_array_equal(got[b, :len(packed), 0], packed)
             assert (got[b, len(packed):, 0] == INT32_MAX).all()
+
+
+# -- property: the lowered op (its function body on onnxruntime) equals the primitive's numpy reference -----
+
+
+LOWERED_MODES = [  # (qtrace call, continuous batching, blocked) for every ctx primitive mode
+    pytest.param(qp.ctx_scatter, False, False, id="ctx_scatter"),
+    pytest.param(qp.ctx_scatter_cb, True, False, id="ctx_scatter_cb"),
+    pytest.param(qp.ctx_gather, False, False, id="ctx_gather"),
+    pytest.param(qp.ctx_gather_cb, True, False, id="ctx_gather_cb"),
+    pytest.param(qp.ctx_gather_blocked_kv, False, True, id="ctx_gather_blocked_kv"),
+    pytest.param(qp.ctx_gather_blocked_kv_cb, True, True, id="ctx_gather_blocked_kv_cb"),
+]
+
+
+@pytest.mark.parametrize("call, continuous_batching, blocked", LOWERED_MODES)
+@settings(max_examples=examples(0.4))
+@given(data=st.data())
+def test_lowered_ctx_op_matches_the_numpy_reference(call, continuous_batching, blocked, data) -> None:
+    """Random shapes, dtypes, padding -1, INT32_MAX and out-of-order cache slots (test_kv_cache's inputs)."""
+    if call in (qp.ctx_scatter, qp.ctx_scatter_cb):
+        arrays = data.draw(scatter_inputs(continuous_batching))
+    else:
+        arrays = data.draw(gather_inputs(continuous_batching, blocked))
+    lowered = qtrace.lower(call, tuple(ShapeDtype.of(a) for a in arrays))
+    assert_matches(lowered.run(*arrays), call(*arrays))
