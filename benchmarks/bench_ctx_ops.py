@@ -1,6 +1,6 @@
 """onnxruntime latency and node counts of the KV-cache custom-op bodies: the current ones against a
-baseline revision's (by default the scratch-slot bodies of commit 96a30cb: concatenate a scratch slot,
-scatter, slice it off; CB ops gather whole cache rows first).
+baseline revision's (by default the session start, whose bodies concatenate a scratch slot, scatter
+and slice it off, and whose CB ops gather whole cache rows first).
 
     python benchmarks/bench_ctx_ops.py [--baseline REV] [--rounds 15]
 
@@ -27,6 +27,7 @@ import numpy as np
 import onnxruntime as ort
 from onnx import helper
 
+from baseline import SESSION_START
 from qtrace.lowering import custom_ops
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,8 @@ SHAPES = {"1B": (1, 8, 1024, 64), "tiny": (1, 2, 16, 8)}
 
 
 def baseline_library(revision: str):
-    """custom_ops.py as it was at `revision`, imported as a standalone module."""
+    """custom_ops.py as it was at `revision`, imported as a standalone module (the bodies alone: lighter
+    than baseline.baseline_tree's whole exporter in a child process)."""
     source = subprocess.run(["git", "-C", REPO, "show", f"{revision}:lowering/custom_ops.py"], check=True,
                             capture_output=True, text=True).stdout
     if "custom_op_bodies" in source:
@@ -108,7 +110,7 @@ def median_seconds(sessions: list[ort.InferenceSession], feeds: dict[str, np.nda
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", default="96a30cb", help="git revision with the baseline bodies")
+    parser.add_argument("--baseline", default=SESSION_START, help="git revision with the baseline bodies")
     parser.add_argument("--rounds", type=int, default=15)
     args = parser.parse_args()
     baseline = baseline_library(args.baseline)
