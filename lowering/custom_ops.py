@@ -92,15 +92,23 @@ def cache_dir() -> str:
 def load_functions(opset: int, directory: str) -> dict[str, onnx.FunctionProto]:
     """Every custom op's FunctionProto at `opset`: from `directory` when it holds this exact build,
     else compiled with onnxscript and stored there."""
-    key = cache_key(opset)
+    try:
+        key = cache_key(opset)
+    except OSError:  # no bodies source to key the cache on (a bytecode-only install): no cache
+        return _build_functions(opset)
     path = os.path.join(directory, "custom_ops", f"opset{opset}-{key[:16]}.onnx")
     functions = _read_library(path, key)
     if functions is None:
-        from .custom_op_bodies import build_functions
-
-        functions = build_functions(opset)
-        assert functions.keys() == CUSTOM_OP_DOMAINS.keys()
+        functions = _build_functions(opset)
         _write_library(path, key, functions)
+    return functions
+
+
+def _build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
+    from .custom_op_bodies import build_functions
+
+    functions = build_functions(opset)
+    assert functions.keys() == CUSTOM_OP_DOMAINS.keys()
     return functions
 
 

@@ -146,6 +146,14 @@ def test_an_unusable_cache_directory_only_costs_the_build(tmp_path, builds):
     assert builds == [17]
 
 
+def test_without_the_bodies_source_the_functions_are_built_uncached(tmp_path, builds, monkeypatch):
+    monkeypatch.setattr(custom_ops, "BODIES_FILE", str(tmp_path / "missing.py"))
+    for _ in range(2):
+        assert custom_ops.load_functions(17, str(tmp_path)).keys() == custom_ops.CUSTOM_OP_DOMAINS.keys()
+    assert builds == [17, 17]
+    assert library_files(tmp_path) == []
+
+
 def test_a_failed_write_leaves_no_file_behind(tmp_path, monkeypatch):
     def failing_replace(source, target):
         raise OSError("disk full")
