@@ -50,7 +50,6 @@ class Rule:
         """How reports name the rule: `fuse_rms_norm (fuse.py:97)`."""
         return f"{self.name} ({self.defined_at})"
 
-
     @functools.cached_property
     def op_depths(self) -> dict[str, frozenset[int]]:
         """Where each primitive of the pattern sits, in levels above the root."""
@@ -62,7 +61,7 @@ class Rule:
         new node of primitive `op` d levels up; None means "anything may have changed"."""
         return changes is None or any(op == "*" or depth in self.op_depths.get(op, ()) for op, depth in changes)
 
-    @property
+    @functools.cached_property
     def rank(self) -> tuple[int, int, int]:
         """Sort key, smallest first: higher priority, then larger pattern, then earlier definition."""
         return (-self.priority, -(self.pattern.size if self.pattern is not None else 1), self.order)
@@ -103,8 +102,8 @@ class RuleSet:
         `trait(...)` (the rule sees every such node; `match` then holds no bindings)."""
         patterns = [a for a in anchors if isinstance(a, Pat)]
         names = tuple(a for a in anchors if isinstance(a, str))
-        if not anchors or (patterns and names):
-            raise TypeError("RuleSet.rule takes patterns or primitive names (not both, not none)")
+        if not anchors or (patterns and names) or any(p.is_var for p in patterns):
+            raise TypeError("RuleSet.rule takes patterns rooted at a primitive, or primitive names (not both)")
 
         def register(fn: RuleFn) -> RuleFn:
             label, where = name or fn.__name__, _where(fn)
