@@ -55,7 +55,7 @@ def read_config(reader: ConfigReader) -> DecoderConfig:
         architecture=NAME, vocab_size=reader.require("vocab_size"), hidden_size=hidden,
         intermediate_size=reader.get("ffn_hidden_size", 4 * hidden), num_hidden_layers=reader.require("num_hidden_layers"),
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads, qkv_shards=shards,
-        norm_eps=reader.get("layer_norm_epsilon", 1e-5, float), rope=reader.rope(),
+        norm_eps=reader.get("layer_norm_epsilon", 1e-5, float), rope=reader.check_rope(reader.rope(), hidden // heads),
         max_position_embeddings=reader.get("max_position_embeddings", 2048),
         tie_word_embeddings=reader.get("tie_word_embeddings", True, bool), attention_bias=reader.get("bias", False, bool),
         hidden_act=reader.choice("activation", "gelu", ("gelu", "gelu_new", "gelu_pytorch_tanh")), layer_norms=norms)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import qtrace
 
 from ..blocks.gpt_decoder import ALL, final_layer_norm, gpt_layer, gpt_layer_weights, gpt_weights
-from ..config import FULL, SLIDING, ConfigReader, DecoderConfig, common_fields
+from ..config import ConfigReader, DecoderConfig, common_fields
 from ..registry import Architecture, register
 
 NAME = "Starcoder2ForCausalLM"
@@ -17,12 +17,10 @@ MODULES = {"input_layernorm": "input_layernorm", "q_proj": "self_attn.q_proj", "
 
 
 def read_config(reader: ConfigReader) -> DecoderConfig:
-    window = reader.get("sliding_window", None)
     return DecoderConfig(**common_fields(
         reader, NAME, norm_eps=reader.get("norm_epsilon", 1e-5, float), attention_bias=reader.get("use_bias", True, bool),
         hidden_act=reader.choice("hidden_act", "gelu_pytorch_tanh", ("gelu_pytorch_tanh", "gelu_new", "gelu")),
-        tie_word_embeddings=reader.get("tie_word_embeddings", True, bool), sliding_window=window,
-        layer_types=((SLIDING if window else FULL),) * reader.require("num_hidden_layers")))
+        tie_word_embeddings=reader.get("tie_word_embeddings", True, bool), **reader.every_layer_window()))
 
 
 def weights(cfg: DecoderConfig):
