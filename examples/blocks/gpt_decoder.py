@@ -61,9 +61,9 @@ HEAD_NORMS = ("q_layernorm", "k_layernorm")
 def _projection_shape(key: str, cfg: DecoderConfig) -> tuple[int, int]:
     """(in_features, out_features) of a layer's projection."""
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return {"qkv_proj": (cfg.hidden_size, q + 2 * kv), "q_proj": (cfg.hidden_size, q), "k_proj": (cfg.hidden_size, kv),
-            "v_proj": (cfg.hidden_size, kv), "o_proj": (q, cfg.hidden_size),
-            "up_proj": (cfg.hidden_size, cfg.intermediate_size), "down_proj": (cfg.intermediate_size, cfg.hidden_size)}[key]
+    d, i = cfg.hidden_size, cfg.intermediate_size
+    return {"qkv_proj": (d, q + 2 * kv), "q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d),
+            "up_proj": (d, i), "down_proj": (i, d)}[key]
 
 
 def gpt_layer_weights(cfg: DecoderConfig, prefix: str, modules: dict[str, str], *, biased: Collection[str] = ALL,
@@ -89,12 +89,16 @@ def gpt_layer_weights(cfg: DecoderConfig, prefix: str, modules: dict[str, str], 
     return weights
 
 
-def gpt_weights(cfg: DecoderConfig, layer: Any, *, embed: str, final_norm: str, norm_bias: bool = True,
-                positions: str | None = None, head: str = "lm_head", head_bias: bool = False) -> WeightMap:
-    """The whole map (see causal_lm_weights) with the final LayerNorm's bias, learned position
-    embeddings and an lm_head bias where the family has them (module names, without .weight)."""
-    weights = causal_lm_weights(cfg, layer, embed=f"{embed}.weight", final_norm=f"{final_norm}.weight",
-                                head=f"{head}.weight")
+def gpt_weights(cfg: DecoderConfig, layer_prefix: str, modules: dict[str, str], *, biased: Collection[str] = ALL,
+                norm_bias: bool = True, kind: str = LINEAR, embed: str, final_norm: str, positions: str | None = None,
+                head: str = "lm_head", head_bias: bool = False) -> WeightMap:
+    """The whole map (see causal_lm_weights): every layer's weights from `modules` under
+    `layer_prefix` (with "{i}" for the layer index; see gpt_layer_weights), the final LayerNorm and its
+    bias, learned position embeddings and an lm_head bias where the family has them (module names,
+    without ".weight")."""
+    weights = causal_lm_weights(cfg, lambda i: gpt_layer_weights(cfg, layer_prefix.format(i=i), modules, biased=biased,
+                                                                  norm_bias=norm_bias, kind=kind),
+                                embed=f"{embed}.weight", final_norm=f"{final_norm}.weight", head=f"{head}.weight")
     if norm_bias:
         weights["norm_bias"] = Weight(f"{final_norm}.bias", (cfg.hidden_size,), BIAS)
     if positions is not None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import qtrace
 
-from ..blocks.gpt_decoder import final_layer_norm, gpt_layer, gpt_layer_weights, gpt_weights
+from ..blocks.gpt_decoder import final_layer_norm, gpt_layer
 from ..config import ConfigReader, DecoderConfig, gpt2_style_fields
 from ..registry import Architecture, register
-from .gptj import MLP
+from .gptj import MLP, weights_of
 
 NAME = "CodeGenForCausalLM"
 MP_NUM = 4  # transformers hard-codes the shard count of CodeGen's checkpoints
@@ -24,11 +24,6 @@ def read_config(reader: ConfigReader) -> DecoderConfig:
     return DecoderConfig(**fields)
 
 
-def weights(cfg: DecoderConfig):
-    return gpt_weights(cfg, lambda i: gpt_layer_weights(cfg, f"transformer.h.{i}.", MODULES, biased=MLP),
-                       embed="transformer.wte", final_norm="transformer.ln_f", head_bias=True)
-
-
-register(Architecture(NAME, read_config, weights, qtrace.function(gpt_layer, name="codegen_layer"),
+register(Architecture(NAME, read_config, weights_of(MODULES), qtrace.function(gpt_layer, name="codegen_layer"),
                       final_norm=final_layer_norm,
                       notes="GPT-J's layer, qkv_proj in 4 (q, v, k) shards, lm_head bias"))

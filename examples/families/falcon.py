@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import qtrace
 
-from ..blocks.gpt_decoder import ALL, final_layer_norm, gpt_layer, gpt_layer_weights, gpt_weights
+from ..blocks.gpt_decoder import ALL, final_layer_norm, gpt_layer, gpt_weights
 from ..config import ConfigReader, DecoderConfig
 from ..registry import Architecture, register
 
@@ -53,19 +53,20 @@ def read_config(reader: ConfigReader) -> DecoderConfig:
                                            f"divide hidden_size = {hidden}")
     return FalconConfig(
         architecture=NAME, vocab_size=reader.require("vocab_size"), hidden_size=hidden,
-        intermediate_size=reader.get("ffn_hidden_size", 4 * hidden), num_hidden_layers=reader.require("num_hidden_layers"),
+        intermediate_size=reader.get("ffn_hidden_size", 4 * hidden),
+        num_hidden_layers=reader.require("num_hidden_layers"),
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads, qkv_shards=shards,
         norm_eps=reader.get("layer_norm_epsilon", 1e-5, float), rope=reader.check_rope(reader.rope(), hidden // heads),
         max_position_embeddings=reader.get("max_position_embeddings", 2048),
-        tie_word_embeddings=reader.get("tie_word_embeddings", True, bool), attention_bias=reader.get("bias", False, bool),
+        tie_word_embeddings=reader.get("tie_word_embeddings", True, bool),
+        attention_bias=reader.get("bias", False, bool),
         hidden_act=reader.choice("activation", "gelu", ("gelu", "gelu_new", "gelu_pytorch_tanh")), layer_norms=norms)
 
 
 def weights(cfg: FalconConfig):
-    modules = {**dict(cfg.layer_norms), **ATTENTION_AND_MLP}
-    biased = ALL if cfg.attention_bias else ()
-    return gpt_weights(cfg, lambda i: gpt_layer_weights(cfg, f"transformer.h.{i}.", modules, biased=biased),
-                       embed="transformer.word_embeddings", final_norm="transformer.ln_f")
+    return gpt_weights(cfg, "transformer.h.{i}.", {**dict(cfg.layer_norms), **ATTENTION_AND_MLP},
+                       biased=ALL if cfg.attention_bias else (), embed="transformer.word_embeddings",
+                       final_norm="transformer.ln_f")
 
 
 register(Architecture(NAME, read_config, weights, qtrace.function(gpt_layer, name="falcon_layer"),

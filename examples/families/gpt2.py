@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import qtrace
 
-from ..blocks.gpt_decoder import final_layer_norm, gpt_layer, gpt_layer_weights, gpt_weights, token_and_position_embedding
+from ..blocks.gpt_decoder import final_layer_norm, gpt_layer, gpt_weights, token_and_position_embedding
 from ..config import ConfigReader, DecoderConfig, gpt2_style_fields, replace
 from ..registry import Architecture, register
 from ..weights import CONV1D
@@ -36,8 +36,8 @@ def layer_config(cfg: GPT2Config, index: int) -> DecoderConfig:
 
 
 def weights(cfg: DecoderConfig):
-    return gpt_weights(cfg, lambda i: gpt_layer_weights(cfg, f"transformer.h.{i}.", MODULES, kind=CONV1D),
-                       embed="transformer.wte", final_norm="transformer.ln_f", positions="transformer.wpe")
+    return gpt_weights(cfg, "transformer.h.{i}.", MODULES, kind=CONV1D, embed="transformer.wte",
+                       final_norm="transformer.ln_f", positions="transformer.wpe")
 
 
 register(Architecture(NAME, read_config, weights, qtrace.function(gpt_layer, name="gpt2_layer"),

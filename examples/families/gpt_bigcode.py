@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import qtrace
 
-from ..blocks.gpt_decoder import final_layer_norm, gpt_layer, gpt_layer_weights, gpt_weights, token_and_position_embedding
+from ..blocks.gpt_decoder import final_layer_norm, gpt_layer, gpt_weights, token_and_position_embedding
 from ..config import ConfigReader, DecoderConfig, gpt2_style_fields
 from ..registry import Architecture, register
 from .gpt2 import MODULES
@@ -26,8 +26,8 @@ def read_config(reader: ConfigReader) -> DecoderConfig:
 
 
 def weights(cfg: DecoderConfig):
-    return gpt_weights(cfg, lambda i: gpt_layer_weights(cfg, f"transformer.h.{i}.", MODULES),
-                       embed="transformer.wte", final_norm="transformer.ln_f", positions="transformer.wpe")
+    return gpt_weights(cfg, "transformer.h.{i}.", MODULES, embed="transformer.wte", final_norm="transformer.ln_f",
+                       positions="transformer.wpe")
 
 
 register(Architecture(NAME, read_config, weights, qtrace.function(gpt_layer, name="gpt_bigcode_layer"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import qtrace
 
-from ..blocks.gpt_decoder import final_layer_norm, gpt_layer, gpt_layer_weights, gpt_weights
+from ..blocks.gpt_decoder import final_layer_norm, gpt_layer, gpt_weights
 from ..config import ConfigReader, DecoderConfig, gpt2_style_fields
 from ..registry import Architecture, register
 
@@ -21,11 +21,15 @@ def read_config(reader: ConfigReader) -> DecoderConfig:
                                              tie_word_embeddings=reader.get("tie_word_embeddings", False, bool)))
 
 
-def weights(cfg: DecoderConfig):
-    return gpt_weights(cfg, lambda i: gpt_layer_weights(cfg, f"transformer.h.{i}.", MODULES, biased=MLP),
-                       embed="transformer.wte", final_norm="transformer.ln_f", head_bias=True)
+def weights_of(modules: dict[str, str]):
+    """The weight map of GPT-J's layout with these layer modules (CodeGen differs in its qkv_proj)."""
+    def weights(cfg: DecoderConfig):
+        return gpt_weights(cfg, "transformer.h.{i}.", modules, biased=MLP, embed="transformer.wte",
+                           final_norm="transformer.ln_f", head_bias=True)
+
+    return weights
 
 
-register(Architecture(NAME, read_config, weights, qtrace.function(gpt_layer, name="gptj_layer"),
+register(Architecture(NAME, read_config, weights_of(MODULES), qtrace.function(gpt_layer, name="gptj_layer"),
                       final_norm=final_layer_norm,
                       notes="parallel attention + MLP, interleaved partial rotary, lm_head bias"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import qtrace
 
 from ..blocks.alibi import alibi_slopes
-from ..blocks.gpt_decoder import final_layer_norm, gpt_layer, gpt_layer_weights, gpt_weights
+from ..blocks.gpt_decoder import final_layer_norm, gpt_layer, gpt_weights
 from ..config import ConfigReader, DecoderConfig
 from ..registry import Architecture, register
 
@@ -45,9 +45,8 @@ def read_config(reader: ConfigReader) -> DecoderConfig:
 
 
 def weights(cfg: DecoderConfig):
-    return gpt_weights(cfg, lambda i: gpt_layer_weights(cfg, f"transformer.blocks.{i}.", MODULES, biased=(),
-                                                        norm_bias=False),
-                       embed="transformer.wte", final_norm="transformer.norm_f", norm_bias=False)
+    return gpt_weights(cfg, "transformer.blocks.{i}.", MODULES, biased=(), norm_bias=False, embed="transformer.wte",
+                       final_norm="transformer.norm_f")
 
 
 register(Architecture(NAME, read_config, weights, qtrace.function(gpt_layer, name="mpt_layer"),

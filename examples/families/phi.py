@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import qtrace
 
-from ..blocks.gpt_decoder import final_layer_norm, gpt_layer, gpt_layer_weights, gpt_weights
+from ..blocks.gpt_decoder import final_layer_norm, gpt_layer, gpt_weights
 from ..config import ConfigReader, DecoderConfig, common_fields, replace
 from ..registry import Architecture, register
 
@@ -34,8 +34,8 @@ def read_config(reader: ConfigReader) -> DecoderConfig:
 
 def weights(cfg: PhiConfig):
     modules = {**MODULES, **(QK_LAYERNORMS if cfg.qk_layernorm else {})}
-    return gpt_weights(cfg, lambda i: gpt_layer_weights(cfg, f"model.layers.{i}.", modules),
-                       embed="model.embed_tokens", final_norm="model.final_layernorm", head_bias=True)
+    return gpt_weights(cfg, "model.layers.{i}.", modules, embed="model.embed_tokens",
+                       final_norm="model.final_layernorm", head_bias=True)
 
 
 register(Architecture(NAME, read_config, weights, qtrace.function(gpt_layer, name="phi_layer"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import qtrace
 
-from ..blocks.gpt_decoder import ALL, final_layer_norm, gpt_layer, gpt_layer_weights, gpt_weights
+from ..blocks.gpt_decoder import ALL, final_layer_norm, gpt_layer, gpt_weights
 from ..config import ConfigReader, DecoderConfig, common_fields
 from ..registry import Architecture, register
 
@@ -18,14 +18,14 @@ MODULES = {"input_layernorm": "input_layernorm", "q_proj": "self_attn.q_proj", "
 
 def read_config(reader: ConfigReader) -> DecoderConfig:
     return DecoderConfig(**common_fields(
-        reader, NAME, norm_eps=reader.get("norm_epsilon", 1e-5, float), attention_bias=reader.get("use_bias", True, bool),
+        reader, NAME, norm_eps=reader.get("norm_epsilon", 1e-5, float),
+        attention_bias=reader.get("use_bias", True, bool),
         hidden_act=reader.choice("hidden_act", "gelu_pytorch_tanh", ("gelu_pytorch_tanh", "gelu_new", "gelu")),
         tie_word_embeddings=reader.get("tie_word_embeddings", True, bool), **reader.every_layer_window()))
 
 
 def weights(cfg: DecoderConfig):
-    biased = ALL if cfg.attention_bias else ()
-    return gpt_weights(cfg, lambda i: gpt_layer_weights(cfg, f"model.layers.{i}.", MODULES, biased=biased),
+    return gpt_weights(cfg, "model.layers.{i}.", MODULES, biased=ALL if cfg.attention_bias else (),
                        embed="model.embed_tokens", final_norm="model.norm")
 
 
