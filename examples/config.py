@@ -285,9 +285,10 @@ def common_fields(reader: ConfigReader, architecture: str, **overrides: Any) -> 
 def gpt2_style_fields(reader: ConfigReader, architecture: str, *, default_act: str = "gelu_new",
                       rotary: bool = False, **overrides: Any) -> dict[str, Any]:
     """DecoderConfig keywords from the GPT-2 lineage's spellings (n_embd, n_head, n_layer, n_positions,
-    n_inner, layer_norm_epsilon, activation_function; GPT-2, GPTBigCode, GPT-J, CodeGen): multi-head
-    attention (any `num_key_value_heads` is ignored, as transformers ignores it) and no RoPE, or with
-    `rotary` GPT-J's: theta 10000 on the first `rotary_dim` dims of each head, rotated in interleaved pairs."""
+    n_inner, layer_norm_epsilon, activation_function, scale_attn_weights; GPT-2, GPTBigCode, GPT-J,
+    CodeGen): multi-head attention (any `num_key_value_heads` is ignored, as transformers ignores it),
+    unscaled scores without scale_attn_weights, and no RoPE, or with `rotary` GPT-J's: theta 10000 on
+    the first `rotary_dim` dims of each head, rotated in interleaved pairs."""
     hidden = reader.first(("n_embd", "hidden_size"))
     heads = reader.first(("n_head", "num_attention_heads"))
     if hidden % heads:
@@ -305,6 +306,7 @@ def gpt2_style_fields(reader: ConfigReader, architecture: str, *, default_act: s
         num_hidden_layers=reader.first(("n_layer", "num_hidden_layers")),
         num_attention_heads=heads, num_key_value_heads=heads, head_dim=head_dim,
         norm_eps=reader.get("layer_norm_epsilon", 1e-5, float), rope=rope,
+        attention_scale=None if reader.get("scale_attn_weights", True, bool) else 1.0,
         max_position_embeddings=reader.first(("n_positions", "max_position_embeddings"), default=1024),
         hidden_act=reader.choice("activation_function", default_act, ACTIVATION_NAMES),
     )

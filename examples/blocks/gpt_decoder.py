@@ -32,6 +32,7 @@ def _norm(x: Any, p: dict[str, Any], key: str, cfg: DecoderConfig) -> Any:
 
 def gpt_layer(x: Any, p: dict[str, Any], inputs: AttentionInputs, past_key: Any, past_value: Any,
               cfg: DecoderConfig) -> tuple[Any, Any, Any]:
+    """One layer, sequential or parallel as its params say (see the module docstring)."""
     normed = _norm(x, p, "input_layernorm", cfg)
     attn, key_cache, value_cache = self_attention(normed, p, inputs, past_key, past_value, cfg)
     if "post_attention_layernorm" in p:

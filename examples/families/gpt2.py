@@ -25,10 +25,8 @@ class GPT2Config(DecoderConfig):
 
 
 def read_config(reader: ConfigReader) -> DecoderConfig:
-    fields = gpt2_style_fields(reader, NAME, tie_word_embeddings=reader.get("tie_word_embeddings", True, bool))
-    if not reader.get("scale_attn_weights", True, bool):
-        fields["attention_scale"] = 1.0
-    return GPT2Config(**fields, scale_by_inverse_layer=reader.get("scale_attn_by_inverse_layer_idx", False, bool))
+    return GPT2Config(**gpt2_style_fields(reader, NAME, tie_word_embeddings=reader.get("tie_word_embeddings", True, bool)),
+                      scale_by_inverse_layer=reader.get("scale_attn_by_inverse_layer_idx", False, bool))
 
 
 def layer_config(cfg: GPT2Config, index: int) -> DecoderConfig:

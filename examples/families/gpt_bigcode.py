@@ -17,12 +17,9 @@ NAME = "GPTBigCodeForCausalLM"
 def read_config(reader: ConfigReader) -> DecoderConfig:
     fields = gpt2_style_fields(reader, NAME, default_act="gelu_pytorch_tanh",
                                tie_word_embeddings=reader.get("tie_word_embeddings", True, bool))
-    if not reader.get("scale_attn_weights", True, bool):
-        fields["attention_scale"] = 1.0
-    heads = fields["num_attention_heads"]
     if reader.get("multi_query", True, bool):
         return DecoderConfig(**{**fields, "num_key_value_heads": 1})
-    return DecoderConfig(**{**fields, "qkv_shards": heads})
+    return DecoderConfig(**{**fields, "qkv_shards": fields["num_attention_heads"]})
 
 
 def weights(cfg: DecoderConfig):
