@@ -19,13 +19,14 @@ import numpy as np
 from .config import DecoderConfig
 
 LINEAR, NORM, BIAS, EMBEDDING = "linear", "norm", "bias", "embedding"
+CONV1D = "conv1d"  # a linear weight stored [in_features, out_features] (GPT-2's Conv1D): used as it is
 
 
 @dataclass(frozen=True)
 class Weight:
     name: str                            # the checkpoint tensor
     shape: tuple[int, ...]               # the checkpoint tensor's shape
-    kind: str = LINEAR                   # linear ([out, in]), norm, bias or embedding
+    kind: str = LINEAR                   # linear ([out, in]), conv1d ([in, out]), norm, bias or embedding
     rows: tuple[int, int] | None = None  # the param is rows [start, stop) of the tensor
     offset: float = 0.0                  # added to the tensor at load
 
@@ -124,6 +125,8 @@ def random_tensors(weights: WeightMap, seed: int = 0, dtype: Any = np.float32) -
         noise = rng.standard_normal(weight.shape)
         if weight.kind == LINEAR:
             value = noise / math.sqrt(weight.shape[-1])
+        elif weight.kind == CONV1D:
+            value = noise / math.sqrt(weight.shape[0])
         elif weight.kind == EMBEDDING:
             value = 0.5 * noise
         elif weight.kind == NORM:

@@ -356,6 +356,12 @@ def lower_rms_norm(ctx: LoweringContext, node: Node, x: str, weight: str) -> str
     return custom_op(ctx, "CustomRMSNorm", x, weight, epsilon=float(node.params["eps"]))
 
 
+@lowering("layer_norm")
+def lower_layer_norm(ctx: LoweringContext, node: Node, x: str, weight: str, *bias: str) -> str:
+    # Statistics in float32 (stash_type 1, the default) whatever the input dtype, as the reference computes them.
+    return ctx.op("LayerNormalization", x, weight, *bias, axis=-1, epsilon=float(node.params["eps"]))
+
+
 # -- Cloud AI 100 KV-cache ops --------------------------------------------------------------------------
 
 

@@ -21,8 +21,8 @@ from qtrace.examples.checkpoint import export_model, load_checkpoint
 from qtrace.examples.generation import cache_layout, generate, new_cache, onnx_session, onnx_step, prefill
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
-# Llama, Gemma 2 (softcap + sliding window) and the first GPT-lineage family that has a fixture.
-FAMILIES = ["llama", "gemma2"] + [n for n in ("mpt", "gpt2", "starcoder2") if os.path.isdir(os.path.join(FIXTURES, n))][:1]
+# Llama, Gemma 2 (softcap + sliding window) and MPT (ALiBi, a per-head score bias per block).
+FAMILIES = ["llama", "gemma2", "mpt"]
 CTX_LEN = 31
 BLOCKS = [1, 2, 4, 7]
 

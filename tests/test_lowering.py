@@ -209,6 +209,7 @@ _weights = np.random.default_rng(1234)
 W_8x4 = _weights.standard_normal((8, 4)).astype(np.float32)
 W_EMBED = _weights.standard_normal((10, 4)).astype(np.float32)
 W_NORM = _weights.uniform(0.5, 1.5, 8).astype(np.float32)
+B_NORM = _weights.uniform(-0.5, 0.5, 8).astype(np.float32)
 
 
 def small_floats(*shape: Any) -> Arg:
@@ -378,6 +379,9 @@ case("silu", qp.silu, floats("B", 7, low=-6, high=6))
 case("gelu_erf", qp.gelu, floats("B", 7, low=-4, high=4))
 case("gelu_tanh", lambda x: qp.gelu(x, approximate="tanh"), floats("B", 7, low=-4, high=4))
 case("rms_norm", lambda x: qp.rms_norm(x, W_NORM, eps=1e-5), floats("B", "S", 8), sizes=BS)
+case("layer_norm_with_bias", lambda x: qp.layer_norm(x, W_NORM, B_NORM, eps=1e-5), floats("B", "S", 8, low=-1, high=3),
+     sizes=BS)
+case("layer_norm_without_bias", lambda x, w: qp.layer_norm(x, w, eps=0.25), floats("B", 8), floats(8))
 
 # -- Cloud AI 100 KV-cache ops (conventions are tested in depth in test_lowering_ctx.py) -----------------
 KV = ({"B": 2, "S": 3, "C": 8}, {"B": 3, "S": 1, "C": 5})

@@ -197,6 +197,18 @@ def rms_norm_formula(x, weight, *, eps):
     return along_axis(x, x.ndim - 1, line, x.dtype)
 
 
+def layer_norm_formula(x, weight, bias=None, *, eps):
+    w = [v.item() for v in weight]
+    b = [0.0] * len(w) if bias is None else [v.item() for v in bias]
+
+    def line(values):
+        mean = sum(values) / len(values)
+        variance = sum((v - mean) ** 2 for v in values) / len(values)
+        return [(values[i] - mean) / math.sqrt(variance + eps) * w[i] + b[i] for i in range(len(values))]
+
+    return along_axis(x, x.ndim - 1, line, x.dtype)
+
+
 def cast_value(v, dtype):
     dtype = np.dtype(dtype)
     if dtype == BOOL:
@@ -588,6 +600,16 @@ def rms_norm_inputs(draw):
     return (x, weight), {"eps": draw(st.sampled_from([1e-6, 1e-5, 0.5]))}
 
 
+@st.composite
+def layer_norm_inputs(draw):
+    dtype = draw(st.sampled_from(FLOATS))
+    shape = draw(NONSCALAR_SHAPES)
+    x = draw(arrays(dtype, shape))
+    weight = draw(arrays(dtype, shape[-1:], lo=-2.0, hi=2.0))
+    bias = (draw(arrays(dtype, shape[-1:], lo=-2.0, hi=2.0)),) if draw(st.booleans()) else ()
+    return (x, weight, *bias), {"eps": draw(st.sampled_from([1e-6, 1e-5, 0.5]))}
+
+
 CASES += [
     Case("softmax", lambda x, **p: qp.softmax(x, axis=p["axis"]), softmax_inputs(),
          lambda x, *, axis: along_axis(x, axis % x.ndim, softmax_line, x.dtype),
@@ -601,6 +623,13 @@ CASES += [
     Case("rms_norm", lambda x, w, **p: qp.rms_norm(x, w, eps=p["eps"]), rms_norm_inputs(), rms_norm_formula,
          (Bad(qtrace.ShapeError, (f32(2, 4), f32(3)), {"eps": 1e-6}),
           Bad(qtrace.DTypeError, (i32(2, 4), i32(4)), {"eps": 1e-6})), ulps=8),
+    Case("layer_norm", lambda x, w, *b, **p: qp.layer_norm(x, w, *b, eps=p["eps"]), layer_norm_inputs(),
+         layer_norm_formula,
+         (Bad(qtrace.ShapeError, (f32(2, 4), f32(3)), {"eps": 1e-5}),
+          Bad(qtrace.ShapeError, (f32(2, 4), f32(4), f32(4, 1)), {"eps": 1e-5}),
+          Bad(qtrace.ShapeError, (f32(), f32(1)), {"eps": 1e-5}),
+          Bad(qtrace.DTypeError, (i32(2, 4), i32(4)), {"eps": 1e-5}),
+          Bad(qtrace.ShapeError, (f32(2, 4), f32(4)), {"eps": -1.0})), ulps=4),
 ]
 
 
@@ -941,3 +970,40 @@ def test_reduction_with_out_argument_is_unsupported():
 
 def test_squeeze_accepts_a_numpy_integer_axis():
     assert qp.squeeze(np.zeros((1, 2)), np.int64(0)).shape == (2,)
+
+
+# How a user spells var / std (numpy functions and methods, which trace to qtrace's), and the same call
+# through qtrace.primitives, which runs qtrace's reference on numpy arrays.
+VAR_STD_CALLS = {
+    "np.var_keepdims": (lambda x: np.var(x, axis=-1, keepdims=True), lambda x: qp.var(x, axis=-1, keepdims=True)),
+    "method_var": (lambda x: x.var(1), lambda x: qp.var(x, 1)),
+    "np.std_ddof_1": (lambda x: np.std(x, axis=(0, 2), ddof=1), lambda x: qp.std(x, axis=(0, 2), ddof=1)),
+    "method_std_all_axes": (lambda x: x.std(), qp.std),
+    "var_of_ints": (lambda x: np.var(x.astype(np.int32), axis=0), lambda x: qp.var(x.astype(np.int32), axis=0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VAR_STD_CALLS))
+def test_var_and_std_traced_and_eager_equal_numpy(name):
+    spelling, qtrace_call = VAR_STD_CALLS[name]
+    x = np.random.default_rng(5).uniform(-3, 3, (3, 4, 5)).astype(np.float32)
+    expected = spelling(x)  # numpy's own var / std: x is a numpy array
+    traced = qtrace.trace(spelling, (ShapeDtype(x.shape, x.dtype),)).eval(x)
+    for got in (qtrace_call(x), traced):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_var_is_written_with_mean_subtract_and_multiply():
+    graph = qtrace.trace(lambda x: x.var(-1), (ShapeDtype(("B", 4)),))
+    assert sorted(node.op for node in graph.nodes) == ["mul", "reduce_mean", "reduce_mean", "sub"]
+
+
+def test_var_with_ddof_over_a_symbolic_dim_raises_at_the_users_line():
+    def fn(x):
+        return x.var(0, ddof=1)
+
+    with pytest.raises(qtrace.UnsupportedError) as info:
+        qtrace.trace(fn, (ShapeDtype(("B", 4)),))
+    assert info.value.location.line == fn.__code__.co_firstlineno + 1
+    assert "ddof" in str(info.value)

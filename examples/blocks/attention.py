@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import qtrace
-from qtrace.primitives import exp, maximum, softmax, tanh, where
+from qtrace.primitives import clip, exp, layer_norm, maximum, softmax, tanh, where
 
 from ..config import DecoderConfig
 from .cache import read_cache, read_cache_block, write_cache
@@ -104,13 +104,38 @@ def split_heads(x: Any, heads: int, head_dim: int) -> Any:
     return x.reshape(x.shape[0], x.shape[1], heads, head_dim)
 
 
+def split_fused_qkv(qkv: Any, cfg: DecoderConfig) -> tuple[Any, Any, Any]:
+    """q [B,S,H*D], k and v [B,S,KV*D] from one fused projection [B,S,(H+2*KV)*D]. The fused output is
+    `cfg.qkv_shards` equal blocks, each holding its share of the q, k and v heads in `cfg.qkv_order`:
+
+        1 shard, "qkv"    q | k | v                       GPT-2, MPT, GPTBigCode's and Falcon-7B's multi-query
+        KV shards, "qkv"  per KV head: its G q heads, k, v  Falcon's new decoder architecture (G = 1: per head
+                                                            q, k, v, as GPTBigCode's and Falcon's multi-head)
+        4 shards, "qvk"   CodeGen's mp_num = 4 model-parallel shards
+    """
+    shards, head_dim = cfg.qkv_shards, cfg.head_dim
+    sizes = {"q": cfg.num_attention_heads // shards * head_dim, "k": cfg.num_key_value_heads // shards * head_dim}
+    sizes["v"] = sizes["k"]
+    batch, seq = qkv.shape[0], qkv.shape[1]
+    blocks = qkv if shards == 1 else qkv.reshape(batch, seq, shards, qkv.shape[-1] // shards)
+    parts, start = {}, 0
+    for name in cfg.qkv_order:
+        part = blocks[..., start:start + sizes[name]]
+        parts[name] = part if shards == 1 else part.reshape(batch, seq, shards * sizes[name])
+        start += sizes[name]
+    return parts["q"], parts["k"], parts["v"]
+
+
 def project_qkv(x: Any, p: dict[str, Any], cfg: DecoderConfig) -> tuple[Any, Any, Any]:
-    """q [B,S,H,D], k and v [B,S,KV,D] from q/k/v_proj (+ q/k/v_bias), with the optional q/k RMSNorms:
-    over each head when `q_norm` has head_dim entries (Qwen3, Gemma 3), over the whole projection
-    when it has heads*head_dim (OLMo 2)."""
-    q = linear(x, p["q_proj"], p.get("q_bias"))
-    k = linear(x, p["k_proj"], p.get("k_bias"))
-    v = linear(x, p["v_proj"], p.get("v_bias"))
+    """q [B,S,H,D], k and v [B,S,KV,D] from q/k/v_proj (+ q/k/v_bias) or a fused qkv_proj (+ qkv_bias),
+    clipped to ±clip_qkv when the config says so (MPT), with the optional q/k RMSNorms: over each head
+    when `q_norm` has head_dim entries (Qwen3, Gemma 3), over the whole projection when it has
+    heads*head_dim (OLMo 2); or LayerNorms over each head (`q_layernorm`, Phi)."""
+    def projected(name: str) -> Any:
+        y = linear(x, p[f"{name}_proj"], p.get(f"{name}_bias"))
+        return y if cfg.clip_qkv is None else clip(y, -cfg.clip_qkv, cfg.clip_qkv)
+
+    q, k, v = split_fused_qkv(projected("qkv"), cfg) if "qkv_proj" in p else (projected(n) for n in "qkv")
     per_head = "q_norm" in p and p["q_norm"].shape[0] == cfg.head_dim
     if "q_norm" in p and not per_head:
         q, k = norm(q, p["q_norm"], cfg.norm_eps), norm(k, p["k_norm"], cfg.norm_eps)
@@ -118,6 +143,9 @@ def project_qkv(x: Any, p: dict[str, Any], cfg: DecoderConfig) -> tuple[Any, Any
     k = split_heads(k, cfg.num_key_value_heads, cfg.head_dim)
     if per_head:
         q, k = norm(q, p["q_norm"], cfg.norm_eps), norm(k, p["k_norm"], cfg.norm_eps)
+    if "q_layernorm" in p:
+        q = layer_norm(q, p["q_layernorm"], p.get("q_layernorm_bias"), cfg.norm_eps)
+        k = layer_norm(k, p["k_layernorm"], p.get("k_layernorm_bias"), cfg.norm_eps)
     return q, k, split_heads(v, cfg.num_key_value_heads, cfg.head_dim)
 
 

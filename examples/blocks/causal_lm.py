@@ -166,7 +166,8 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
         past_key, past_value = past_key_values[f"past_key.{i}"], past_key_values[f"past_value.{i}"]
         kernels = {k: transpose(v) if k in linear_names else v for k, v in p.items()}
         with qtrace.scope(f"layers.{i}"):
-            h, key_cache, value_cache = layer(h, kernels, layer_inputs[i], past_key, past_value, cfg)
+            layer_cfg = arch.layer_config(cfg, i) if arch.layer_config else cfg
+            h, key_cache, value_cache = layer(h, kernels, layer_inputs[i], past_key, past_value, layer_cfg)
         outputs[f"past_key.{i}"], outputs[f"past_value.{i}"] = key_cache, value_cache
     h = (arch.final_norm or final_rms_norm)(h, params, cfg)
     last = argmax(position_ids, axis=1, keepdims=True)                     # [B,1]

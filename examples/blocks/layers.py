@@ -37,6 +37,11 @@ def gated_mlp(x: Any, p: dict[str, Any], act: str = "silu") -> Any:
     return linear(gate * linear(x, p["up_proj"], p.get("up_bias")), p["down_proj"], p.get("down_bias"))
 
 
+def mlp(x: Any, p: dict[str, Any], act: str) -> Any:
+    """down(act(up(x))), the non-gated MLP of the GPT-2 lineage, with biases when the params have them."""
+    return linear(ACTIVATIONS[act](linear(x, p["up_proj"], p.get("up_bias"))), p["down_proj"], p.get("down_bias"))
+
+
 def scaled(x: Any, multiplier: float) -> Any:
     return x if multiplier == 1.0 else x * multiplier
 

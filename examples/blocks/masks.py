@@ -11,7 +11,8 @@ accelerator skips.
 
 The score bias is additive (0 or -inf) and laid out for grouped-query attention: the G query heads
 that share a KV head are stacked along the sequence axis, so the bias is [B, 1, G*S, C] with row
-g*S + s for query s of group member g.
+g*S + s for query s of group member g; with ALiBi (alibi.py) it also holds each head's linear bias,
+[B, KV, G*S, C].
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import numpy as np
 from qtrace.primitives import INT32_MAX, arange, concatenate, maximum, where
 
 from ..config import CHUNKED, FULL, SLIDING, DecoderConfig
+from .alibi import alibi_bias
 
 
 def slot_numbers(slots: Any) -> Any:
@@ -53,10 +55,13 @@ def hidden_slots(query_positions: Any, slots: Any, kind: str, cfg: DecoderConfig
 
 
 def score_bias(position_ids: Any, slots: Any, kind: str, cfg: DecoderConfig, dtype: Any) -> Any:
-    """Additive bias [B,1,G*S,C] (0 where visible, -inf where hidden) in the grouped layout."""
+    """Additive bias [B,1,G*S,C] (0 where visible, -inf where hidden) in the grouped layout; with ALiBi
+    slopes in the config, plus each head's linear bias ([B,KV,G*S,C])."""
     groups = cfg.query_groups
+    slots = slot_numbers(slots)
     queries = position_ids if groups == 1 else concatenate([position_ids] * groups, axis=1)
-    return where(hidden_slots(queries, slots, kind, cfg), np.array(-np.inf, dtype), np.array(0, dtype))
+    bias = where(hidden_slots(queries, slots, kind, cfg), np.array(-np.inf, dtype), np.array(0, dtype))
+    return bias if cfg.alibi_slopes is None else bias + alibi_bias(position_ids, slots, cfg, dtype)
 
 
 def kv_block_slots(ctx_len: int, count: int) -> list[np.ndarray]:
