@@ -132,7 +132,9 @@ def checkpoint_tensors(model: Model) -> dict[str, np.ndarray]:
     rebuilt from their row blocks, load-time offsets undone): what `save_pretrained` would write."""
     flat = {k: v for k, v in model.params.items() if k != "layers"}
     for i, layer in enumerate(model.params.get("layers", [])):
-        flat.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+        for key, value in layer.items():
+            items = enumerate(value) if isinstance(value, list) else [(None, value)]  # per-expert lists
+            flat.update({f"layers.{i}.{key}" + ("" if j is None else f".{j}"): v for j, v in items})
     blocks: dict[str, dict[int, np.ndarray]] = {}
     for path, weight in model.arch.weights(model.cfg).items():
         array = np.asarray(flat[path], np.float32) - np.float32(weight.offset)

@@ -120,7 +120,15 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     dtype = np.float16 if args.dtype == "float16" else np.float32
+    if args.moe_strategy is not None:  # refuse a pointless flag before reading any weights
+        from .examples.blocks.causal_lm import Model
+        from .examples.blocks.moe import with_moe_strategy
+        from .examples.checkpoint import read_checkpoint_config
+
+        with_moe_strategy(Model(*read_checkpoint_config(args.checkpoint), params={}), args.moe_strategy)
     model = load_checkpoint(args.checkpoint, dtype=dtype)
+    if args.moe_strategy is not None:
+        model = with_moe_strategy(model, args.moe_strategy)
     load_seconds = time.perf_counter() - start
     report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size, dtype=args.dtype,
@@ -241,6 +249,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     export.add_argument("--weights", choices=("copy", "reference"), default="copy")
     export.add_argument("--no-layer-functions", action="store_true")
+    export.add_argument("--moe-strategy", choices=("gather", "dense"), default=None,
+                        help="mixture-of-experts execution: gather the chosen experts per token, or run every "
+                             "expert on every token with routing weights 0 where not chosen (default: gather)")
     export.add_argument("--num-cores", type=int, default=16, help="qaic-compile -aic-num-cores")
     export.add_argument("--mxfp6-matmul", action="store_true", help="qaic-compile -mxfp6-matmul")
     export.add_argument("--mos", type=int, default=None, help="qaic-compile -mos")

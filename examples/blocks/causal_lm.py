@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 import qtrace
-from qtrace.primitives import arange, argmax, gather, take, tanh, transpose
+from qtrace.primitives import arange, argmax, gather, stack, take, tanh, transpose
 
 from ..config import DecoderConfig
 from ..registry import Architecture
@@ -144,7 +144,8 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
     outputs: dict[str, Any] = {}
     for i, p in enumerate(params["layers"]):
         past_key, past_value = past_key_values[f"past_key.{i}"], past_key_values[f"past_value.{i}"]
-        kernels = {k: transpose(v) if k in linear_names else v for k, v in p.items()}
+        kernels = {k: transpose(v) if k in linear_names else stack(v) if isinstance(v, list) else v
+                   for k, v in p.items()}  # a list: one tensor per expert, stacked here (outside the layer)
         with qtrace.scope(f"layers.{i}"):
             h, key_cache, value_cache = layer(h, kernels, step.for_layer(i, past_key.shape[2]), past_key, past_value,
                                               cfg)
