@@ -37,7 +37,7 @@ OTHER_STRATEGY = {GATHER: DENSE, DENSE: GATHER}[DEFAULT_MOE_STRATEGY]
 def test_every_moe_family_has_a_fixture() -> None:
     architectures = {fixture_config(n)["architectures"][0] for n in MOE_NAMES}
     assert {"MixtralForCausalLM", "Qwen3MoeForCausalLM", "GraniteMoeForCausalLM",
-            "Glm4MoeForCausalLM"} <= architectures
+            "Glm4MoeForCausalLM", "GptOssForCausalLM", "Llama4ForCausalLM"} <= architectures
 
 
 # -- routers, token by token -----------------------------------------------------------------------------
@@ -204,6 +204,14 @@ SWITCHED_OFF = {  # fixture -> config change that must move the logits away from
     "granitemoe": {"num_experts_per_tok": 1},
     "glm4_moe": {"n_group": 1, "topk_group": 1},
     "glm4_moe#scaling": {"routed_scaling_factor": 1.0},
+    "gpt_oss": {"swiglu_limit": 100.0},
+    "gpt_oss#window": {"sliding_window": 1000},
+    "gpt_oss#yarn": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    "llama4": {"attn_temperature_tuning": False},
+    "llama4#qk_norm": {"use_qk_norm": False},
+    "llama4#chunks": {"attention_chunk_size": 1000},
+    "llama4#nope": {"no_rope_layers": [1, 1, 1, 1]},
+    "llama4#llama3_rope": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
 }
 
 
@@ -227,6 +235,13 @@ def test_each_moe_feature_changes_the_logits(case: str, tmp_path: Any) -> None:
     (tmp_path / "config.json").write_text(json.dumps(config))
     os.symlink(os.path.join(FIXTURES, name, "model.safetensors"), tmp_path / "model.safetensors")
     assert _changes_logits(load_checkpoint(str(tmp_path)), reference)
+
+
+def test_gpt_oss_sinks_take_part_in_the_softmax() -> None:
+    model = load_checkpoint(os.path.join(FIXTURES, "gpt_oss"))
+    for layer in model.params["layers"]:
+        layer["sinks"] = np.full_like(layer["sinks"], -np.inf)  # exp(-inf) = 0: no sink
+    assert _changes_logits(model, load_reference("gpt_oss"))
 
 
 def test_glm_correction_bias_decides_the_choice() -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qtrace.primitives import softmax, tanh
+from qtrace.primitives import exp, log, sigmoid, softmax, tanh
 
 from ..config import DecoderConfig
 from .cache import read_cache, write_cache
@@ -32,8 +32,9 @@ class AttentionInputs:
 
 
 def cached_attention(q: Any, k: Any, v: Any, inputs: AttentionInputs, past_key: Any, past_value: Any, *,
-                     scale: float, softcap: float | None = None) -> tuple[Any, Any, Any]:
-    """q [B,S,H,D], k/v [B,S,KV,D] -> (out [B,S,H*D], key cache, value cache)."""
+                     scale: float, softcap: float | None = None, sinks: Any = None) -> tuple[Any, Any, Any]:
+    """q [B,S,H,D], k/v [B,S,KV,D] -> (out [B,S,H*D], key cache, value cache). `sinks` [H] (gpt-oss):
+    one learned logit per head that joins each query's softmax denominator and attends to nothing."""
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
@@ -45,8 +46,15 @@ def cached_attention(q: Any, k: Any, v: Any, inputs: AttentionInputs, past_key: 
     scores = grouped @ keys.transpose(0, 1, 3, 2)                              # [B,KV,G*S,C]
     if softcap is not None:
         scores = tanh(scores / softcap) * softcap
-    probs = softmax(scores + inputs.bias, axis=-1)
-    out = (probs @ values).reshape(batch, heads, seq, head_dim).transpose(0, 2, 1, 3)
+    biased = scores + inputs.bias
+    out = (softmax(biased, axis=-1) @ values).reshape(batch, heads, seq, head_dim)
+    if sinks is not None:
+        # A sink logit t joins the denominator: exp(s_i) / (sum_j exp(s_j) + exp(t)) is the softmax
+        # times sigmoid(logsumexp(s) - t), applied per head once the heads are apart again.
+        row_max = biased.max(axis=-1, keepdims=True)
+        total = row_max + log(exp(biased - row_max).sum(axis=-1, keepdims=True))   # [B,KV,G*S,1]
+        out = out * sigmoid(total.reshape(batch, heads, seq, 1) - sinks[:, None, None])
+    out = out.transpose(0, 2, 1, 3)
     return out.reshape(batch, seq, heads * head_dim), key_cache, value_cache
 
 
@@ -73,11 +81,12 @@ def project_qkv(x: Any, p: dict[str, Any], cfg: DecoderConfig) -> tuple[Any, Any
 
 def self_attention(x: Any, p: dict[str, Any], inputs: AttentionInputs, past_key: Any, past_value: Any,
                    cfg: DecoderConfig) -> tuple[Any, Any, Any]:
-    """The standard attention sublayer: projections, RoPE, cached attention, o_proj (+ o_bias)."""
+    """The standard attention sublayer: projections, RoPE, cached attention (with the layer's
+    attention sinks when it has them), o_proj (+ o_bias)."""
     q, k, v = project_qkv(x, p, cfg)
     if inputs.cos is not None:
         q = apply_rope(q, inputs.cos, inputs.sin, inputs.rotation)
         k = apply_rope(k, inputs.cos, inputs.sin, inputs.rotation)
     out, key_cache, value_cache = cached_attention(q, k, v, inputs, past_key, past_value, scale=cfg.scale,
-                                                   softcap=cfg.attn_logit_softcap)
+                                                   softcap=cfg.attn_logit_softcap, sinks=p.get("sinks"))
     return linear(out, p["o_proj"], p.get("o_bias")), key_cache, value_cache

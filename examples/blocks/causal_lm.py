@@ -123,7 +123,7 @@ class StepInputs:
         indices = self._once(("indices", ctx_len), lambda: cache_indices(self.position_ids, ctx_len))
         bias = self._once(("bias", kind, ctx_len),
                           lambda: score_bias(self.position_ids, ctx_len, kind, self.cfg, self.dtype))
-        spec = self.cfg.rope_for(kind)
+        spec = self.cfg.rope_for_layer(layer)
         cos = sin = rotation = None
         if spec is not None:
             table = self.tables[spec]

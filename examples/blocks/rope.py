@@ -178,7 +178,7 @@ def model_rope_tables(cfg: DecoderConfig, positions: int, dtype: Any) -> dict[Ro
     """The tables of every RoPE the model's layers use, keyed by their spec."""
     tables: dict[RopeSpec, RopeTables] = {}
     for layer in range(cfg.num_hidden_layers):
-        spec = cfg.rope_for(cfg.layer_type(layer))
+        spec = cfg.rope_for_layer(layer)
         if spec is not None and spec not in tables:
             tables[spec] = rope_tables(spec, cfg.head_dim, positions, cfg.max_position_embeddings, dtype)
     return tables
