@@ -215,7 +215,8 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
                      progress=bytes_progress)
         stages["save"] = time.perf_counter() - start
         with open(os.path.join(scratch, "specializations.json"), "w") as f:
-            json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size), f, indent=2)
+            json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size,
+                                      model.cache_sizes(ctx_len, prefill_seq_len)), f, indent=2)
         with open(os.path.join(scratch, "custom_io.yaml"), "w") as f:
             f.write(custom_io_yaml(kv_state_names(model.cfg.num_hidden_layers), compile_options.kv_cache_precision))
         with open(os.path.join(scratch, "compile.sh"), "w") as f:

@@ -22,13 +22,14 @@ from .rope import apply_rope
 class AttentionInputs:
     """What a layer's attention reads from the step, computed once per step at model level."""
 
-    position_ids: Any        # [B,S] where the new keys/values are written
+    position_ids: Any        # [B,S] the tokens' positions (where the new keys/values are written)
     ctx_indices: Any         # [B,1,C] CtxGather indices (INT32_MAX past the live context)
     bias: Any                # [B,1 or KV,G*S,C] additive score bias (masks, ALiBi)
     batch_index: Any = None  # [B,1] cache slot of each row (continuous batching)
     cos: Any = None          # [B,S,1,D] RoPE tables at the positions (None: no rotary)
     sin: Any = None
     rotation: Any = None     # [D,D] the RoPE pairing
+    write_positions: Any = None  # [B,S] cache slots of the new keys/values when not position_ids (rings)
 
 
 def cached_attention(q: Any, k: Any, v: Any, inputs: AttentionInputs, past_key: Any, past_value: Any, *,
@@ -38,8 +39,9 @@ def cached_attention(q: Any, k: Any, v: Any, inputs: AttentionInputs, past_key: 
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
-    key_cache = write_cache(past_key, inputs.position_ids, k.transpose(0, 2, 1, 3), inputs.batch_index)
-    value_cache = write_cache(past_value, inputs.position_ids, v.transpose(0, 2, 1, 3), inputs.batch_index)
+    slots = inputs.position_ids if inputs.write_positions is None else inputs.write_positions
+    key_cache = write_cache(past_key, slots, k.transpose(0, 2, 1, 3), inputs.batch_index)
+    value_cache = write_cache(past_value, slots, v.transpose(0, 2, 1, 3), inputs.batch_index)
     keys = read_cache(key_cache, inputs.ctx_indices, inputs.batch_index)        # [B,KV,C,D]
     values = read_cache(value_cache, inputs.ctx_indices, inputs.batch_index)
     grouped = (q * scale).transpose(0, 2, 1, 3).reshape(batch, kv_heads, groups * seq, head_dim)
