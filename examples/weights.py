@@ -193,7 +193,18 @@ def params_from_tensors(weights: WeightMap, tensors: dict[str, np.ndarray], dtyp
                 array = (np.asarray(array, np.float32) + np.float32(weight.offset)).astype(dtype)
             made[key] = array if array.dtype == np.dtype(dtype) else convert(array, dtype)
         flat[path] = made[key]
-    return nest(flat)
+    return _stack_in_memory(nest(flat))
+
+
+def _stack_in_memory(params: dict[str, Any]) -> dict[str, Any]:
+    """Per-expert tensors held in memory (converted or random) become one stacked array now, so that
+    the export never holds them twice (a stack folded from them beside the originals). Memory maps
+    stay a list: the graph stacks them, and exports by reference point at the file's own bytes."""
+    for layer in params.get("layers", []):
+        for key, value in layer.items():
+            if isinstance(value, list) and not any(isinstance(v, np.memmap) for v in value):
+                layer[key] = np.stack(value)
+    return params
 
 
 def linear_keys(weights: WeightMap) -> frozenset[str]:

@@ -303,6 +303,21 @@ def test_expert_weights_are_referenced_in_place_and_never_transposed(architectur
     assert os.path.getsize(os.path.join(out, "model.onnx.data")) < sum(n for _, n in stored.values()) / 4
 
 
+def test_per_expert_tensors_in_memory_are_stacked_once_at_load_and_maps_stay_maps(tmp_path: Any) -> None:
+    config = {**LARGE, **STORED_AS["MixtralForCausalLM"], "architectures": ["MixtralForCausalLM"]}
+    model = random_model(config, seed=2)
+    stack = model.params["layers"][0]["experts_gate"]
+    assert isinstance(stack, np.ndarray) and stack.shape == (4, 256, 128)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_safetensors(str(tmp_path / "model.safetensors"), checkpoint_tensors(model))  # rows back to files
+    loaded = load_checkpoint(str(tmp_path))
+    experts = loaded.params["layers"][0]["experts_gate"]
+    assert isinstance(experts, list) and all(isinstance(e, np.memmap) for e in experts)
+    np.testing.assert_array_equal(np.stack(experts), stack)
+    converted = load_checkpoint(str(tmp_path), dtype=np.float16).params["layers"][0]["experts_gate"]
+    assert isinstance(converted, np.ndarray) and converted.dtype == np.float16 and converted.shape == stack.shape
+
+
 # -- the flag -------------------------------------------------------------------------------------------
 
 
