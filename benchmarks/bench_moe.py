@@ -29,7 +29,6 @@ import struct
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from typing import Any
 
@@ -148,36 +147,6 @@ def strategies(workdir: str, repeats: int) -> None:
 # -- the sparse Mixtral-8x7B ------------------------------------------------------------------------------
 
 
-class AnonymousPeak:
-    """The largest RssAnon (Linux) seen while the block runs, sampled every 5 ms."""
-
-    def __init__(self) -> None:
-        self.peak = self.sample()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    @staticmethod
-    def sample() -> int:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-        return 0
-
-    def _run(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.sample())
-
-    def __enter__(self) -> "AnonymousPeak":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.sample())
-
-
 def write_sparse_checkpoint(directory: str, config: dict[str, Any]) -> int:
     """config.json and a model.safetensors whose data region is a hole: the header names every tensor
     of the family's weight map (float16), then the file is extended to its full size with truncate()."""
@@ -203,12 +172,13 @@ def write_sparse_checkpoint(directory: str, config: dict[str, Any]) -> int:
 
 
 def child_sparse_export(checkpoint: str, out: str) -> dict[str, Any]:
-    imports_anon = AnonymousPeak.sample()
+    from bench_export import AnonymousPeak  # this directory is on sys.path when a script here runs
+
     from qtrace.examples.checkpoint import export_model, load_checkpoint
     from qtrace.lowering.custom_ops import custom_op_function
 
     custom_op_function("CtxScatter")
-    baseline = AnonymousPeak.sample()
+    baseline = AnonymousPeak()._sample()
     with AnonymousPeak() as anonymous:
         start = time.perf_counter()
         model = load_checkpoint(checkpoint, dtype=np.float16)
@@ -217,8 +187,7 @@ def child_sparse_export(checkpoint: str, out: str) -> dict[str, Any]:
         seconds = time.perf_counter() - start
     checkpoint_file = os.path.join(checkpoint, "model.safetensors")  # hard-linked beside model.onnx, not copied
     written = sum(os.path.getsize(f) for f in report.files if not os.path.samefile(f, checkpoint_file))
-    return {"peak_anon": anonymous.peak, "growth": anonymous.peak - baseline, "before_imports": imports_anon,
-            "seconds": seconds, "written": written, "stages": report.stage_seconds}
+    return {"peak_anon": anonymous.peak, "growth": anonymous.peak - baseline, "seconds": seconds, "written": written, "stages": report.stage_seconds}
 
 
 def sparse(workdir: str) -> None:
