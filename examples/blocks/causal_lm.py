@@ -31,7 +31,7 @@ from ..weights import linear_keys
 from .attention import AttentionInputs
 from .layers import linear, norm
 from .masks import cache_indices, ring_held_positions, ring_indices, ring_length, ring_write_positions, score_bias
-from .rope import RopeTables, model_rope_tables, rope_at
+from .rope import RopeTables, model_rope_tables, rope_at, rope_name
 
 
 SLIDING_CACHES = ("full", "ring")
@@ -150,7 +150,7 @@ def lm_head(h: Any, params: dict[str, Any], cfg: DecoderConfig) -> Any:
 class StepInputs:
     """The per-step arrays layers read, built lazily once per (attention kind, cache length, RoPE)."""
 
-    def __init__(self, cfg: DecoderConfig, tables: dict[Any, RopeTables], position_ids: Any, batch_index: Any,
+    def __init__(self, cfg: DecoderConfig, tables: dict[str, RopeTables], position_ids: Any, batch_index: Any,
                  dtype: Any, sliding_cache: str = "full"):
         self.cfg, self.tables, self.position_ids, self.batch_index, self.dtype = cfg, tables, position_ids, batch_index, dtype
         self.sliding_cache = sliding_cache
@@ -178,13 +178,13 @@ class StepInputs:
         spec = self.cfg.rope_for_layer(layer)
         cos = sin = rotation = None
         if spec is not None:
-            table = self.tables[spec]
-            cos, sin = self._once(("rope", spec), lambda: rope_at(table, self.position_ids))
+            table = self.tables[rope_name(self.cfg, spec)]
+            cos, sin = self._once(("rope", rope_name(self.cfg, spec)), lambda: rope_at(table, self.position_ids))
             rotation = table.rotation
         return AttentionInputs(self.position_ids, indices, bias, self.batch_index, cos, sin, rotation, write)
 
 
-def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[Any, RopeTables],
+def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[str, RopeTables],
                    input_ids: Any, position_ids: Any, past_key_values: dict[str, Any], batch_index: Any = None, *,
                    layer_functions: bool = True, sliding_cache: str = "full") -> dict[str, Any]:
     """One prefill or decode step: logits [B,1,vocab] at argmax(position_ids) of each row, and the
@@ -192,6 +192,8 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
     chunked layers are rings (Model.cache_shape)."""
     h = (arch.embed or token_embedding)(params, input_ids, position_ids, cfg)
     step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, sliding_cache)
+    with qtrace.scope("step"):
+        layer_inputs = [step.for_layer(i, past_key_values[f"past_key.{i}"].shape[2]) for i in range(len(params["layers"]))]
     linear_names = _linear_names(arch, cfg)
     layer = arch.layer if layer_functions else getattr(arch.layer, "__wrapped__", arch.layer)
     outputs: dict[str, Any] = {}
@@ -200,8 +202,7 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
         kernels = {k: transpose(v) if k in linear_names else stack(v) if isinstance(v, list) else v
                    for k, v in p.items()}  # a list: one tensor per expert, stacked here (outside the layer)
         with qtrace.scope(f"layers.{i}"):
-            h, key_cache, value_cache = layer(h, kernels, step.for_layer(i, past_key.shape[2]), past_key, past_value,
-                                              cfg)
+            h, key_cache, value_cache = layer(h, kernels, layer_inputs[i], past_key, past_value, cfg)
         outputs[f"past_key.{i}"], outputs[f"past_value.{i}"] = key_cache, value_cache
     h = (arch.final_norm or final_rms_norm)(h, params, cfg)
     last = argmax(position_ids, axis=1, keepdims=True)                     # [B,1]
