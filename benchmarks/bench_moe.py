@@ -187,7 +187,8 @@ def child_sparse_export(checkpoint: str, out: str) -> dict[str, Any]:
         seconds = time.perf_counter() - start
     checkpoint_file = os.path.join(checkpoint, "model.safetensors")  # hard-linked beside model.onnx, not copied
     written = sum(os.path.getsize(f) for f in report.files if not os.path.samefile(f, checkpoint_file))
-    return {"peak_anon": anonymous.peak, "growth": anonymous.peak - baseline, "seconds": seconds, "written": written, "stages": report.stage_seconds}
+    return {"peak_anon": anonymous.peak, "growth": anonymous.peak - baseline, "seconds": seconds, "written": written,
+            "stages": report.stage_seconds}
 
 
 def sparse(workdir: str) -> None:

@@ -132,7 +132,8 @@ def test_group_limit_and_correction_bias_change_the_choice() -> None:
 # -- the experts ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("layout, gate_up, router", [("out_in", "separate", SOFTMAX_TOPK), ("out_in", "halves", TOPK_SOFTMAX),
+@pytest.mark.parametrize("layout, gate_up, router", [("out_in", "separate", SOFTMAX_TOPK),
+                                                     ("out_in", "halves", TOPK_SOFTMAX),
                                                      ("in_out", "interleaved", TOPK_SOFTMAX),
                                                      ("in_out", "halves", SIGMOID_INPUT)])
 def test_both_strategies_equal_a_loop_over_tokens_and_choices(layout: str, gate_up: str, router: str) -> None:

@@ -40,13 +40,14 @@ from typing import Any
 
 import numpy as np
 
-from qtrace.primitives import arange, minimum, clip, repeat, sigmoid, softmax, take, top_k, where
+from qtrace.primitives import arange, clip, minimum, repeat, sigmoid, softmax, take, top_k, where
 
 from ..config import DecoderConfig
 from ..weights import BIAS, EXPERTS, EXPERTS_IN_OUT, LINEAR, Weight, WeightMap
 from .layers import ACTIVATIONS, gated_mlp, linear
 
-SOFTMAX_TOPK, TOPK_SOFTMAX, SIGMOID_TOPK, SIGMOID_INPUT = "softmax_topk", "topk_softmax", "sigmoid_topk", "sigmoid_input"
+SOFTMAX_TOPK, TOPK_SOFTMAX = "softmax_topk", "topk_softmax"
+SIGMOID_TOPK, SIGMOID_INPUT = "sigmoid_topk", "sigmoid_input"
 ROUTERS = (SOFTMAX_TOPK, TOPK_SOFTMAX, SIGMOID_TOPK, SIGMOID_INPUT)
 OUT_IN, IN_OUT = "out_in", "in_out"
 SEPARATE, HALVES, INTERLEAVED = "separate", "halves", "interleaved"

@@ -30,15 +30,18 @@ def read_config(reader: ConfigReader) -> MoeConfig:
                                      layer_types=((SLIDING if window else FULL),) * layers),
                      num_experts=max(experts, 1), experts_per_token=reader.require("num_experts_per_tok"),
                      moe_intermediate_size=reader.require("moe_intermediate_size"),
-                     moe_layers=moe_layer_pattern(layers, lambda i: i not in dense and experts > 0 and (i + 1) % step == 0),
+                     moe_layers=moe_layer_pattern(layers,
+                                                  lambda i: i not in dense and experts > 0 and (i + 1) % step == 0),
                      router=SOFTMAX_TOPK, norm_topk_prob=reader.get("norm_topk_prob", False, bool))
 
 
 def weights(cfg: MoeConfig):
     def layer(i: int) -> dict:
         prefix = f"model.layers.{i}."
-        mlp = (({**router_weights(cfg, prefix + "mlp.gate.weight"), **per_expert_gated_mlp(cfg, prefix + "mlp.experts.")})
-               if cfg.is_moe(i) else gated_mlp_weights(cfg, prefix + "mlp."))
+        if cfg.is_moe(i):
+            mlp = {**router_weights(cfg, prefix + "mlp.gate.weight"), **per_expert_gated_mlp(cfg, prefix + "mlp.experts.")}
+        else:
+            mlp = gated_mlp_weights(cfg, prefix + "mlp.")
         return {**norms(cfg, prefix, ("input_layernorm", "post_attention_layernorm")),
                 **attention_weights(cfg, prefix + "self_attn.", qk_norm="head"), **mlp}
 
