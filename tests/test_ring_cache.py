@@ -115,6 +115,20 @@ def test_each_ring_has_its_own_dim_and_specialization_symbol(name: str, exports:
         assert f.read().count("IOName: past_") == 4 * model.cfg.num_hidden_layers
 
 
+@pytest.mark.parametrize("name", ["gemma2", "gpt_oss"])
+def test_rings_with_blocked_full_layers_give_the_full_caches_tokens_and_logits(name: str, exports: Any,
+                                                                               tmp_path: Any) -> None:
+    """With --kv-blocks, full layers read their cache in blocks (gpt-oss: with its sinks); ring layers
+    stay whole."""
+    out = str(tmp_path / "ring-blocked")
+    export_model(with_sliding_cache(load_checkpoint(os.path.join(FIXTURES, name)), "ring"), out, ctx_len=CTX_LEN,
+                 prefill_seq_len=PREFILL_LEN, kv_blocks=4)
+    full_logits, full_tokens = run_export(exports(name, "full"), PROMPTS[0])
+    logits, tokens = run_export(out, PROMPTS[0])
+    assert tokens == full_tokens
+    assert np.abs(logits - full_logits).max() / np.abs(full_logits).max() <= TOLERANCE
+
+
 def test_full_and_sliding_layers_keep_one_body_per_cache_shape(exports: Any) -> None:
     proto = onnx.load(os.path.join(exports("gemma2", "ring"), "model.onnx"), load_external_data=False)
     layer_functions = [f.name for f in proto.functions if "layer" in f.name]

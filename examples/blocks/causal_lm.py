@@ -23,14 +23,15 @@ from typing import Any
 import numpy as np
 
 import qtrace
-from qtrace.primitives import arange, argmax, gather, stack, take, tanh, transpose
+from qtrace.primitives import arange, argmax, broadcast_to, gather, stack, take, tanh, transpose
 
 from ..config import CHUNKED, SLIDING, ConfigError, DecoderConfig
 from ..registry import Architecture
 from ..weights import linear_keys
 from .attention import AttentionInputs
 from .layers import linear, norm
-from .masks import cache_indices, ring_held_positions, ring_indices, ring_length, ring_write_positions, score_bias
+from .masks import (cache_indices, kv_block_slots, ring_held_positions, ring_indices, ring_length,
+                    ring_write_positions, score_bias)
 from .rope import RopeTables, model_rope_tables, rope_at, rope_name
 
 
@@ -88,11 +89,16 @@ class Model:
 
     def signature(self, *, ctx_len: int | str = "ctx_len", batch_size: int | str = "batch_size",
                   seq_len: int | str = "seq_len", full_batch_size: int | str | None = None,
-                  layer_functions: bool = True, max_ctx_len: int = 0) -> tuple[Any, tuple]:
+                  layer_functions: bool = True, max_ctx_len: int = 0, kv_blocks: int = 0) -> tuple[Any, tuple]:
         """The step function to lower (or run eagerly) and its example specs. RoPE tables cover the
         largest context the export will be specialized to (an int ctx_len, or max_ctx_len) and, failing
-        that, max_position_embeddings."""
-        positions = max(ctx_len if isinstance(ctx_len, int) else 0, max_ctx_len) or self.cfg.max_position_embeddings
+        that, max_position_embeddings. kv_blocks > 0: blocked attention over that many equal blocks of
+        the exported context (max_ctx_len or an int ctx_len), which the compiler is specialized to."""
+        exported = max(ctx_len if isinstance(ctx_len, int) else 0, max_ctx_len)
+        positions = exported or self.cfg.max_position_embeddings
+        if kv_blocks and not 1 <= kv_blocks <= exported:
+            raise ValueError(f"kv_blocks {kv_blocks} needs an exported context of at least that many slots "
+                             f"(ctx_len {exported or 'not given'})")
         tables = model_rope_tables(self.cfg, positions, self.dtype)
         cache_batch = batch_size if full_batch_size is None else full_batch_size
         prefill = seq_len if isinstance(seq_len, int) else None
@@ -105,7 +111,8 @@ class Model:
         if full_batch_size is not None:
             args += (qtrace.ShapeDtype((batch_size, 1), np.int64),)
         fn = functools.partial(causal_lm_step, self.arch, self.cfg, self.params, tables,
-                               layer_functions=layer_functions, sliding_cache=self.sliding_cache)
+                               layer_functions=layer_functions, sliding_cache=self.sliding_cache,
+                               blocks=tuple(kv_block_slots(exported, kv_blocks)) if kv_blocks else ())
         return fn, args
 
 
@@ -151,8 +158,9 @@ class StepInputs:
     """The per-step arrays layers read, built lazily once per (attention kind, cache length, RoPE)."""
 
     def __init__(self, cfg: DecoderConfig, tables: dict[str, RopeTables], position_ids: Any, batch_index: Any,
-                 dtype: Any, sliding_cache: str = "full"):
+                 dtype: Any, blocks: tuple = (), sliding_cache: str = "full"):
         self.cfg, self.tables, self.position_ids, self.batch_index, self.dtype = cfg, tables, position_ids, batch_index, dtype
+        self.blocks = blocks  # the slot numbers of each KV block (blocked attention), or ()
         self.sliding_cache = sliding_cache
         self._made: dict[Any, Any] = {}
 
@@ -161,37 +169,47 @@ class StepInputs:
             self._made[key] = make()
         return self._made[key]
 
+    def _block_inputs(self, kind: str) -> tuple:
+        """(indices [B,KV,L], bias [B,1,G*S,L]) of every KV block, for layers of this kind."""
+        shape = (self.position_ids.shape[0], self.cfg.num_key_value_heads, len(self.blocks[0]))
+        return tuple((broadcast_to(cache_indices(self.position_ids, slots), shape),
+                      score_bias(self.position_ids, slots, kind, self.cfg, self.dtype)) for slots in self.blocks)
+
     def for_layer(self, layer: int, ctx_len: Any) -> AttentionInputs:
         """The inputs of layer `layer`, whose cache has ctx_len slots (a ring's own length for a ring)."""
         kind = self.cfg.layer_type(layer)
-        write = None
-        if self.sliding_cache == "ring" and kind in RING_DIMS:
+        blocks = indices = bias = write = None
+        if self.sliding_cache == "ring" and kind in RING_DIMS:  # a ring is short: read whole, never in blocks
             held = self._once(("held", ctx_len), lambda: ring_held_positions(self.position_ids, ctx_len))
             indices = self._once(("ring indices", ctx_len), lambda: ring_indices(held, ctx_len))
             write = self._once(("ring writes", ctx_len), lambda: ring_write_positions(self.position_ids, ctx_len))
             bias = self._once(("ring bias", kind, ctx_len),
                               lambda: score_bias(self.position_ids, ctx_len, kind, self.cfg, self.dtype, held))
+        elif self.blocks:
+            blocks = self._once(("blocks", kind), lambda: self._block_inputs(kind))
         else:
-            indices = self._once(("indices", ctx_len), lambda: cache_indices(self.position_ids, ctx_len))
+            slots = self._once(("slots", ctx_len), lambda: arange(ctx_len))
+            indices = self._once(("indices", ctx_len), lambda: cache_indices(self.position_ids, slots))
             bias = self._once(("bias", kind, ctx_len),
-                              lambda: score_bias(self.position_ids, ctx_len, kind, self.cfg, self.dtype))
+                              lambda: score_bias(self.position_ids, slots, kind, self.cfg, self.dtype))
         spec = self.cfg.rope_for_layer(layer)
         cos = sin = rotation = None
         if spec is not None:
             table = self.tables[rope_name(self.cfg, spec)]
             cos, sin = self._once(("rope", rope_name(self.cfg, spec)), lambda: rope_at(table, self.position_ids))
             rotation = table.rotation
-        return AttentionInputs(self.position_ids, indices, bias, self.batch_index, cos, sin, rotation, write)
+        return AttentionInputs(self.position_ids, indices, bias, self.batch_index, cos, sin, rotation, blocks or (),
+                               write)
 
 
 def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[str, RopeTables],
                    input_ids: Any, position_ids: Any, past_key_values: dict[str, Any], batch_index: Any = None, *,
-                   layer_functions: bool = True, sliding_cache: str = "full") -> dict[str, Any]:
+                   layer_functions: bool = True, blocks: tuple = (), sliding_cache: str = "full") -> dict[str, Any]:
     """One prefill or decode step: logits [B,1,vocab] at argmax(position_ids) of each row, and the
     updated caches under their input names. With sliding_cache="ring" the caches of sliding and
     chunked layers are rings (Model.cache_shape)."""
     h = (arch.embed or token_embedding)(params, input_ids, position_ids, cfg)
-    step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, sliding_cache)
+    step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, blocks, sliding_cache)
     with qtrace.scope("step"):
         layer_inputs = [step.for_layer(i, past_key_values[f"past_key.{i}"].shape[2]) for i in range(len(params["layers"]))]
     linear_names = _linear_names(arch, cfg)
