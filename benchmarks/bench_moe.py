@@ -4,7 +4,8 @@
 
 strategies: for a Mixtral-shaped config (hidden 256, 8 experts, top-2, expert width 896, 4 layers)
 and a Qwen3-MoE-shaped one (hidden 256, 128 experts, top-8, expert width 96, 4 layers), random float32
-weights, each exported with --moe-strategy gather and dense (ctx_len 128, prefill 32): export time,
+weights, each exported with --moe-strategy gather and dense (ctx_len 128, prefill 32): export time
+(the second export of each, after a warm-up one),
 ONNX nodes (main graph; one MoE layer function; all, with every function call expanded), the bytes
 of expert weights each token touches in prefill (32 tokens a step) and decode (1 token a step)
 counted from the shapes (gather: k experts per token, each gathered into its own copy; dense: all E
@@ -119,6 +120,7 @@ def strategies(workdir: str, repeats: int) -> None:
         for strategy in ("gather", "dense"):
             model = with_moe_strategy(base, strategy)
             out = os.path.join(workdir, f"{name}-{strategy}")
+            export_model(model, out, ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN)  # warm-up: one-time costs
             start = time.perf_counter()
             export_model(model, out, ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN)
             export_seconds = time.perf_counter() - start

@@ -27,10 +27,10 @@ Two ways to run the experts (`MoeConfig.moe_strategy`, `qtrace export --moe-stra
 - dense: every expert runs on every token (E batched GEMMs over the step's T tokens) and each
   output is weighted by the token's routing weight, 0 for experts it did not choose. Reads each
   expert once per step, whatever T (cheap prefill), but computes E/k times the FLOPs.
-The default is gather, by measurement (benchmarks/bench_moe.py, onnxruntime CPU): dense prefill is
-0.24x (Mixtral-shaped) and 0.85x (Qwen3-MoE-shaped) gather's time, but dense decode is 2.2x and 6.4x,
-and a generation runs far more decode steps than prefill chunks. A prefill-only export with many
-tokens per chunk is where dense pays.
+The default is gather, by measurement (benchmarks/bench_moe.py, onnxruntime CPU, three runs): dense
+prefill takes 0.23-0.29x (Mixtral-shaped) and 0.85-1.21x (Qwen3-MoE-shaped) of gather's time, but dense
+decode takes 2.2-4.7x and 6.1-7.1x, and a generation runs far more decode steps than prefill chunks.
+A prefill-only export with many tokens per chunk is where dense pays.
 """
 
 from __future__ import annotations
