@@ -130,11 +130,15 @@ def random_model(config: dict[str, Any], seed: int = 0, dtype: Any = np.float32)
 def checkpoint_tensors(model: Model) -> dict[str, np.ndarray]:
     """The model's params as checkpoint tensors under the family's names, in float32 (fused tensors
     rebuilt from their row blocks, load-time offsets undone): what `save_pretrained` would write."""
+    weight_map = model.arch.weights(model.cfg)
     flat = {k: v for k, v in model.params.items() if k != "layers"}
     for i, layer in enumerate(model.params.get("layers", [])):
-        flat.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+        for key, value in layer.items():
+            per_expert = f"layers.{i}.{key}.0" in weight_map  # a list, or their stack
+            items = enumerate(value) if per_expert else [(None, value)]
+            flat.update({f"layers.{i}.{key}" + ("" if j is None else f".{j}"): v for j, v in items})
     blocks: dict[str, dict[int, np.ndarray]] = {}
-    for path, weight in model.arch.weights(model.cfg).items():
+    for path, weight in weight_map.items():
         array = np.asarray(flat[path], np.float32) - np.float32(weight.offset)
         blocks.setdefault(weight.name, {})[weight.rows[0] if weight.rows else 0] = array
     return {name: np.concatenate([parts[k] for k in sorted(parts)]) for name, parts in blocks.items()}
@@ -214,7 +218,8 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
                      progress=bytes_progress)
         stages["save"] = time.perf_counter() - start
         with open(os.path.join(scratch, "specializations.json"), "w") as f:
-            json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size), f, indent=2)
+            json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size,
+                                      model.cache_sizes(ctx_len, prefill_seq_len)), f, indent=2)
         with open(os.path.join(scratch, "custom_io.yaml"), "w") as f:
             f.write(custom_io_yaml(kv_state_names(model.cfg.num_hidden_layers), compile_options.kv_cache_precision))
         with open(os.path.join(scratch, "compile.sh"), "w") as f:

@@ -102,6 +102,11 @@ class DecoderConfig:
     def rope_for(self, layer_type: str) -> RopeSpec | None:
         return self.local_rope if layer_type == SLIDING and self.local_rope is not None else self.rope
 
+    def rope_for_layer(self, index: int) -> RopeSpec | None:
+        """The RoPE of layer `index` (None: the layer has no rotary embedding, e.g. Llama 4's NoPE
+        layers, which a family states by overriding this)."""
+        return self.rope_for(self.layer_type(index))
+
 
 class ConfigReader:
     """Typed access to a config.json dict; every error names the file and the field."""

@@ -92,16 +92,18 @@ def prefill(step: Step, prompt: list[int], cache: dict[str, np.ndarray], prefill
 
 
 def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefill_len: int, ctx_len: int,
-             layout: CacheLayout, full_batch_size: int | None = None) -> list[list[int]]:
+             layout: CacheLayout, full_batch_size: int | None = None,
+             sizes: dict[str, int] | None = None) -> list[list[int]]:
     """Greedy tokens for each prompt. Without continuous batching each prompt runs alone (batch 1);
-    with it, every prompt is prefilled into its own cache slot and all decode together."""
+    with it, every prompt is prefilled into its own cache slot and all decode together. `sizes`: the
+    caches' other symbolic dims (ring caches' lengths, as specializations.json gives them)."""
     for prompt in prompts:
         if len(prompt) + max_new_tokens > ctx_len:
             raise ValueError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new ones exceeds ctx_len {ctx_len}")
     if full_batch_size is None:
         results = []
         for prompt in prompts:
-            token, cache = prefill(step, prompt, new_cache(layout, 1, ctx_len), prefill_len)
+            token, cache = prefill(step, prompt, new_cache(layout, 1, ctx_len, sizes), prefill_len)
             tokens = [token]
             for position in range(len(prompt), len(prompt) + max_new_tokens - 1):
                 logits, cache = step(np.array([[tokens[-1]]]), np.array([[position]]), cache, None)
@@ -111,7 +113,7 @@ def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefi
     if len(prompts) > full_batch_size:
         raise ValueError(f"{len(prompts)} prompts do not fit {full_batch_size} cache slots")
     slots = list(range(len(prompts)))[::-1]  # fill slots in reverse order: batch_index is not the row order
-    cache = new_cache(layout, full_batch_size, ctx_len)
+    cache = new_cache(layout, full_batch_size, ctx_len, sizes)
     results = [[] for _ in prompts]
     positions = [0] * full_batch_size
     last = [0] * full_batch_size

@@ -122,7 +122,19 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     dtype = np.float16 if args.dtype == "float16" else np.float32
+    from .examples.blocks.causal_lm import Model, with_sliding_cache
+    from .examples.blocks.moe import with_moe_strategy
+    from .examples.checkpoint import read_checkpoint_config
+
+    # refuse a flag that cannot apply before reading any weights
+    configured = Model(*read_checkpoint_config(args.checkpoint), params={})
+    if args.moe_strategy is not None:
+        with_moe_strategy(configured, args.moe_strategy)
+    with_sliding_cache(configured, args.sliding_cache)
     model = load_checkpoint(args.checkpoint, dtype=dtype)
+    if args.moe_strategy is not None:
+        model = with_moe_strategy(model, args.moe_strategy)
+    model = with_sliding_cache(model, args.sliding_cache)
     load_seconds = time.perf_counter() - start
     report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size, dtype=args.dtype,
@@ -151,9 +163,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     ctx_len, prefill_len = int(specs["Prefill"]["ctx_len"]), int(specs["Prefill"]["seq_len"])
     full_batch = int(specs["Decode"]["full_batch_size"]) if "full_batch_size" in specs["Decode"] else None
     session = onnx_session(args.model_dir)
+    layout = cache_layout(session)
+    cache_dims = {d for dims, _ in layout.values() for d in dims if isinstance(d, str)}
+    sizes = {symbol: int(value) for symbol, value in specs["Prefill"].items() if symbol in cache_dims}  # ring lengths
     prompts = [_parse_ids(p) for p in args.prompt_ids]
     tokens = generate(onnx_step(session), prompts, args.max_new_tokens, prefill_len=prefill_len, ctx_len=ctx_len,
-                      layout=cache_layout(session), full_batch_size=full_batch)
+                      layout=layout, full_batch_size=full_batch, sizes=sizes)
     for row in tokens:
         print(",".join(map(str, row)))
     return 0
@@ -247,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--kv-blocks", type=int, default=0, metavar="N",
                         help="blocked attention: read each layer's cache in N blocks (CtxGatherBlockedKV) with an "
                              "exact online softmax, for long contexts (default: one whole read)")
+    export.add_argument("--sliding-cache", choices=("full", "ring"), default="full",
+                        help="sliding-window and chunked layers: a full ctx_len cache (default), or a ring of "
+                             "window + prefill-seq-len - 1 slots with its own symbolic dim")
+    export.add_argument("--moe-strategy", choices=("gather", "dense"), default=None,
+                        help="mixture-of-experts execution: gather the chosen experts per token, or run every "
+                             "expert on every token with routing weights 0 where not chosen (default: gather)")
     export.add_argument("--num-cores", type=int, default=16, help="qaic-compile -aic-num-cores")
     export.add_argument("--mxfp6-matmul", action="store_true", help="qaic-compile -mxfp6-matmul")
     export.add_argument("--mos", type=int, default=None, help="qaic-compile -mos")

@@ -291,6 +291,10 @@ case("min_all", lambda x: np.min(x), floats("B", 3))
 case("argmax_axis", lambda x: np.argmax(x, axis=1), floats("B", 5))
 case("argmax_ties_pick_first", lambda x: np.argmax(x, axis=-1, keepdims=True), ints("B", 6, low=0, high=3))
 case("argmax_flat", lambda x: np.argmax(x), floats("B", 3))
+case("top_k_last_axis", lambda x: qp.top_k(x, 3), floats("B", 7))
+case("top_k_ties_pick_lower_index", lambda x: qp.top_k(x, 4, axis=1), ints("B", 6, 2, low=0, high=3))
+case("top_k_float16_axis_0", lambda x: qp.top_k(x, 2, axis=0), floats(5, "B", dtype="float16"))
+case("top_k_of_the_whole_axis", lambda x: qp.top_k(x, 4), ints("B", 4, low=-9, high=9, dtype="int32"))
 
 # -- shapes -------------------------------------------------------------------------------------------
 case("reshape_static", lambda x: x.reshape(6, 4), floats(2, 3, 4), sizes=({},))

@@ -563,6 +563,38 @@ CASES += [
 
 
 @st.composite
+def top_k_inputs(draw):
+    dtype = draw(st.sampled_from(NUMERIC))
+    x = draw(arrays(dtype, draw(NONSCALAR_SHAPES), integral=True))  # small ints: many ties
+    axis = draw(st.integers(-x.ndim, x.ndim - 1))
+    return (x,), {"k": draw(st.integers(1, x.shape[axis])), "axis": axis}
+
+
+def top_k_formula(x, *, k, axis):
+    """Per line: positions sorted by (value descending, position ascending), the first k."""
+    def first_k(values):
+        return sorted(range(len(values)), key=lambda i: (-values[i], i))[:k]
+
+    axis %= x.ndim
+    shape = x.shape[:axis] + (k,) + x.shape[axis + 1:]
+    values, indices = np.empty(shape, x.dtype), np.empty(shape, np.int64)
+    for rest in np.ndindex(*(d for i, d in enumerate(x.shape) if i != axis)):
+        line = [x[rest[:axis] + (j,) + rest[axis:]].item() for j in range(x.shape[axis])]
+        for position, index in enumerate(first_k(line)):
+            values[rest[:axis] + (position,) + rest[axis:]] = line[index]
+            indices[rest[:axis] + (position,) + rest[axis:]] = index
+    return values, indices
+
+
+CASES.append(Case("top_k", lambda x, **p: qp.top_k(x, p["k"], axis=p["axis"]), top_k_inputs(), top_k_formula,
+                  (Bad(qtrace.ShapeError, (f32(2, 3),), {"k": 4, "axis": 1}),
+                   Bad(qtrace.ShapeError, (f32(2, 3),), {"k": 0, "axis": 1}),
+                   Bad(qtrace.ShapeError, (f32(2, 3),), {"k": 1, "axis": 2}),
+                   Bad(qtrace.DTypeError, (boolean(2, 3),), {"k": 1, "axis": 1})),
+                  symbolic=False))  # k entries of a symbolic axis: see the test below
+
+
+@st.composite
 def matmul_inputs(draw):
     dtype = draw(st.sampled_from(NUMERIC))
     batch = draw(hnp.mutually_broadcastable_shapes(num_shapes=2, max_dims=2, max_side=3)).input_shapes
@@ -1007,3 +1039,20 @@ def test_var_with_ddof_over_a_symbolic_dim_raises_at_the_users_line():
         qtrace.trace(fn, (ShapeDtype(("B", 4)),))
     assert info.value.location.line == fn.__code__.co_firstlineno + 1
     assert "ddof" in str(info.value)
+
+
+def test_top_k_on_symbolic_dims():
+    """Other axes may be symbolic; k > 1 entries of a symbolic axis are refused (they exist only
+    when the dim is large enough), k = 1 is always there."""
+    graph = qtrace.trace(lambda x: qp.top_k(x, 2), (ShapeDtype(("tokens", 8)),))
+    assert [str(v.aval) for v in graph.outputs] == ["f32[tokens,2]", "i64[tokens,2]"]
+    assert qtrace.trace(lambda x: qp.top_k(x, 1), (ShapeDtype((2, "n")),)).outputs[1].shape == (2, 1)
+    with pytest.raises(qtrace.ShapeError, match="symbolic dim n"):
+        qtrace.trace(lambda x: qp.top_k(x, 2), (ShapeDtype((2, "n")),))
+
+
+def test_top_k_breaks_ties_by_position_and_handles_the_smallest_int():
+    x = np.array([np.iinfo(np.int64).min, 7, 7, np.iinfo(np.int64).min, 7], np.int64)
+    values, indices = qp.top_k(x, 5)
+    np.testing.assert_array_equal(indices, [1, 2, 4, 0, 3])
+    np.testing.assert_array_equal(values, x[[1, 2, 4, 0, 3]])

@@ -32,10 +32,13 @@ def alibi_slopes(heads: int, bias_max: float = 8.0) -> tuple[float, ...]:
     return tuple(float(s) for s in slopes)
 
 
-def alibi_bias(position_ids: Any, slots: Any, cfg: DecoderConfig, dtype: Any) -> Any:
-    """[B, KV, G*S, C]: slope of the query's head x (slot - query position), for the slot numbers read."""
+def alibi_bias(position_ids: Any, key_positions: Any, cfg: DecoderConfig, dtype: Any) -> Any:
+    """[B, KV, G*S, C]: slope of the query's head x (key position - query position). key_positions:
+    the slot numbers read [C] (slot c holds position c), or the positions a ring cache's slots hold
+    [B,1,C]."""
     batch, seq = position_ids.shape
     kv_heads, groups = cfg.num_key_value_heads, cfg.query_groups
-    distance = (slots[None, None, :] - maximum(position_ids, 0)[:, :, None]).astype(dtype)  # [B,S,C]
+    keys = key_positions[None, None, :] if key_positions.ndim == 1 else key_positions
+    distance = (keys - maximum(position_ids, 0)[:, :, None]).astype(dtype)  # [B,S,C]
     slopes = np.asarray(cfg.alibi_slopes, dtype).reshape(1, kv_heads, groups, 1, 1)
-    return (distance[:, None, None] * slopes).reshape(batch, kv_heads, groups * seq, slots.shape[0])
+    return (distance[:, None, None] * slopes).reshape(batch, kv_heads, groups * seq, key_positions.shape[-1])

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import qtrace
-from qtrace.primitives import clip, exp, layer_norm, maximum, softmax, tanh, where
+from qtrace.primitives import clip, exp, layer_norm, log, maximum, sigmoid, softmax, tanh, where
 
 from ..config import DecoderConfig
 from .cache import read_cache, read_cache_block, write_cache
@@ -30,7 +30,7 @@ from .rope import apply_rope
 class AttentionInputs:
     """What a layer's attention reads from the step, computed once per step at model level."""
 
-    position_ids: Any        # [B,S] where the new keys/values are written
+    position_ids: Any        # [B,S] the tokens' positions (where the new keys/values are written)
     ctx_indices: Any         # [B,1,C] CtxGather indices (INT32_MAX past the live context)
     bias: Any                # [B,1 or KV,G*S,C] additive score bias (masks, ALiBi)
     batch_index: Any = None  # [B,1] cache slot of each row (continuous batching)
@@ -38,25 +38,39 @@ class AttentionInputs:
     sin: Any = None
     rotation: Any = None     # [D,D] the RoPE pairing
     blocks: tuple = ()       # blocked attention: ((indices [B,KV,L], bias [B,1,G*S,L]), ...), one per KV block
+    write_positions: Any = None  # [B,S] cache slots of the new keys/values when not position_ids (rings)
 
 
 def cached_attention(q: Any, k: Any, v: Any, inputs: AttentionInputs, past_key: Any, past_value: Any, *,
-                     scale: float, softcap: float | None = None) -> tuple[Any, Any, Any]:
-    """q [B,S,H,D], k/v [B,S,KV,D] -> (out [B,S,H*D], key cache, value cache)."""
+                     scale: float, softcap: float | None = None, sinks: Any = None) -> tuple[Any, Any, Any]:
+    """q [B,S,H,D], k/v [B,S,KV,D] -> (out [B,S,H*D], key cache, value cache). `sinks` [H] (gpt-oss):
+    one learned logit per head that joins each query's softmax denominator and attends to nothing."""
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
-    key_cache = write_cache(past_key, inputs.position_ids, k.transpose(0, 2, 1, 3), inputs.batch_index)
-    value_cache = write_cache(past_value, inputs.position_ids, v.transpose(0, 2, 1, 3), inputs.batch_index)
+    slots = inputs.position_ids if inputs.write_positions is None else inputs.write_positions
+    key_cache = write_cache(past_key, slots, k.transpose(0, 2, 1, 3), inputs.batch_index)
+    value_cache = write_cache(past_value, slots, v.transpose(0, 2, 1, 3), inputs.batch_index)
     grouped = (q * scale).transpose(0, 2, 1, 3).reshape(batch, kv_heads, groups * seq, head_dim)
     if inputs.blocks:
-        out = blocked_attention(grouped, key_cache, value_cache, inputs.blocks, inputs.batch_index, softcap)
+        out = blocked_attention(grouped, key_cache, value_cache, inputs.blocks, inputs.batch_index, softcap,
+                                with_logsumexp=sinks is not None)
+        if sinks is not None:
+            out, total = out
     else:
         keys = read_cache(key_cache, inputs.ctx_indices, inputs.batch_index)    # [B,KV,C,D]
         values = read_cache(value_cache, inputs.ctx_indices, inputs.batch_index)
-        probs = softmax(capped_scores(grouped, keys, softcap) + inputs.bias, axis=-1)
-        out = probs @ values                                                   # [B,KV,G*S,D]
-    out = out.reshape(batch, heads, seq, head_dim).transpose(0, 2, 1, 3)
+        biased = capped_scores(grouped, keys, softcap) + inputs.bias
+        out = softmax(biased, axis=-1) @ values                                # [B,KV,G*S,D]
+        if sinks is not None:
+            row_max = biased.max(axis=-1, keepdims=True)
+            total = row_max + log(exp(biased - row_max).sum(axis=-1, keepdims=True))   # [B,KV,G*S,1]
+    out = out.reshape(batch, heads, seq, head_dim)
+    if sinks is not None:
+        # A sink logit t joins the denominator: exp(s_i) / (sum_j exp(s_j) + exp(t)) is the softmax
+        # times sigmoid(logsumexp(s) - t), applied per head once the heads are apart again.
+        out = out * sigmoid(total.reshape(batch, heads, seq, 1) - sinks[:, None, None])
+    out = out.transpose(0, 2, 1, 3)
     return out.reshape(batch, seq, heads * head_dim), key_cache, value_cache
 
 
@@ -89,14 +103,17 @@ def attention_kv_block(grouped_q: Any, key_cache: Any, value_cache: Any, block: 
 
 
 def blocked_attention(grouped_q: Any, key_cache: Any, value_cache: Any, blocks: tuple, batch_index: Any,
-                      softcap: float | None) -> Any:
-    """softmax(scores + bias) @ values over the whole cache, read block by block: [B,KV,G*S,D]."""
+                      softcap: float | None, with_logsumexp: bool = False) -> Any:
+    """softmax(scores + bias) @ values over the whole cache, read block by block: [B,KV,G*S,D]; with
+    with_logsumexp, also log(sum(exp(scores + bias))) per row [B,KV,G*S,1] (for attention sinks)."""
     (indices, bias), rest = blocks[0], blocks[1:]
     keys = read_cache_block(key_cache, indices, batch_index)
     new_max, weights, _ = _online_softmax_terms(capped_scores(grouped_q, keys, softcap) + bias, None)
     running = (new_max, weights.sum(axis=-1, keepdims=True), weights @ read_cache_block(value_cache, indices, batch_index))
     for block in rest:
         running = attention_kv_block(grouped_q, key_cache, value_cache, block, batch_index, running, softcap)
+    if with_logsumexp:
+        return running[2] / running[1], running[0] + log(running[1])
     return running[2] / running[1]
 
 
@@ -151,11 +168,12 @@ def project_qkv(x: Any, p: dict[str, Any], cfg: DecoderConfig) -> tuple[Any, Any
 
 def self_attention(x: Any, p: dict[str, Any], inputs: AttentionInputs, past_key: Any, past_value: Any,
                    cfg: DecoderConfig) -> tuple[Any, Any, Any]:
-    """The standard attention sublayer: projections, RoPE, cached attention, o_proj (+ o_bias)."""
+    """The standard attention sublayer: projections, RoPE, cached attention (with the layer's
+    attention sinks when it has them), o_proj (+ o_bias)."""
     q, k, v = project_qkv(x, p, cfg)
     if inputs.cos is not None:
         q = apply_rope(q, inputs.cos, inputs.sin, inputs.rotation)
         k = apply_rope(k, inputs.cos, inputs.sin, inputs.rotation)
     out, key_cache, value_cache = cached_attention(q, k, v, inputs, past_key, past_value, scale=cfg.scale,
-                                                   softcap=cfg.attn_logit_softcap)
+                                                   softcap=cfg.attn_logit_softcap, sinks=p.get("sinks"))
     return linear(out, p["o_proj"], p.get("o_bias")), key_cache, value_cache

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from qtrace.primitives import gelu, rms_norm, silu
 
 ACTIVATIONS = {
@@ -49,3 +51,8 @@ def scaled(x: Any, multiplier: float) -> Any:
 def norm(x: Any, weight: Any, eps: float) -> Any:
     """RMSNorm (one CustomRMSNorm). Gemma's x * (1 + w) form is this with 1 added to w at load."""
     return rms_norm(x, weight, eps)
+
+
+def unit_norm(x: Any, eps: float) -> Any:
+    """RMSNorm without a weight, x / sqrt(mean(x^2) + eps) (Llama 4's "L2" q/k norm)."""
+    return rms_norm(x, np.ones(x.shape[-1], x.dtype), eps)
