@@ -130,6 +130,17 @@ def lower_argmax(ctx: LoweringContext, node: Node, x: str) -> str:
     return ctx.op("ArgMax", x, axis=node.params["axis"], keepdims=int(node.params["keepdims"]))
 
 
+@lowering("top_k")
+def lower_top_k(ctx: LoweringContext, node: Node, x: str) -> list[str]:
+    return ctx.op("TopK", x, ctx.ints([node.params["k"]]), axis=node.params["axis"], largest=1, sorted=1,
+                  n_outputs=2)
+
+
+@lowering("cumsum")
+def lower_cumsum(ctx: LoweringContext, node: Node, x: str) -> str:
+    return ctx.op("CumSum", x, ctx.scalar(node.params["axis"], np.int64))
+
+
 # -- shapes -------------------------------------------------------------------------------------------
 
 

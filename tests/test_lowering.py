@@ -291,6 +291,12 @@ case("argmax_axis", lambda x: np.argmax(x, axis=1), floats("B", 5))
 case("argmax_ties_pick_first", lambda x: np.argmax(x, axis=-1, keepdims=True), ints("B", 6, low=0, high=3))
 case("argmax_flat", lambda x: np.argmax(x), floats("B", 3))
 
+# -- ordering and running sums (TopK ties: lower index first; CumSum in index order) ---------------------
+case("top_k_ties", lambda x: qp.top_k(x, 3), ints("B", 6, low=0, high=3))
+case("top_k_float32_axis_1", lambda x: qp.top_k(x, 2, axis=1), small_floats("B", 4, 3))
+case("cumsum_float32", lambda x: qp.cumsum(x, axis=1), small_floats("B", 5))
+case("cumsum_int32_axis_0", lambda x: qp.cumsum(x, axis=0), ints("B", 4, dtype="int32"))
+
 # -- shapes -------------------------------------------------------------------------------------------
 case("reshape_static", lambda x: x.reshape(6, 4), floats(2, 3, 4), sizes=({},))
 case("reshape_split_last_dim", lambda x: x.reshape(x.shape[0], x.shape[1], 2, 4), floats("B", "S", 8), sizes=BS)

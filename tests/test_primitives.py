@@ -756,6 +756,56 @@ CASES += [
           Bad(qtrace.DTypeError, (f32(4, 3), f32(2, 3), f32(2)), {"lead": 0}))),
 ]
 
+# ordering and running sums (the on-device sampler's top_k and cumsum)
+@st.composite
+def top_k_inputs(draw):
+    x = draw(arrays(draw(st.sampled_from(NUMERIC)), draw(NONSCALAR_SHAPES), integral=True))  # ties
+    axis = draw(st.integers(-x.ndim, x.ndim - 1))
+    return (x,), {"k": draw(st.integers(1, x.shape[axis])), "axis": axis}
+
+
+def top_k_formula(x, *, k, axis):
+    """Per line: the k largest values, descending; equal values in index order."""
+    axis %= x.ndim
+    shape = x.shape[:axis] + (k,) + x.shape[axis + 1:]
+    values, indices = np.empty(shape, x.dtype), np.empty(shape, np.int64)
+    others = [d for i, d in enumerate(x.shape) if i != axis]
+    for rest in np.ndindex(*others):
+        line = list(rest)
+        line.insert(axis, slice(None))
+        ranked = sorted(range(x.shape[axis]), key=lambda i: (-x[tuple(line)][i].item(), i))[:k]
+        values[tuple(line)] = [x[tuple(line)][i] for i in ranked]
+        indices[tuple(line)] = ranked
+    return [values, indices]
+
+
+def running_sum(values):
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+@st.composite
+def cumsum_inputs(draw):
+    x = draw(arrays(draw(st.sampled_from(NUMERIC)), draw(NONSCALAR_SHAPES), integral=True))  # exact sums
+    return (x,), {"axis": draw(st.integers(-x.ndim, x.ndim - 1))}
+
+
+CASES += [
+    Case("top_k", lambda x, **p: qp.top_k(x, p["k"], axis=p["axis"]), top_k_inputs(), top_k_formula,
+         (Bad(qtrace.ShapeError, (f32(2, 3),), {"k": 4, "axis": 1}),
+          Bad(qtrace.ShapeError, (f32(2, 3),), {"k": 0, "axis": 1}),
+          Bad(qtrace.ShapeError, (f32(2, 3),), {"k": 1, "axis": 2}),
+          Bad(qtrace.DTypeError, (boolean(2, 3),), {"k": 1, "axis": 1}))),
+    Case("cumsum", lambda x, **p: qp.cumsum(x, axis=p["axis"]), cumsum_inputs(),
+         lambda x, *, axis: along_axis(x, axis % x.ndim, running_sum, x.dtype),
+         (Bad(qtrace.ShapeError, (f32(2, 3),), {"axis": 2}), Bad(qtrace.ShapeError, (f32(),), {"axis": 0}),
+          Bad(qtrace.DTypeError, (boolean(2, 3),), {"axis": 0}))),
+]
+
+
 COVERED_IN_TEST_KV_CACHE = {"ctx_scatter", "ctx_scatter_cb", "ctx_gather", "ctx_gather_cb"}
 
 # -- checks -------------------------------------------------------------------------------------------
