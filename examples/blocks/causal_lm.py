@@ -11,6 +11,12 @@ one kind share one traced body. Inputs and outputs carry QEfficient's names and 
 `position_ids` [batch_size, seq_len], `past_key.{i}`/`past_value.{i}` [batch_size (or
 full_batch_size), kv_heads, ctx_len, head_dim], optional `batch_index` [batch_size, 1]; outputs
 `logits` and the updated caches, which lowering names `*_RetainedState`.
+
+Serving modes (`StepOptions`, qeff-interface.md §1, §2, §4) add inputs after the caches, in
+QEfficient's order: `comp_ctx_lengths` [comp_ctx_lengths] (compute-context length: its length K is
+how many cache slots every layer reads), `batch_index`, `num_logits_to_keep` [num_logits_to_keep, 1]
+(logits for the nlk positions ending at each row's last valid one), and the sampler's inputs (its
+`next_tokens` replace `logits`). Every output dim is one of the inputs' symbols.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from typing import Any
 import numpy as np
 
 import qtrace
-from qtrace.primitives import arange, argmax, gather, take, tanh, transpose
+from qtrace.primitives import arange, argmax, gather, maximum, minimum, take, tanh, transpose
 
 from ..config import DecoderConfig
 from ..registry import Architecture
@@ -31,6 +37,23 @@ from .attention import AttentionInputs
 from .layers import linear, norm
 from .masks import cache_indices, score_bias
 from .rope import RopeTables, model_rope_tables, rope_at
+from .sampler import SamplerOptions, sample, sampler_input_specs
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What a serving mode adds to the step (all off: the plain QEfficient prefill/decode graph).
+
+    comp_ctx_lengths: the shape-only CCL input; num_logits_to_keep: the shape-only speculative-target
+    input; sampler: the on-device sampler's options (None: the step returns logits)."""
+
+    comp_ctx_lengths: bool = False
+    num_logits_to_keep: bool = False
+    sampler: SamplerOptions | None = None
+
+    @property
+    def adds_inputs(self) -> bool:
+        return self.comp_ctx_lengths or self.num_logits_to_keep or self.sampler is not None
 
 
 @dataclass
@@ -58,10 +81,15 @@ class Model:
 
     def signature(self, *, ctx_len: int | str = "ctx_len", batch_size: int | str = "batch_size",
                   seq_len: int | str = "seq_len", full_batch_size: int | str | None = None,
-                  layer_functions: bool = True, max_ctx_len: int = 0) -> tuple[Any, tuple]:
+                  layer_functions: bool = True, max_ctx_len: int = 0,
+                  options: StepOptions = StepOptions()) -> tuple[Any, tuple]:
         """The step function to lower (or run eagerly) and its example specs. RoPE tables cover the
         largest context the export will be specialized to (an int ctx_len, or max_ctx_len) and, failing
-        that, max_position_embeddings."""
+        that, max_position_embeddings.
+
+        Without serving options the function is `fn(input_ids, position_ids, caches[, batch_index])`;
+        with them it is `fn(input_ids, position_ids, caches, None, inputs)` where `inputs` maps the
+        extra input names (batch_index among them) to arrays, in the order the export lists them."""
         positions = max(ctx_len if isinstance(ctx_len, int) else 0, max_ctx_len) or self.cfg.max_position_embeddings
         tables = model_rope_tables(self.cfg, positions, self.dtype)
         cache_batch = batch_size if full_batch_size is None else full_batch_size
@@ -71,11 +99,21 @@ class Model:
             past[f"past_key.{i}"], past[f"past_value.{i}"] = spec, spec
         ids = qtrace.ShapeDtype((batch_size, seq_len), np.int64)
         args: tuple = (ids, ids, past)
-        if full_batch_size is not None:
-            args += (qtrace.ShapeDtype((batch_size, 1), np.int64),)
+        batch_index = None if full_batch_size is None else qtrace.ShapeDtype((batch_size, 1), np.int64)
         fn = functools.partial(causal_lm_step, self.arch, self.cfg, self.params, tables,
-                               layer_functions=layer_functions)
-        return fn, args
+                               layer_functions=layer_functions, sampler=options.sampler)
+        if not options.adds_inputs:
+            return fn, args + ((batch_index,) if batch_index is not None else ())
+        inputs: dict[str, Any] = {}
+        if options.comp_ctx_lengths:
+            inputs["comp_ctx_lengths"] = qtrace.ShapeDtype(("comp_ctx_lengths",), np.int64)
+        if batch_index is not None:
+            inputs["batch_index"] = batch_index
+        if options.num_logits_to_keep:
+            inputs["num_logits_to_keep"] = qtrace.ShapeDtype(("num_logits_to_keep", 1), np.int64)
+        if options.sampler is not None:
+            inputs.update(sampler_input_specs(batch_size, seq_len, cache_batch, self.cfg.vocab_size, options.sampler))
+        return fn, args + (None, inputs)
 
 
 # -- default hooks (a family's Architecture may replace each) -------------------------------------------
@@ -106,20 +144,30 @@ def lm_head(h: Any, params: dict[str, Any], cfg: DecoderConfig) -> Any:
 
 
 class StepInputs:
-    """The per-step arrays layers read, built lazily once per (attention kind, cache length, RoPE)."""
+    """The per-step arrays layers read, built lazily once per (attention kind, read length, RoPE).
+
+    comp_ctx_len: with CCL, the number K of cache slots every layer reads (the first K: each cache
+    here is full length, slot c holding position c, so they hold positions < K); None: all of them."""
 
     def __init__(self, cfg: DecoderConfig, tables: dict[Any, RopeTables], position_ids: Any, batch_index: Any,
-                 dtype: Any):
+                 dtype: Any, comp_ctx_len: Any = None):
         self.cfg, self.tables, self.position_ids, self.batch_index, self.dtype = cfg, tables, position_ids, batch_index, dtype
+        self.comp_ctx_len = comp_ctx_len
         self._made: dict[Any, Any] = {}
+
+    def read_length(self, layer: int, cache_len: Any) -> Any:
+        """How many slots of layer's cache are read (a cache whose slot is not its position, such as a
+        ring buffer, must be read whole)."""
+        return cache_len if self.comp_ctx_len is None else self.comp_ctx_len
 
     def _once(self, key: Any, make: Any) -> Any:
         if key not in self._made:
             self._made[key] = make()
         return self._made[key]
 
-    def for_layer(self, layer: int, ctx_len: Any) -> AttentionInputs:
+    def for_layer(self, layer: int, cache_len: Any) -> AttentionInputs:
         kind = self.cfg.layer_type(layer)
+        ctx_len = self.read_length(layer, cache_len)
         indices = self._once(("indices", ctx_len), lambda: cache_indices(self.position_ids, ctx_len))
         bias = self._once(("bias", kind, ctx_len),
                           lambda: score_bias(self.position_ids, ctx_len, kind, self.cfg, self.dtype))
@@ -133,12 +181,18 @@ class StepInputs:
 
 
 def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[Any, RopeTables],
-                   input_ids: Any, position_ids: Any, past_key_values: dict[str, Any], batch_index: Any = None, *,
-                   layer_functions: bool = True) -> dict[str, Any]:
-    """One prefill or decode step: logits [B,1,vocab] at argmax(position_ids) of each row, and the
-    updated caches under their input names."""
+                   input_ids: Any, position_ids: Any, past_key_values: dict[str, Any], batch_index: Any = None,
+                   inputs: dict[str, Any] | None = None, *, layer_functions: bool = True,
+                   sampler: SamplerOptions | None = None) -> dict[str, Any]:
+    """One prefill or decode step: logits [B,1,vocab] at argmax(position_ids) of each row (or
+    [B,nlk,vocab] with num_logits_to_keep, or the sampler's outputs) and the updated caches under
+    their input names. `inputs` holds the serving inputs by name (see StepOptions)."""
+    inputs = dict(inputs or {})
+    if batch_index is None:
+        batch_index = inputs.get("batch_index")
+    ccl = inputs.get("comp_ctx_lengths")
     h = (arch.embed or token_embedding)(params, input_ids, position_ids, cfg)
-    step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype)
+    step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, None if ccl is None else ccl.shape[0])
     linear_names = _linear_names(arch, cfg)
     layer = arch.layer if layer_functions else getattr(arch.layer, "__wrapped__", arch.layer)
     outputs: dict[str, Any] = {}
@@ -150,10 +204,27 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
                                               cfg)
         outputs[f"past_key.{i}"], outputs[f"past_value.{i}"] = key_cache, value_cache
     h = (arch.final_norm or final_rms_norm)(h, params, cfg)
+    logits = (arch.head or lm_head)(kept_positions(h, position_ids, inputs.get("num_logits_to_keep")), params, cfg)
+    if sampler is None:
+        return {"logits": logits, **outputs}
+    sampled = sample(logits, input_ids, position_ids, batch_index, inputs, sampler)
+    buffers = {k: sampled.pop(k) for k in list(sampled) if k.endswith("_RetainedState")}
+    return {**sampled, **outputs, **buffers}
+
+
+def kept_positions(h: Any, position_ids: Any, num_logits_to_keep: Any = None) -> Any:
+    """The hidden states the head sees: [B,1,D] at each row's last valid position (argmax of
+    position_ids, so right padding at -1 is skipped), or with num_logits_to_keep [nlk, 1] the nlk
+    consecutive ones ending there, [B,nlk,D] (the start clamped at 0, as QEfficient's target model
+    does; indices past the chunk are clamped to its last position)."""
     last = argmax(position_ids, axis=1, keepdims=True)                     # [B,1]
     rows = arange(h.shape[0])[:, None]
-    h_last = gather(h, [rows, last], axis=0)                               # [B,1,D]
-    return {"logits": (arch.head or lm_head)(h_last, params, cfg), **outputs}
+    if num_logits_to_keep is None:
+        return gather(h, [rows, last], axis=0)                             # [B,1,D]
+    keep, seq = num_logits_to_keep.shape[0], position_ids.shape[1]
+    first = maximum(last - arange(keep - 1, keep), 0)                       # [B,1]
+    kept = minimum(first + arange(keep)[None, :], arange(seq - 1, seq))    # [B,nlk]
+    return gather(h, [rows, kept], axis=0)
 
 
 @functools.lru_cache(maxsize=None)
