@@ -448,6 +448,11 @@ class Decoder:
     def generate(self, prompts: list[list[int]], max_new_tokens: int,
                  record: Callable[[str, dict], None] | None = None) -> list[list[int]]:
         """Greedy (or sampled) tokens for each prompt: prefill, then one token per step."""
+        if self.decode_model.has_input("num_logits_to_keep") and self.decode_model.specializations is not None and \
+                0 not in self.speculative_lengths():
+            raise GenerationError(f"{self.decode_model.name} is a speculative-decoding target compiled for K = "
+                                  f"{self.speculative_lengths()} only: give a proposer (--draft or --prompt-lookup), "
+                                  "or export with K 0 too for single-token steps")
         return self._run(prompts, max_new_tokens, self._plain_round, record)
 
     def _check_lengths(self, prompts: list[list[int]], max_new_tokens: int, lookahead: int = 0) -> None:
