@@ -92,8 +92,10 @@ class ServingOptions:
             if not self.decode_only and prefill_seq_len == 1:
                 raise ServingError("--sampling needs --prefill-seq-len > 1: the sampler tells a prompt chunk from a "
                                    "decode step by its length")
-        elif self.return_pdfs or self.max_top_k_ids != 512:
-            raise ServingError("--return-pdfs and --max-top-k-ids need --sampling")
+        elif self.return_pdfs:
+            raise ServingError("--return-pdfs needs --sampling")
+        elif self.max_top_k_ids != 512:
+            raise ServingError("--max-top-k-ids needs --sampling")
 
     def step_options(self, vocab_size: int) -> StepOptions:
         sampler = None

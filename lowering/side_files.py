@@ -44,14 +44,14 @@ CCL_MAX_ELEMENTS = 5
 CCL_START_MAP = ((32768, 4096, 4000), (65536, 8192, 8000), (math.inf, 16384, 16000))  # ctx up to, decode, prefill
 
 
-def _doubling(start: int, limit: int, last: int | None = None) -> list[int]:
-    """start, 2*start, ... up to limit, at most CCL_MAX_ELEMENTS values, the last one forced to `last`."""
+def _doubling(start: int, limit: int, last: int | None = None, most: int = CCL_MAX_ELEMENTS) -> list[int]:
+    """start, 2*start, ... up to limit, at most `most` values, the last one forced to `last`."""
     values = []
-    while start <= limit and len(values) < CCL_MAX_ELEMENTS:
+    while start <= limit and len(values) < most:
         values.append(start)
         start *= 2
     if last is not None and (not values or values[-1] != last):
-        if len(values) < CCL_MAX_ELEMENTS:
+        if len(values) < most:
             values.append(last)
         else:
             values[-1] = last
@@ -61,14 +61,16 @@ def _doubling(start: int, limit: int, last: int | None = None) -> list[int]:
 def automatic_ccl_lists(ctx_len: int, prefill_seq_len: int) -> tuple[list[int], list[int]]:
     """QEfficient's automatic lists (`automatic_ccl_generation`): for the context rounded up to a
     multiple of 1024, up to 4096 one bucket; beyond, doubling lists from 4096/8192/16384 (decode) and
-    4000/8000/16000 (prefill), at most 5 values, both ending at the context. QEfficient then raises
+    4000/8000/16000 (prefill), at most 5 values (10 shared ones with prefill_seq_len 1), both ending at
+    the context. QEfficient then raises
     ctx_len itself to that multiple of 1024; qtrace keeps the ctx_len asked for and clips to it."""
     mapped = -(-max(ctx_len, 1) // 1024) * 1024
     if mapped <= CCL_START_CTX_LEN:
         return [ctx_len], [ctx_len]
     decode_start, prefill_start = next((d, p) for bound, d, p in CCL_START_MAP if mapped <= bound)
-    if prefill_seq_len == 1:
-        both = _doubling(CCL_START_CTX_LEN, mapped, mapped)
+    if prefill_seq_len == 1:  # prefill and decode share the entries: twice as many values
+        most = 2 * CCL_MAX_ELEMENTS
+        both = _doubling(CCL_START_CTX_LEN, min(mapped, CCL_START_CTX_LEN * 2 ** (most - 1)), mapped, most)
         return _clip(both, ctx_len), _clip(both, ctx_len)
     decode = _doubling(decode_start, mapped, mapped)
     if mapped & (mapped - 1) == 0:

@@ -131,10 +131,10 @@ def _serving_options(args: argparse.Namespace) -> Any:
                              decode_only=args.decode_only, sampling=args.sampling,
                              max_top_k_ids=512 if args.max_top_k_ids is None else args.max_top_k_ids,
                              return_pdfs=args.return_pdfs)
-    options.validate(ctx_len=args.ctx_len, prefill_seq_len=_prefill_seq_len(args),
-                     prefill_seq_len_given=args.prefill_seq_len is not None)
     if args.max_top_k_ids is not None and not args.sampling:
         raise ServingError("--max-top-k-ids needs --sampling")
+    options.validate(ctx_len=args.ctx_len, prefill_seq_len=_prefill_seq_len(args),
+                     prefill_seq_len_given=args.prefill_seq_len is not None)
     if args.num_devices < 1:
         raise ServingError(f"--num-devices must be >= 1, got {args.num_devices}")
     return options
