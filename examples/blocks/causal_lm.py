@@ -36,7 +36,7 @@ from ..weights import linear_keys
 from .attention import AttentionInputs
 from .layers import linear, norm
 from .masks import cache_indices, score_bias
-from .rope import RopeTables, model_rope_tables, rope_at
+from .rope import RopeTables, model_rope_tables, rope_at, rope_name
 from .sampler import SamplerOptions, sample, sampler_input_specs
 
 
@@ -149,7 +149,7 @@ class StepInputs:
     comp_ctx_len: with CCL, the number K of cache slots every layer reads (the first K: each cache
     here is full length, slot c holding position c, so they hold positions < K); None: all of them."""
 
-    def __init__(self, cfg: DecoderConfig, tables: dict[Any, RopeTables], position_ids: Any, batch_index: Any,
+    def __init__(self, cfg: DecoderConfig, tables: dict[str, RopeTables], position_ids: Any, batch_index: Any,
                  dtype: Any, comp_ctx_len: Any = None):
         self.cfg, self.tables, self.position_ids, self.batch_index, self.dtype = cfg, tables, position_ids, batch_index, dtype
         self.comp_ctx_len = comp_ctx_len
@@ -174,13 +174,13 @@ class StepInputs:
         spec = self.cfg.rope_for(kind)
         cos = sin = rotation = None
         if spec is not None:
-            table = self.tables[spec]
-            cos, sin = self._once(("rope", spec), lambda: rope_at(table, self.position_ids))
+            table = self.tables[rope_name(self.cfg, spec)]
+            cos, sin = self._once(("rope", rope_name(self.cfg, spec)), lambda: rope_at(table, self.position_ids))
             rotation = table.rotation
         return AttentionInputs(self.position_ids, indices, bias, self.batch_index, cos, sin, rotation)
 
 
-def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[Any, RopeTables],
+def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[str, RopeTables],
                    input_ids: Any, position_ids: Any, past_key_values: dict[str, Any], batch_index: Any = None,
                    inputs: dict[str, Any] | None = None, *, layer_functions: bool = True,
                    sampler: SamplerOptions | None = None) -> dict[str, Any]:
@@ -193,6 +193,8 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
     ccl = inputs.get("comp_ctx_lengths")
     h = (arch.embed or token_embedding)(params, input_ids, position_ids, cfg)
     step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, None if ccl is None else ccl.shape[0])
+    with qtrace.scope("step"):
+        layer_inputs = [step.for_layer(i, past_key_values[f"past_key.{i}"].shape[2]) for i in range(len(params["layers"]))]
     linear_names = _linear_names(arch, cfg)
     layer = arch.layer if layer_functions else getattr(arch.layer, "__wrapped__", arch.layer)
     outputs: dict[str, Any] = {}
@@ -200,8 +202,7 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
         past_key, past_value = past_key_values[f"past_key.{i}"], past_key_values[f"past_value.{i}"]
         kernels = {k: transpose(v) if k in linear_names else v for k, v in p.items()}
         with qtrace.scope(f"layers.{i}"):
-            h, key_cache, value_cache = layer(h, kernels, step.for_layer(i, past_key.shape[2]), past_key, past_value,
-                                              cfg)
+            h, key_cache, value_cache = layer(h, kernels, layer_inputs[i], past_key, past_value, cfg)
         outputs[f"past_key.{i}"], outputs[f"past_value.{i}"] = key_cache, value_cache
     h = (arch.final_norm or final_rms_norm)(h, params, cfg)
     logits = (arch.head or lm_head)(kept_positions(h, position_ids, inputs.get("num_logits_to_keep")), params, cfg)
