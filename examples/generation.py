@@ -47,11 +47,13 @@ class GenerationError(QtraceError, ValueError):
     """An export cannot serve the request (names the export, the shapes or the flags)."""
 
 
-def onnx_session(model_dir: str) -> Any:
+def onnx_session(model_dir: str, threads: int | None = None) -> Any:
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = options.inter_op_num_threads = threads
     return ort.InferenceSession(os.path.join(model_dir, "model.onnx"), options, providers=["CPUExecutionProvider"])
 
 
@@ -139,12 +141,13 @@ class Executable:
         self.state_names = [n for n in self.inputs if n + RETAINED in self.outputs]
 
     @classmethod
-    def load(cls, model_dir: str) -> "Executable":
-        """An export directory on onnxruntime, with its specializations.json."""
+    def load(cls, model_dir: str, threads: int | None = None) -> "Executable":
+        """An export directory on onnxruntime (`threads`: its thread pools' size), with its
+        specializations.json."""
         if not os.path.isfile(os.path.join(model_dir, "model.onnx")):
             raise GenerationError(f"{model_dir}: no model.onnx (not a qtrace export directory)")
         specs = read_specializations(model_dir)
-        session = onnx_session(model_dir)
+        session = onnx_session(model_dir, threads)
         names = [o.name for o in session.get_outputs()]
         inputs = {i.name: (tuple(i.shape), np.dtype(_ORT_DTYPES[i.type])) for i in session.get_inputs()}
         return cls(lambda feeds: dict(zip(names, session.run(None, feeds))), inputs, names, specs, model_dir)
@@ -311,11 +314,9 @@ class Decoder:
                                   "(without sampling options generation is greedy)")
         self.sampling = sampling or SamplingParams()
         self.rng = np.random.default_rng(self.sampling.seed)
-        if self.decode_model.specializations is not None and not any(
-                not s.name.startswith("Prefill") or s.symbols["seq_len"] == 1 for s in self.decode_model.specializations):
-            self.can_decode = False
-        else:
-            self.can_decode = True
+        # a prefill-only export cannot continue (a seq_len 1 "Prefill" entry, QEfficient's decode-only form, can)
+        self.can_decode = self.decode_model.specializations is None or any(
+            not s.name.startswith("Prefill") or s.symbols["seq_len"] == 1 for s in self.decode_model.specializations)
 
     # -- one call ---------------------------------------------------------------------------------------
     @staticmethod
@@ -330,7 +331,7 @@ class Decoder:
         return next((b for b in buckets if b >= needed), False)
 
     def call(self, model: Executable, ids: np.ndarray, positions: np.ndarray, state: dict, slots: np.ndarray | None,
-             keep: int = 1, tokens_seen: np.ndarray | None = None) -> tuple[dict, dict]:
+             keep: int = 1) -> tuple[dict, dict]:
         """One model call over rows (ids/positions [R,S]); adds batch_index, the CCL bucket,
         num_logits_to_keep and the sampler inputs the model takes."""
         feeds: dict[str, np.ndarray] = {"input_ids": ids, "position_ids": positions}
@@ -476,6 +477,7 @@ class Decoder:
         results: list[list[int]] = [[] for _ in prompts]
         rows = self._decode_rows()
         decoders = [self, *companions]
+
         def rec(kind: str) -> Callable[[dict], None]:
             return (lambda outputs: record(kind, outputs)) if record else (lambda outputs: None)
 
@@ -545,7 +547,7 @@ class Decoder:
             raise GenerationError(f"{self.decode_model.name} is not a speculative-decoding target: export it with "
                                   "--num-speculative-tokens K")
         return sorted({s.symbols["seq_len"] - 1 for s in self.decode_model.specializations or ()
-                       if not s.name.startswith("Prefill") or s.symbols["seq_len"] != self.prefill_len})
+                       if not s.name.startswith("Prefill")})
 
     def speculate(self, prompts: list[list[int]], max_new_tokens: int, *, draft: "Decoder | None" = None,
                   prompt_lookup: int | None = None, record: Callable[[str, dict], None] | None = None
@@ -566,6 +568,10 @@ class Decoder:
             raise GenerationError(f"the draft export has {draft._decode_rows()} decode rows "
                                   f"(full_batch_size {draft.full_batch_size}), the target "
                                   f"{self._decode_rows()} ({self.full_batch_size}): export both alike")
+        if draft is not None and draft.decode_model.has_input("num_logits_to_keep") and \
+                0 not in draft.speculative_lengths():
+            raise GenerationError(f"the draft {draft.decode_model.name} is a target compiled without K 0: a draft "
+                                  "decodes one token per call (export it plainly, or with K 0 too)")
         if prompt_lookup is not None and prompt_lookup < 1:
             raise GenerationError(f"--prompt-lookup needs an n-gram size >= 1, got {prompt_lookup}")
         stats = SpeculationStats()
