@@ -3,6 +3,7 @@ combinations refused with a clear error before any work, and the modes end to en
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from typing import Any
@@ -70,6 +71,7 @@ def cli_exports(tmp_path_factory: Any) -> dict[str, str]:
     flags = {"plain": [], "target": ["--num-speculative-tokens", "3", "--comp-ctx-lengths-prefill", "8,16",
                                      "--comp-ctx-lengths-decode", "24"],
              "sampling": ["--sampling", "--max-top-k-ids", "16"], "prefill": ["--prefill-only"],
+             "ccl_auto": ["--ccl-enabled"],
              "decode": ["--decode-only"]}
     made = {}
     for kind, extra in flags.items():
@@ -96,12 +98,21 @@ def test_generate_runs_every_mode_to_the_plain_tokens(cli_exports: dict[str, str
                  ["generate", cli_exports["target"], *common, "--draft", cli_exports["plain"]],
                  ["generate", cli_exports["target"], *common, "--prompt-lookup", "2"],
                  ["generate", cli_exports["prefill"], *common, "--decode-model", cli_exports["decode"]],
+                 ["generate", cli_exports["ccl_auto"], *common],
                  ["generate", cli_exports["sampling"], *common, "--temperature", "0.8", "--top-k", "1", "--seed", "5"]):
         code, out, err = run(argv, capsys)
         assert code == 0, err
         assert out.strip() == expected()
         if "--draft" in argv:
             assert "acceptance rate 1.000" in err
+
+
+def test_ccl_enabled_writes_qefficients_automatic_buckets(cli_exports: dict[str, str]) -> None:
+    """Up to 4096 positions QEfficient makes one bucket, ctx_len, for both phases; de-duplication then
+    lowers the prefill one by 32."""
+    with open(os.path.join(cli_exports["ccl_auto"], "specializations.json")) as f:
+        written = json.load(f)["specializations"]
+    assert [(e["name"], e["symbols"]["comp_ctx_lengths"]) for e in written] == [("Prefill", "32"), ("Decode", "64")]
 
 
 def test_sampling_is_reproducible_from_the_seed(cli_exports: dict[str, str], capsys: Any) -> None:
