@@ -187,15 +187,16 @@ def _atomic_directory(out_dir: str) -> str:
 
 def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_len: int = 32, batch_size: int = 1,
                  full_batch_size: int | None = None, dtype: str = "float32", weights: str = "copy",
-                 layer_functions: bool = True, compile_options: CompileOptions = CompileOptions(),
+                 layer_functions: bool = True, kv_blocks: int = 0, compile_options: CompileOptions = CompileOptions(),
                  progress: Callable[[str], None] | None = None,
                  bytes_progress: Callable[[int, int], None] | None = None,
                  serving: ServingOptions = ServingOptions()) -> ExportReport:
     """Lower the model and write model.onnx (+ external data), specializations.json, custom_io.yaml and
     compile.sh (and mdp_ts_<n>.json for several devices) into out_dir. Everything is written in a
     scratch directory first: a failure leaves out_dir as it was. progress(stage) names each stage;
-    bytes_progress(done, total) follows the weights. `serving` adds serving modes (CCL, a
-    speculative-decoding target, prefill-only/decode-only, on-device sampling)."""
+    bytes_progress(done, total) follows the weights. kv_blocks > 0: blocked attention, the cache read
+    in that many blocks (long contexts). `serving` adds serving modes (CCL, a speculative-decoding
+    target, prefill-only/decode-only, on-device sampling)."""
     if weights not in ("copy", "reference"):
         raise CheckpointError(f"--weights must be copy or reference, got {weights!r}")
     serving.validate(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len)
@@ -207,7 +208,7 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
     # The cache has the weights' dtype (float16 weights, as `qtrace export --dtype float16` loads them,
     # make float16 keys and values); lowering to float16 converts whatever is still float32.
     fn, args = model.signature(full_batch_size="full_batch_size" if full_batch_size else None, ctx_len="ctx_len",
-                               layer_functions=layer_functions, max_ctx_len=ctx_len,
+                               layer_functions=layer_functions, max_ctx_len=ctx_len, kv_blocks=kv_blocks,
                                options=serving.step_options(model.cfg.vocab_size))
     lowered = qtrace.lower(fn, args, dtype=np.float16 if dtype == "float16" else None)
     stages["lower"] = time.perf_counter() - start

@@ -149,7 +149,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         return _list_architectures()
     if args.checkpoint is None or args.output is None:
         raise QtraceError("export needs a CHECKPOINT_DIR and -o OUT (or --list-architectures)")
+    if not 0 <= args.kv_blocks <= args.ctx_len:
+        raise QtraceError(f"--kv-blocks {args.kv_blocks} must be between 1 and --ctx-len {args.ctx_len} (0: unblocked)")
     serving = _serving_options(args)
+    if args.kv_blocks and serving.ccl:
+        raise QtraceError("--kv-blocks with compute-context lengths: blocked attention reads the whole context in "
+                          "fixed blocks")
     from .examples.checkpoint import export_model, load_checkpoint
     from .lowering.side_files import CompileOptions
 
@@ -160,6 +165,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=_prefill_seq_len(args),
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size, dtype=args.dtype,
                           weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
+                          kv_blocks=args.kv_blocks,
                           compile_options=CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
                                                          args.kv_cache_precision, num_devices=args.num_devices),
                           bytes_progress=_ProgressBar(), serving=serving)
@@ -307,6 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     export.add_argument("--weights", choices=("copy", "reference"), default="copy")
     export.add_argument("--no-layer-functions", action="store_true")
+    export.add_argument("--kv-blocks", type=int, default=0, metavar="N",
+                        help="blocked attention: read each layer's cache in N blocks (CtxGatherBlockedKV) with an "
+                             "exact online softmax, for long contexts (default: one whole read)")
     export.add_argument("--num-cores", type=int, default=16, help="qaic-compile -aic-num-cores")
     export.add_argument("--mxfp6-matmul", action="store_true", help="qaic-compile -mxfp6-matmul")
     export.add_argument("--mos", type=int, default=None, help="qaic-compile -mos")

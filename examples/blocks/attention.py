@@ -3,6 +3,11 @@
 Grouped-query (and multi-query) attention never repeats K/V: the G query heads that share a KV head
 are stacked along the sequence axis, so one [B, KV, G*S, D] x [B, KV, D, C] MatMul scores them all
 against the KV head's cache rows.
+
+Blocked attention (long contexts) reads the cache one block at a time (CtxGatherBlockedKV) and
+combines the blocks with an exact online softmax: a running maximum, a running denominator and a
+running weighted sum, rescaled whenever the maximum grows. The per-block step is one traced function
+shared by every block of every layer, so N blocks cost N call nodes, not N copies of the body.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qtrace.primitives import softmax, tanh
+import numpy as np
+
+import qtrace
+from qtrace.primitives import exp, maximum, softmax, tanh, where
 
 from ..config import DecoderConfig
-from .cache import read_cache, write_cache
+from .cache import read_cache, read_cache_block, write_cache
 from .layers import linear, norm
 from .rope import apply_rope
 
@@ -29,6 +37,7 @@ class AttentionInputs:
     cos: Any = None          # [B,S,1,D] RoPE tables at the positions (None: no rotary)
     sin: Any = None
     rotation: Any = None     # [D,D] the RoPE pairing
+    blocks: tuple = ()       # blocked attention: ((indices [B,KV,L], bias [B,1,G*S,L]), ...), one per KV block
 
 
 def cached_attention(q: Any, k: Any, v: Any, inputs: AttentionInputs, past_key: Any, past_value: Any, *,
@@ -39,15 +48,56 @@ def cached_attention(q: Any, k: Any, v: Any, inputs: AttentionInputs, past_key: 
     groups = heads // kv_heads
     key_cache = write_cache(past_key, inputs.position_ids, k.transpose(0, 2, 1, 3), inputs.batch_index)
     value_cache = write_cache(past_value, inputs.position_ids, v.transpose(0, 2, 1, 3), inputs.batch_index)
-    keys = read_cache(key_cache, inputs.ctx_indices, inputs.batch_index)        # [B,KV,C,D]
-    values = read_cache(value_cache, inputs.ctx_indices, inputs.batch_index)
     grouped = (q * scale).transpose(0, 2, 1, 3).reshape(batch, kv_heads, groups * seq, head_dim)
-    scores = grouped @ keys.transpose(0, 1, 3, 2)                              # [B,KV,G*S,C]
-    if softcap is not None:
-        scores = tanh(scores / softcap) * softcap
-    probs = softmax(scores + inputs.bias, axis=-1)
-    out = (probs @ values).reshape(batch, heads, seq, head_dim).transpose(0, 2, 1, 3)
+    if inputs.blocks:
+        out = blocked_attention(grouped, key_cache, value_cache, inputs.blocks, inputs.batch_index, softcap)
+    else:
+        keys = read_cache(key_cache, inputs.ctx_indices, inputs.batch_index)    # [B,KV,C,D]
+        values = read_cache(value_cache, inputs.ctx_indices, inputs.batch_index)
+        probs = softmax(capped_scores(grouped, keys, softcap) + inputs.bias, axis=-1)
+        out = probs @ values                                                   # [B,KV,G*S,D]
+    out = out.reshape(batch, heads, seq, head_dim).transpose(0, 2, 1, 3)
     return out.reshape(batch, seq, heads * head_dim), key_cache, value_cache
+
+
+def capped_scores(grouped_q: Any, keys: Any, softcap: float | None) -> Any:
+    """q . k for the grouped queries [B,KV,G*S,D] and keys [B,KV,C,D], softcapped (c * tanh(s / c))."""
+    scores = grouped_q @ keys.transpose(0, 1, 3, 2)                           # [B,KV,G*S,C]
+    return scores if softcap is None else tanh(scores / softcap) * softcap
+
+
+def _online_softmax_terms(scores: Any, running_max: Any) -> tuple[Any, Any, Any]:
+    """(new maximum, exp(scores - new maximum), exp(running maximum - new maximum)); a row that has
+    seen no visible slot yet keeps a maximum of -inf and gets zeros, never NaN."""
+    new_max = scores.max(axis=-1, keepdims=True)
+    if running_max is not None:
+        new_max = maximum(running_max, new_max)
+    safe = where(new_max == -np.inf, np.zeros((), scores.dtype), new_max)
+    correction = None if running_max is None else exp(running_max - safe)
+    return new_max, exp(scores - safe), correction
+
+
+@qtrace.function(name="attention_kv_block")
+def attention_kv_block(grouped_q: Any, key_cache: Any, value_cache: Any, block: tuple[Any, Any], batch_index: Any,
+                       running: tuple[Any, Any, Any], softcap: float | None) -> tuple[Any, Any, Any]:
+    """Fold one KV block into the running (maximum, denominator, weighted sum)."""
+    indices, bias = block
+    keys, values = read_cache_block(key_cache, indices, batch_index), read_cache_block(value_cache, indices, batch_index)
+    running_max, denominator, total = running
+    new_max, weights, correction = _online_softmax_terms(capped_scores(grouped_q, keys, softcap) + bias, running_max)
+    return new_max, denominator * correction + weights.sum(axis=-1, keepdims=True), total * correction + weights @ values
+
+
+def blocked_attention(grouped_q: Any, key_cache: Any, value_cache: Any, blocks: tuple, batch_index: Any,
+                      softcap: float | None) -> Any:
+    """softmax(scores + bias) @ values over the whole cache, read block by block: [B,KV,G*S,D]."""
+    (indices, bias), rest = blocks[0], blocks[1:]
+    keys = read_cache_block(key_cache, indices, batch_index)
+    new_max, weights, _ = _online_softmax_terms(capped_scores(grouped_q, keys, softcap) + bias, None)
+    running = (new_max, weights.sum(axis=-1, keepdims=True), weights @ read_cache_block(value_cache, indices, batch_index))
+    for block in rest:
+        running = attention_kv_block(grouped_q, key_cache, value_cache, block, batch_index, running, softcap)
+    return running[2] / running[1]
 
 
 def split_heads(x: Any, heads: int, head_dim: int) -> Any:

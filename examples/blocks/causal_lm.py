@@ -28,14 +28,14 @@ from typing import Any
 import numpy as np
 
 import qtrace
-from qtrace.primitives import arange, argmax, gather, maximum, minimum, take, tanh, transpose
+from qtrace.primitives import arange, argmax, broadcast_to, gather, maximum, minimum, take, tanh, transpose
 
 from ..config import DecoderConfig
 from ..registry import Architecture
 from ..weights import linear_keys
 from .attention import AttentionInputs
 from .layers import linear, norm
-from .masks import cache_indices, score_bias
+from .masks import cache_indices, kv_block_slots, score_bias
 from .rope import RopeTables, model_rope_tables, rope_at, rope_name
 from .sampler import SamplerOptions, sample, sampler_input_specs
 
@@ -81,16 +81,24 @@ class Model:
 
     def signature(self, *, ctx_len: int | str = "ctx_len", batch_size: int | str = "batch_size",
                   seq_len: int | str = "seq_len", full_batch_size: int | str | None = None,
-                  layer_functions: bool = True, max_ctx_len: int = 0,
+                  layer_functions: bool = True, max_ctx_len: int = 0, kv_blocks: int = 0,
                   options: StepOptions = StepOptions()) -> tuple[Any, tuple]:
         """The step function to lower (or run eagerly) and its example specs. RoPE tables cover the
         largest context the export will be specialized to (an int ctx_len, or max_ctx_len) and, failing
-        that, max_position_embeddings.
+        that, max_position_embeddings. kv_blocks > 0: blocked attention over that many equal blocks of
+        the exported context (max_ctx_len or an int ctx_len), which the compiler is specialized to.
 
         Without serving options the function is `fn(input_ids, position_ids, caches[, batch_index])`;
         with them it is `fn(input_ids, position_ids, caches, None, inputs)` where `inputs` maps the
         extra input names (batch_index among them) to arrays, in the order the export lists them."""
-        positions = max(ctx_len if isinstance(ctx_len, int) else 0, max_ctx_len) or self.cfg.max_position_embeddings
+        exported = max(ctx_len if isinstance(ctx_len, int) else 0, max_ctx_len)
+        positions = exported or self.cfg.max_position_embeddings
+        if kv_blocks and not 1 <= kv_blocks <= exported:
+            raise ValueError(f"kv_blocks {kv_blocks} needs an exported context of at least that many slots "
+                             f"(ctx_len {exported or 'not given'})")
+        if kv_blocks and options.comp_ctx_lengths:
+            raise ValueError("blocked attention reads the whole exported context in fixed blocks: it does not "
+                             "combine with compute-context lengths")
         tables = model_rope_tables(self.cfg, positions, self.dtype)
         cache_batch = batch_size if full_batch_size is None else full_batch_size
         past = {}
@@ -101,7 +109,8 @@ class Model:
         args: tuple = (ids, ids, past)
         batch_index = None if full_batch_size is None else qtrace.ShapeDtype((batch_size, 1), np.int64)
         fn = functools.partial(causal_lm_step, self.arch, self.cfg, self.params, tables,
-                               layer_functions=layer_functions, sampler=options.sampler)
+                               layer_functions=layer_functions, sampler=options.sampler,
+                               blocks=tuple(kv_block_slots(exported, kv_blocks)) if kv_blocks else ())
         if not options.adds_inputs:
             return fn, args + ((batch_index,) if batch_index is not None else ())
         inputs: dict[str, Any] = {}
@@ -150,8 +159,9 @@ class StepInputs:
     here is full length, slot c holding position c, so they hold positions < K); None: all of them."""
 
     def __init__(self, cfg: DecoderConfig, tables: dict[str, RopeTables], position_ids: Any, batch_index: Any,
-                 dtype: Any, comp_ctx_len: Any = None):
+                 dtype: Any, blocks: tuple = (), comp_ctx_len: Any = None):
         self.cfg, self.tables, self.position_ids, self.batch_index, self.dtype = cfg, tables, position_ids, batch_index, dtype
+        self.blocks = blocks  # the slot numbers of each KV block (blocked attention), or ()
         self.comp_ctx_len = comp_ctx_len
         self._made: dict[Any, Any] = {}
 
@@ -165,24 +175,35 @@ class StepInputs:
             self._made[key] = make()
         return self._made[key]
 
+    def _block_inputs(self, kind: str) -> tuple:
+        """(indices [B,KV,L], bias [B,1,G*S,L]) of every KV block, for layers of this kind."""
+        shape = (self.position_ids.shape[0], self.cfg.num_key_value_heads, len(self.blocks[0]))
+        return tuple((broadcast_to(cache_indices(self.position_ids, slots), shape),
+                      score_bias(self.position_ids, slots, kind, self.cfg, self.dtype)) for slots in self.blocks)
+
     def for_layer(self, layer: int, cache_len: Any) -> AttentionInputs:
         kind = self.cfg.layer_type(layer)
-        ctx_len = self.read_length(layer, cache_len)
-        indices = self._once(("indices", ctx_len), lambda: cache_indices(self.position_ids, ctx_len))
-        bias = self._once(("bias", kind, ctx_len),
-                          lambda: score_bias(self.position_ids, ctx_len, kind, self.cfg, self.dtype))
+        blocks = indices = bias = None
+        if self.blocks:
+            blocks = self._once(("blocks", kind), lambda: self._block_inputs(kind))
+        else:
+            ctx_len = self.read_length(layer, cache_len)
+            slots = self._once(("slots", ctx_len), lambda: arange(ctx_len))
+            indices = self._once(("indices", ctx_len), lambda: cache_indices(self.position_ids, slots))
+            bias = self._once(("bias", kind, ctx_len),
+                              lambda: score_bias(self.position_ids, slots, kind, self.cfg, self.dtype))
         spec = self.cfg.rope_for(kind)
         cos = sin = rotation = None
         if spec is not None:
             table = self.tables[rope_name(self.cfg, spec)]
             cos, sin = self._once(("rope", rope_name(self.cfg, spec)), lambda: rope_at(table, self.position_ids))
             rotation = table.rotation
-        return AttentionInputs(self.position_ids, indices, bias, self.batch_index, cos, sin, rotation)
+        return AttentionInputs(self.position_ids, indices, bias, self.batch_index, cos, sin, rotation, blocks or ())
 
 
 def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[str, RopeTables],
                    input_ids: Any, position_ids: Any, past_key_values: dict[str, Any], batch_index: Any = None,
-                   inputs: dict[str, Any] | None = None, *, layer_functions: bool = True,
+                   inputs: dict[str, Any] | None = None, *, layer_functions: bool = True, blocks: tuple = (),
                    sampler: SamplerOptions | None = None) -> dict[str, Any]:
     """One prefill or decode step: logits [B,1,vocab] at argmax(position_ids) of each row (or
     [B,nlk,vocab] with num_logits_to_keep, or the sampler's outputs) and the updated caches under
@@ -192,7 +213,7 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
         batch_index = inputs.get("batch_index")
     ccl = inputs.get("comp_ctx_lengths")
     h = (arch.embed or token_embedding)(params, input_ids, position_ids, cfg)
-    step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, None if ccl is None else ccl.shape[0])
+    step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, blocks, None if ccl is None else ccl.shape[0])
     with qtrace.scope("step"):
         layer_inputs = [step.for_layer(i, past_key_values[f"past_key.{i}"].shape[2]) for i in range(len(params["layers"]))]
     linear_names = _linear_names(arch, cfg)

@@ -25,16 +25,22 @@ from qtrace.primitives import INT32_MAX, arange, concatenate, maximum, where
 from ..config import CHUNKED, FULL, SLIDING, DecoderConfig
 
 
-def cache_indices(position_ids: Any, ctx_len: Any) -> Any:
-    """CtxGather indices [B,1,C]: each slot, or INT32_MAX past the row's largest position."""
-    slots = arange(ctx_len)[None, None, :]
+def slot_numbers(slots: Any) -> Any:
+    """The slots read, as a 1-D int array: a length (int or symbolic dim) means slots 0..length-1."""
+    return slots if hasattr(slots, "ndim") else arange(slots)
+
+
+def cache_indices(position_ids: Any, slots: Any) -> Any:
+    """CtxGather indices [B,1,C] for the slots read (a length, or an array of slot numbers): each
+    slot, or INT32_MAX past the row's largest position."""
+    slots = slot_numbers(slots)[None, None, :]
     invalid = slots > position_ids.max(axis=1, keepdims=True)[:, :, None]
     return where(invalid, INT32_MAX, slots)
 
 
-def hidden_slots(query_positions: Any, ctx_len: Any, kind: str, cfg: DecoderConfig) -> Any:
-    """bool [B,1,S,C]: slot c is hidden from the query at query_positions[b, s]."""
-    slots = arange(ctx_len)[None, None, None, :]
+def hidden_slots(query_positions: Any, slots: Any, kind: str, cfg: DecoderConfig) -> Any:
+    """bool [B,1,S,C]: slot c (of the slots read) is hidden from the query at query_positions[b, s]."""
+    slots = slot_numbers(slots)[None, None, None, :]
     q = maximum(query_positions, 0)[:, None, :, None]
     hidden = slots > q
     if kind == SLIDING:
@@ -46,8 +52,16 @@ def hidden_slots(query_positions: Any, ctx_len: Any, kind: str, cfg: DecoderConf
     return hidden
 
 
-def score_bias(position_ids: Any, ctx_len: Any, kind: str, cfg: DecoderConfig, dtype: Any) -> Any:
+def score_bias(position_ids: Any, slots: Any, kind: str, cfg: DecoderConfig, dtype: Any) -> Any:
     """Additive bias [B,1,G*S,C] (0 where visible, -inf where hidden) in the grouped layout."""
     groups = cfg.query_groups
     queries = position_ids if groups == 1 else concatenate([position_ids] * groups, axis=1)
-    return where(hidden_slots(queries, ctx_len, kind, cfg), np.array(-np.inf, dtype), np.array(0, dtype))
+    return where(hidden_slots(queries, slots, kind, cfg), np.array(-np.inf, dtype), np.array(0, dtype))
+
+
+def kv_block_slots(ctx_len: int, count: int) -> list[np.ndarray]:
+    """The slot numbers of `count` equal blocks covering a cache of ctx_len slots, ceil(ctx_len / count)
+    each. Slots past the cache (when count does not divide ctx_len) are past every position, so they
+    read at INT32_MAX and are hidden: equal blocks share one traced block body."""
+    size = -(-ctx_len // count)
+    return [np.arange(j * size, (j + 1) * size, dtype=np.int64) for j in range(count)]
