@@ -52,6 +52,7 @@ def run(argv: list[str], capsys: Any) -> tuple[int, str, str]:
     (["--sampling", "--num-speculative-tokens", "3"], r"--sampling with --num-speculative-tokens"),
     (["--max-top-k-ids", "8"], r"--max-top-k-ids needs --sampling"),
     (["--num-devices", "0"], r"--num-devices must be >= 1"),
+    (["--kv-blocks", "2", "--ccl-enabled"], r"--kv-blocks with compute-context lengths"),
 ])
 def test_bad_export_flags_fail_before_any_work(flags: list[str], message: str, tmp_path: Any, capsys: Any) -> None:
     """The checkpoint does not even exist: the flags are checked first, nothing is written."""
