@@ -21,14 +21,16 @@ from .save import PROTOBUF_LIMIT, save_model
 SUPPORTED_OPSETS = range(17, 22)
 
 
-def onnxruntime_session(model: str | bytes) -> Any:
+def onnxruntime_session(model: str | bytes, threads: int | None = None) -> Any:
     """An onnxruntime CPU session for a model file or serialized model, as qtrace runs models to check
     them: warnings off, and idle threads sleep instead of spinning (onnxruntime's default spin-wait
-    burns a core per thread between the small runs a check makes)."""
+    burns a core per thread between the small runs a check makes). `threads` caps the thread pools."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = options.inter_op_num_threads = threads
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.add_session_config_entry("session.inter_op.allow_spinning", "0")
     return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

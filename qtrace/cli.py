@@ -110,24 +110,77 @@ def _list_architectures() -> int:
     return 0
 
 
+def _int_list(flag: str) -> Any:
+    """An argparse type for `16,32` or `[16, 32]` (QEfficient accepts both) naming the flag on error."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(t) for t in text.strip().strip("[]").split(",") if t.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+    return parse
+
+
+def _serving_options(args: argparse.Namespace) -> Any:
+    """The export's serving modes, validated before any work (a QtraceError naming the flags)."""
+    from .examples.serving import ServingError, ServingOptions
+
+    options = ServingOptions(ccl_enabled=args.ccl_enabled, comp_ctx_lengths_prefill=args.comp_ctx_lengths_prefill,
+                             comp_ctx_lengths_decode=args.comp_ctx_lengths_decode,
+                             num_speculative_tokens=args.num_speculative_tokens, prefill_only=args.prefill_only,
+                             decode_only=args.decode_only, sampling=args.sampling,
+                             max_top_k_ids=512 if args.max_top_k_ids is None else args.max_top_k_ids,
+                             return_pdfs=args.return_pdfs)
+    if args.max_top_k_ids is not None and not args.sampling:
+        raise ServingError("--max-top-k-ids needs --sampling")
+    options.validate(ctx_len=args.ctx_len, prefill_seq_len=_prefill_seq_len(args),
+                     prefill_seq_len_given=args.prefill_seq_len is not None)
+    if args.num_devices < 1:
+        raise ServingError(f"--num-devices must be >= 1, got {args.num_devices}")
+    return options
+
+
+def _prefill_seq_len(args: argparse.Namespace) -> int:
+    return 32 if args.prefill_seq_len is None else args.prefill_seq_len
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if args.list_architectures:
         return _list_architectures()
     if args.checkpoint is None or args.output is None:
         raise QtraceError("export needs a CHECKPOINT_DIR and -o OUT (or --list-architectures)")
+    if not 0 <= args.kv_blocks <= args.ctx_len:
+        raise QtraceError(f"--kv-blocks {args.kv_blocks} must be between 1 and --ctx-len {args.ctx_len} (0: unblocked)")
+    serving = _serving_options(args)
+    if args.kv_blocks and serving.ccl:
+        raise QtraceError("--kv-blocks with compute-context lengths: blocked attention reads the whole context in "
+                          "fixed blocks")
     from .examples.checkpoint import export_model, load_checkpoint
     from .lowering.side_files import CompileOptions
 
     start = time.perf_counter()
     dtype = np.float16 if args.dtype == "float16" else np.float32
+    from .examples.blocks.causal_lm import Model, with_sliding_cache
+    from .examples.blocks.moe import with_moe_strategy
+    from .examples.checkpoint import read_checkpoint_config
+
+    # refuse a flag that cannot apply before reading any weights
+    configured = Model(*read_checkpoint_config(args.checkpoint), params={})
+    if args.moe_strategy is not None:
+        with_moe_strategy(configured, args.moe_strategy)
+    with_sliding_cache(configured, args.sliding_cache)
     model = load_checkpoint(args.checkpoint, dtype=dtype)
+    if args.moe_strategy is not None:
+        model = with_moe_strategy(model, args.moe_strategy)
+    model = with_sliding_cache(model, args.sliding_cache)
     load_seconds = time.perf_counter() - start
-    report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
+    report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=_prefill_seq_len(args),
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size, dtype=args.dtype,
                           weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
+                          kv_blocks=args.kv_blocks,
                           compile_options=CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
-                                                         args.kv_cache_precision),
-                          bytes_progress=_ProgressBar())
+                                                         args.kv_cache_precision, num_devices=args.num_devices),
+                          bytes_progress=_ProgressBar(), serving=serving)
     print(f"{model.cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
     print(_summary(report.lowered, {"load": load_seconds, **report.stage_seconds}))
     return 0
@@ -140,17 +193,48 @@ def _parse_ids(text: str) -> list[int]:
         raise QtraceError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .examples.generation import cache_layout, generate, onnx_session, onnx_step
+def _sampling_params(args: argparse.Namespace) -> Any:
+    """The sampler's parameters, or None when no sampling flag is given (greedy)."""
+    from .examples.generation import GenerationError, SamplingParams
 
-    with open(os.path.join(args.model_dir, "specializations.json")) as f:
-        specs = {s["name"]: s["symbols"] for s in json.load(f)["specializations"]}
-    ctx_len, prefill_len = int(specs["Prefill"]["ctx_len"]), int(specs["Prefill"]["seq_len"])
-    full_batch = int(specs["Decode"]["full_batch_size"]) if "full_batch_size" in specs["Decode"] else None
-    session = onnx_session(args.model_dir)
+    given = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                                                    "presence_penalty", "seed") if getattr(args, name) is not None}
+    if not given:
+        return None
+    checks = [("temperature", lambda v: v >= 0, ">= 0"), ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("repetition_penalty", lambda v: v > 0, "> 0"),
+              ("top_k", lambda v: v >= 0, ">= 0 (0: all candidates)")]
+    for name, ok, want in checks:
+        if name in given and not ok(given[name]):
+            raise GenerationError(f"--{name.replace('_', '-')} must be {want}, got {given[name]}")
+    if args.draft or args.prompt_lookup is not None:
+        raise GenerationError("sampling flags with --draft/--prompt-lookup: speculative decoding is greedy")
+    return SamplingParams(**given)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .examples.generation import Decoder, Executable, GenerationError
+
     prompts = [_parse_ids(p) for p in args.prompt_ids]
-    tokens = generate(onnx_step(session), prompts, args.max_new_tokens, prefill_len=prefill_len, ctx_len=ctx_len,
-                      layout=cache_layout(session), full_batch_size=full_batch)
+    if args.max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.draft and args.prompt_lookup is not None:
+        raise GenerationError("--draft and --prompt-lookup are two proposers: give one")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise GenerationError(f"--prompt-lookup needs an n-gram size >= 1, got {args.prompt_lookup}")
+    sampling = _sampling_params(args)
+    for path in (args.model_dir, args.decode_model, args.draft):
+        if path is not None and not os.path.isfile(os.path.join(path, "model.onnx")):
+            raise GenerationError(f"{path}: no model.onnx (not a qtrace export directory)")
+    decoder = Decoder(Executable.load(args.model_dir),
+                      Executable.load(args.decode_model) if args.decode_model else None, sampling=sampling)
+    if args.draft or args.prompt_lookup is not None:
+        draft = Decoder(Executable.load(args.draft)) if args.draft else None
+        tokens, stats = decoder.speculate(prompts, args.max_new_tokens, draft=draft, prompt_lookup=args.prompt_lookup)
+        print(f"acceptance rate {stats.acceptance_rate:.3f} ({stats.accepted}/{stats.proposed} proposed tokens), "
+              f"{stats.tokens / max(stats.target_calls, 1):.2f} tokens per target call", file=sys.stderr)
+    else:
+        tokens = decoder.generate(prompts, args.max_new_tokens)
     for row in tokens:
         print(",".join(map(str, row)))
     return 0
@@ -235,18 +319,54 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--list-architectures", action="store_true",
                         help="print the architectures qtrace can export, then exit")
     export.add_argument("--ctx-len", type=int, default=128)
-    export.add_argument("--prefill-seq-len", type=int, default=32)
+    export.add_argument("--prefill-seq-len", type=int, default=None, help="prefill chunk length (default 32)")
     export.add_argument("--batch-size", type=int, default=1)
     export.add_argument("--full-batch-size", type=int, default=None)
     export.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     export.add_argument("--weights", choices=("copy", "reference"), default="copy")
     export.add_argument("--no-layer-functions", action="store_true")
+    export.add_argument("--kv-blocks", type=int, default=0, metavar="N",
+                        help="blocked attention: read each layer's cache in N blocks (CtxGatherBlockedKV) with an "
+                             "exact online softmax, for long contexts (default: one whole read)")
+    export.add_argument("--sliding-cache", choices=("full", "ring"), default="full",
+                        help="sliding-window and chunked layers: a full ctx_len cache (default), or a ring of "
+                             "window + prefill-seq-len - 1 slots with its own symbolic dim")
+    export.add_argument("--moe-strategy", choices=("gather", "dense"), default=None,
+                        help="mixture-of-experts execution: gather the chosen experts per token, or run every "
+                             "expert on every token with routing weights 0 where not chosen (default: gather)")
     export.add_argument("--num-cores", type=int, default=16, help="qaic-compile -aic-num-cores")
     export.add_argument("--mxfp6-matmul", action="store_true", help="qaic-compile -mxfp6-matmul")
     export.add_argument("--mos", type=int, default=None, help="qaic-compile -mos")
     export.add_argument("--depth-first", action="store_true", help="qaic-compile -aic-enable-depth-first")
     export.add_argument("--kv-cache-precision", choices=("float16", "mxint8"), default="float16",
                         help="precision of the KV cache in custom_io.yaml")
+    export.add_argument("--num-devices", type=int, default=1,
+                        help="tensor-slice over N devices: writes mdp_ts_N.json and adds "
+                             "-mdp-load-partition-config to compile.sh")
+    modes = export.add_argument_group("serving modes (QEfficient's interfaces; see qtrace generate)")
+    modes.add_argument("--ccl-enabled", action="store_true",
+                       help="compute-context length with QEfficient's automatic bucket lists")
+    modes.add_argument("--comp-ctx-lengths-prefill", type=_int_list("--comp-ctx-lengths-prefill"), metavar="L1,L2,..",
+                       help="compute-context-length buckets for prefill (a comp_ctx_lengths input bounds the cache "
+                            "every layer reads; one specialization per bucket; values <= --ctx-len)")
+    modes.add_argument("--comp-ctx-lengths-decode", type=_int_list("--comp-ctx-lengths-decode"), metavar="L1,L2,..",
+                       help="compute-context-length buckets for decode")
+    modes.add_argument("--num-speculative-tokens", type=_int_list("--num-speculative-tokens"), metavar="K[,K..]",
+                       help="a speculative-decoding target: a num_logits_to_keep input and logits for K+1 positions, "
+                            "one decode specialization of seq_len K+1 per K (K >= 1; 0 adds a single-token fallback)")
+    modes.add_argument("--prefill-only", action="store_true",
+                       help="only the prefill specializations (disaggregated serving; pair with a --decode-only export)")
+    modes.add_argument("--decode-only", action="store_true",
+                       help="only the decode specializations; takes a --prefill-only export's retained state as is "
+                            "(no --prefill-seq-len)")
+    modes.add_argument("--sampling", action="store_true",
+                       help="on-device sampling: QEfficient's sampler inputs (temperatures, top_ks, top_ps, min_ps, "
+                            "repetition/presence penalties and their retained buffers, random_numbers) and "
+                            "next_tokens instead of logits")
+    modes.add_argument("--max-top-k-ids", type=int, default=None,
+                       help="candidates the sampler ranks (default 512, at most the vocabulary; with --sampling)")
+    modes.add_argument("--return-pdfs", action="store_true",
+                       help="the sampler also outputs probs, the filtered distribution (with --sampling)")
     export.set_defaults(run=cmd_export)
 
     generate = sub.add_parser("generate", help="greedy decoding with an exported model on onnxruntime")
@@ -254,6 +374,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt-ids", action="append", required=True,
                           help="comma-separated token ids; repeat for several prompts")
     generate.add_argument("--max-new-tokens", type=int, default=8)
+    generate.add_argument("--decode-model", metavar="DECODE_OUT",
+                          help="disaggregated serving: MODEL_DIR is a --prefill-only export, this the --decode-only "
+                               "export that continues from its retained state")
+    spec = generate.add_argument_group("speculative decoding (MODEL_DIR exported with --num-speculative-tokens)")
+    spec.add_argument("--draft", metavar="DRAFT_OUT",
+                      help="a draft export proposing K tokens per step; prints the acceptance rate on stderr")
+    spec.add_argument("--prompt-lookup", type=int, metavar="N",
+                      help="draft-free proposals: the tokens that followed an earlier occurrence of the last "
+                           "n-gram (n <= N)")
+    sample = generate.add_argument_group("on-device sampling (MODEL_DIR exported with --sampling; default greedy)")
+    sample.add_argument("--temperature", type=float, help="0 is greedy")
+    sample.add_argument("--top-k", type=int, help="keep the K most likely tokens (0: all --max-top-k-ids)")
+    sample.add_argument("--top-p", type=float, help="keep the smallest set with probability >= P")
+    sample.add_argument("--min-p", type=float, help="drop tokens less likely than P times the most likely one")
+    sample.add_argument("--repetition-penalty", type=float, help="divide (or multiply) logits of seen tokens")
+    sample.add_argument("--presence-penalty", type=float, help="subtract from logits of generated tokens")
+    sample.add_argument("--seed", type=int, help="seed of the random numbers fed to the sampler (reproducible runs)")
     generate.set_defaults(run=cmd_generate)
 
     dump = sub.add_parser("dump", help="trace FILE.py:FUNCTION and print its IR")

@@ -6,6 +6,10 @@ fails (a builder checks before it builds, so declining leaves the graph as it wa
 overlap the larger one is tried first; `priority=` overrides that. Adding a fusion is a few lines
 (docs/architecture.md, "Adding a fusion").
 
+Priorities: LayerNorm's patterns overlap RMSNorm's ((x - mean) normalized by its own root mean square
+is a LayerNorm) and declare a higher priority; RMSNorm also declines a centred input outright, so a
+LayerNorm that cannot be fused (its centred value used elsewhere) does not become an RMSNorm either.
+
 A fusion must compute the same function as the written-out form, up to float rounding: constants a
 pattern expects (the 1 in 1 / (1 + exp(-x)), GELU's 0.5, 1/sqrt(2), 0.044715) must be those numbers
 rounded to the constant's dtype, within one unit in the last place, never "close".
@@ -26,6 +30,10 @@ from .pattern import Match, Pat, Var
 from .rewrite import RuleSet, on_every_graph, rewrite
 
 FUSIONS = RuleSet()
+
+# LayerNorm over RMSNorm: (x - mean) normalized by its own root mean square is a LayerNorm, which the
+# RMSNorm patterns would otherwise fuse into an rms_norm of the centred value.
+RMS_NORM_PRIORITY, LAYER_NORM_PRIORITY = 0, 1
 
 
 # -- constraints ----------------------------------------------------------------------------------------
@@ -72,15 +80,23 @@ def _cast_to(graph: Graph, root: Node, value: Value, dtype: np.dtype) -> Value:
 # pow(x, 2) for the square, the weight on either side, and an upcast to float32 around it.
 
 
-def _rms_patterns(x: Var | Pat, x_in_norm: Var | Pat) -> list[Pat]:
+def _normalized(x: Pat, variance: Pat) -> list[Pat]:
+    """x / sqrt(variance) spelled x * rsqrt(v), x / sqrt(v), x * reciprocal(sqrt(v)) or x * (1 / sqrt(v))."""
+    return [Pat("mul", x, Pat("rsqrt", variance)), Pat("div", x, Pat("sqrt", variance)),
+            Pat("mul", x, Pat("reciprocal", Pat("sqrt", variance))),
+            Pat("mul", x, Pat("div", Var("one", constant_equal(1.0)), Pat("sqrt", variance)))]
+
+
+def _squares(x: Pat) -> list[Pat]:
+    return [Pat("mul", x, x), Pat("pow", x, Var("two", constant_equal(2.0)))]
+
+
+def _rms_patterns(x: Pat, x_in_norm: Pat) -> list[Pat]:
     eps, w = Var("eps", scalar_constant), Var("w")
     patterns = []
-    for square in (Pat("mul", x, x), Pat("pow", x, Var("two", constant_equal(2.0)))):
+    for square in _squares(x):
         variance = Pat("add", Pat("reduce_mean", square, axes=last_axis, keepdims=True), eps)
-        for normed in (Pat("mul", x_in_norm, Pat("rsqrt", variance)),
-                       Pat("div", x_in_norm, Pat("sqrt", variance)),
-                       Pat("mul", x_in_norm, Pat("reciprocal", Pat("sqrt", variance))),
-                       Pat("mul", x_in_norm, Pat("div", Var("one", constant_equal(1.0)), Pat("sqrt", variance)))):
+        for normed in _normalized(x_in_norm, variance):
             patterns.append(Pat("mul", normed, w))
             patterns.append(Pat("mul", Pat("cast", normed, name="downcast"), w))
     return patterns
@@ -90,13 +106,14 @@ _x = Var("x")
 _upcast = Pat("cast", Var("h"), dtype=float32_dtype, name="upcast")
 
 
-@FUSIONS.rule(*_rms_patterns(_x, _x), *_rms_patterns(_upcast, _upcast))
+@FUSIONS.rule(*_rms_patterns(_x, _x), *_rms_patterns(_upcast, _upcast), priority=RMS_NORM_PRIORITY)
 def fuse_rms_norm(graph: Graph, root: Node, m: Match) -> Value | None:
     # Normalize in the dtype the written-out form computes its statistics in (float32 when it upcasts
     # float16, whose squares overflow past 256), or in the output's dtype when that is wider.
     x = m["upcast"].outputs[0] if "upcast" in m else m["x"]
     weight = m["w"]
-    if weight.ndim != 1 or weight.shape[0] != x.shape[-1] or x.shape != root.outputs[0].shape:
+    if weight.ndim != 1 or weight.shape[0] != x.shape[-1] or x.shape != root.outputs[0].shape \
+            or _is_centered(m["h"] if "upcast" in m else m["x"]):
         return None
     out_dtype = root.outputs[0].dtype
     dtype = np.promote_types(x.dtype, out_dtype)
@@ -104,6 +121,76 @@ def fuse_rms_norm(graph: Graph, root: Node, m: Match) -> Value | None:
     normed = _apply(graph, root, "rms_norm", _cast_to(graph, root, x, dtype), _cast_to(graph, root, weight, dtype),
                     eps=eps)
     return _cast_to(graph, root, normed, out_dtype)
+
+
+# -- LayerNorm ------------------------------------------------------------------------------------------
+# (x - mean(x)) / sqrt(var + eps) with var = mean((x - mean(x))**2), all over the last axis: the
+# normalization and the square in the spellings RMSNorm accepts, the centred value computed once, or
+# only its mean, or neither (np.var computes its own). It fuses with a weight of ones; a following
+# "* w" and "+ b" then fold into it (fuse_layer_norm_scale, fuse_layer_norm_shift).
+
+
+def _mean(x: Pat, name: str | None = None) -> Pat:
+    return Pat("reduce_mean", x, axes=last_axis, keepdims=True, name=name)
+
+
+def _layer_norm_patterns() -> list[Pat]:
+    x, eps = Var("x"), Var("eps", scalar_constant)
+    patterns = []
+    for sharing in ("centred value", "mean", "nothing"):
+        mean = _mean(x)
+        centered = Pat("sub", x, mean)
+        in_variance = {"centred value": centered, "mean": Pat("sub", x, mean),
+                       "nothing": Pat("sub", x, _mean(x))}[sharing]
+        for square in _squares(in_variance):
+            patterns += _normalized(centered, Pat("add", _mean(square), eps))
+    return patterns
+
+
+def _is_centered(value: Value) -> bool:
+    """Is `value` x - mean(x) over the last axis (x minus its own mean)?"""
+    node = value.producer
+    if node is None or node.op != "sub":
+        return False
+    mean = node.inputs[1].producer
+    return mean is not None and mean.op == "reduce_mean" and mean.inputs[0] is node.inputs[0] and \
+        mean.params["keepdims"] and last_axis(mean.params["axes"], mean)
+
+
+def _is_ones(value: Value) -> bool:
+    if value.is_constant:
+        return bool(np.all(value.const == 1))
+    node = value.producer
+    return node is not None and node.op == "full" and node.params["fill_value"] == 1
+
+
+def _norm_param(value: Value, x: Value) -> bool:
+    """A weight or bias that LayerNormalization takes: 1-D, the size of x's last dim, x's dtype."""
+    return value.shape == x.shape[-1:] and value.dtype == x.dtype
+
+
+@FUSIONS.rule(*_layer_norm_patterns(), priority=LAYER_NORM_PRIORITY)
+def fuse_layer_norm(graph: Graph, root: Node, m: Match) -> Value | None:
+    x = m["x"]
+    if x.ndim == 0 or not np.issubdtype(x.dtype, np.floating) or x.aval != root.outputs[0].aval:
+        return None
+    ones = _apply(graph, root, "full", shape=x.shape[-1:], fill_value=1.0, dtype=x.dtype)
+    return _apply(graph, root, "layer_norm", x, ones, eps=float(m["eps"].const.reshape(-1)[0]))
+
+
+@FUSIONS.rule(Pat("mul", Pat("layer_norm", Var("x"), Var("ones", _is_ones), name="norm"), Var("w")),
+              priority=LAYER_NORM_PRIORITY)
+def fuse_layer_norm_scale(graph: Graph, root: Node, m: Match) -> Value | None:
+    if not _norm_param(m["w"], m["x"]):
+        return None
+    return _apply(graph, root, "layer_norm", m["x"], m["w"], eps=m["norm"].params["eps"])
+
+
+@FUSIONS.rule(Pat("add", Pat("layer_norm", Var("x"), Var("w"), name="norm"), Var("b")), priority=LAYER_NORM_PRIORITY)
+def fuse_layer_norm_shift(graph: Graph, root: Node, m: Match) -> Value | None:
+    if not _norm_param(m["b"], m["x"]):
+        return None
+    return _apply(graph, root, "layer_norm", m["x"], m["w"], m["b"], eps=m["norm"].params["eps"])
 
 
 # -- softmax, silu, gelu --------------------------------------------------------------------------------
@@ -264,4 +351,4 @@ def fuse_graph(graph: Graph):
 
 fuse = register_pass("fuse")(on_every_graph(fuse_graph))
 
-__all__ = ["FUSIONS", "constant_equal", "scalar_constant", "fuse"]
+__all__ = ["FUSIONS", "LAYER_NORM_PRIORITY", "RMS_NORM_PRIORITY", "constant_equal", "scalar_constant", "fuse"]
