@@ -31,7 +31,7 @@ UNRELATED = [19, 84, 6, 33, 71]
 
 
 def test_specializations_are_qeffs_for_prefix_caching() -> None:
-    """qeff-interface.md §5: full_batch_size 2 lanes, kv_cache_batch_size 4 slots."""
+    """full_batch_size 2 lanes, kv_cache_batch_size 4 slots (docs/architecture.md, "Serving interfaces")."""
     assert specializations(128, 32, 1, 2, kv_cache_batch_size=4) == {"specializations": [
         {"name": "Prefill", "symbols": {"batch_size": "1", "ctx_len": "128", "seq_len": "32", "full_batch_size": "4",
                                         "full_batch_exec_size": "1"}},
