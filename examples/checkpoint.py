@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 
 import qtrace
+from qtrace.weights import lazy_cast
 
 from .llama import ConfigError, LlamaConfig, causal_lm_signature, load_config
 
@@ -101,7 +102,7 @@ def _hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
 
 def load_checkpoint(directory: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict[str, Any]]:
     """Config and params pytree of a checkpoint directory. Weights already in `dtype` stay memory maps;
-    others (e.g. bfloat16) are converted."""
+    others (e.g. bfloat16) become ConvertedWeights, converted piece by piece when the model is saved."""
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory")
     cfg = load_config(os.path.join(directory, "config.json"))
@@ -123,7 +124,7 @@ def load_checkpoint(directory: str, dtype: Any = np.float32) -> tuple[LlamaConfi
         if tuple(array.shape) != shape:
             raise CheckpointError(f"{os.path.join(directory, origin[name])}: tensor {name} has shape "
                                   f"{list(array.shape)}, the config implies {list(shape)}")
-        flat[path] = array if array.dtype == np.dtype(dtype) else np.asarray(array, dtype=dtype)
+        flat[path] = lazy_cast(array, dtype)  # converted while the export writes it, never whole in memory
     params: dict[str, Any] = {"embed_tokens": flat["embed_tokens"], "norm": flat["norm"],
                               "lm_head": flat.get("lm_head", flat["embed_tokens"])}
     params["layers"] = [{k.split(".", 2)[2]: v for k, v in flat.items() if k.startswith(f"layers.{n}.")}
@@ -215,7 +216,7 @@ def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_
     # The cache has the weights' dtype (float16 weights, as `qtrace export --dtype float16` loads them,
     # make float16 keys and values); lowering to float16 converts whatever is still float32.
     fn, args = causal_lm_signature(cfg, params, full_batch_size="full_batch_size" if full_batch_size else None,
-                                   ctx_len="ctx_len", dtype=np.asarray(params["embed_tokens"]).dtype,
+                                   ctx_len="ctx_len", dtype=params["embed_tokens"].dtype,
                                    layer_functions=layer_functions, max_ctx_len=ctx_len)
     lowered = qtrace.lower(fn, args, dtype=np.float16 if dtype == "float16" else None)
     stages["lower"] = time.perf_counter() - start
