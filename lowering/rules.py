@@ -84,6 +84,17 @@ def lower_ne(ctx: LoweringContext, node: Node, x: str, y: str) -> str:
     return ctx.op("Not", ctx.op("Equal", x, y))
 
 
+@lowering("remainder")
+def lower_remainder(ctx: LoweringContext, node: Node, x: str, y: str) -> str:
+    return ctx.op("Mod", x, y, fmod=0)  # integer Mod takes the divisor's sign, as numpy's %
+
+
+@lowering("floor_divide")
+def lower_floor_divide(ctx: LoweringContext, node: Node, x: str, y: str) -> str:
+    # (x - x % y) is a multiple of y, so the division is exact whichever way Div rounds
+    return ctx.op("Div", ctx.op("Sub", x, ctx.op("Mod", x, y, fmod=0)), y)
+
+
 @lowering("rsqrt")
 def lower_rsqrt(ctx: LoweringContext, node: Node, x: str) -> str:
     return ctx.op("Reciprocal", ctx.op("Sqrt", x))
