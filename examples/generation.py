@@ -8,7 +8,7 @@ A `Step` runs the model once: `step(input_ids, position_ids, cache, batch_index)
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -91,23 +91,39 @@ def prefill(step: Step, prompt: list[int], cache: dict[str, np.ndarray], prefill
     return int(np.argmax(logits[0, -1])), cache
 
 
+def _check_fits(prompt: list[int], max_new_tokens: int, ctx_len: int) -> None:
+    if len(prompt) + max_new_tokens > ctx_len:
+        raise ValueError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new ones exceeds ctx_len {ctx_len}")
+
+
+def greedy_tokens(step: Step, prompt: list[int], max_new_tokens: int, *, prefill_len: int, ctx_len: int,
+                  layout: CacheLayout, full_batch_size: int | None = None) -> Iterator[int]:
+    """The greedy tokens after one prompt, each yielded as soon as it is computed (so text can be
+    shown while it is generated). A continuous-batching export runs the prompt in slot 0; the other
+    slots decode at position -1, which writes nothing."""
+    _check_fits(prompt, max_new_tokens, ctx_len)
+    slots = 1 if full_batch_size is None else full_batch_size
+    token, cache = prefill(step, prompt, new_cache(layout, slots, ctx_len), prefill_len,
+                           slot=None if full_batch_size is None else 0)
+    yield token
+    batch_index = None if full_batch_size is None else np.arange(slots, dtype=np.int64)[:, None]
+    for position in range(len(prompt), len(prompt) + max_new_tokens - 1):
+        ids, positions = np.zeros((slots, 1), np.int64), np.full((slots, 1), -1, np.int64)
+        ids[0, 0], positions[0, 0] = token, position
+        logits, cache = step(ids, positions, cache, batch_index)
+        token = int(np.argmax(logits[0, -1]))
+        yield token
+
+
 def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefill_len: int, ctx_len: int,
              layout: CacheLayout, full_batch_size: int | None = None) -> list[list[int]]:
     """Greedy tokens for each prompt. Without continuous batching each prompt runs alone (batch 1);
     with it, every prompt is prefilled into its own cache slot and all decode together."""
     for prompt in prompts:
-        if len(prompt) + max_new_tokens > ctx_len:
-            raise ValueError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new ones exceeds ctx_len {ctx_len}")
+        _check_fits(prompt, max_new_tokens, ctx_len)
     if full_batch_size is None:
-        results = []
-        for prompt in prompts:
-            token, cache = prefill(step, prompt, new_cache(layout, 1, ctx_len), prefill_len)
-            tokens = [token]
-            for position in range(len(prompt), len(prompt) + max_new_tokens - 1):
-                logits, cache = step(np.array([[tokens[-1]]]), np.array([[position]]), cache, None)
-                tokens.append(int(np.argmax(logits[0, -1])))
-            results.append(tokens)
-        return results
+        return [list(greedy_tokens(step, prompt, max_new_tokens, prefill_len=prefill_len, ctx_len=ctx_len,
+                                   layout=layout)) for prompt in prompts]
     if len(prompts) > full_batch_size:
         raise ValueError(f"{len(prompts)} prompts do not fit {full_batch_size} cache slots")
     slots = list(range(len(prompts)))[::-1]  # fill slots in reverse order: batch_index is not the row order

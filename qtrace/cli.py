@@ -7,6 +7,7 @@ import collections
 import importlib.util
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -110,25 +111,80 @@ def _list_architectures() -> int:
     return 0
 
 
+def _check_export_flags(args: argparse.Namespace) -> None:
+    """Flags that contradict each other, refused before any work."""
+    if args.hw == "ai100" and "bfloat16" in (args.dtype, args.kv_cache_precision):
+        flag = "--dtype" if args.dtype == "bfloat16" else "--kv-cache-precision"
+        raise QtraceError(f"{flag} bfloat16 needs --hw ai200: Cloud AI 100 (ai100) has no bfloat16; use float32 or "
+                          "float16")
+
+
+def _layer_pattern(names: list[str]) -> str:
+    """`layers.0.q_proj` .. `layers.15.q_proj` as `layers.{0..15}.q_proj` (one entry per weight kind)."""
+    groups: dict[str, list[int]] = {}
+    for name in names:
+        match = re.match(r"^(.*?)\.(\d+)\.(.*)$", name)
+        key, number = (f"{match.group(1)}.{{}}.{match.group(3)}", int(match.group(2))) if match else (name, -1)
+        groups.setdefault(key, []).append(number)
+    parts = []
+    for key, numbers in groups.items():
+        if numbers == [-1]:
+            parts.append(key)
+            continue
+        numbers = sorted(numbers)
+        span = f"{numbers[0]}..{numbers[-1]}" if numbers == list(range(numbers[0], numbers[-1] + 1)) else \
+            ",".join(map(str, numbers))
+        parts.append(key.replace("{}", "{" + span + "}"))
+    return ", ".join(parts)
+
+
+def _weights_summary(stored: list[Any], reference: bool) -> str:
+    """How the export stored its weights; in reference mode, which ones it had to convert and copy."""
+    gib = 2**30
+    referenced = [w for w in stored if w.how == "referenced"]
+    written = [w for w in stored if w.how in ("copied", "converted")]
+    converted = [w for w in written if w.how == "converted"]
+    written_bytes = sum(w.nbytes for w in written)
+    conversions = sorted({f"{w.source_dtype.name} -> {w.dtype.name}" for w in converted})
+    if not reference:
+        line = f"weights: {len(written)} written ({written_bytes / gib:.2f} GiB)"
+        return line + (f", {len(converted)} of them converted {', '.join(conversions)}" if converted else "")
+    line = f"weights: {len(referenced)} referenced in the checkpoint (zero-copy, " \
+           f"{sum(w.nbytes for w in referenced) / gib:.2f} GiB)"
+    if converted:
+        line += f"; {len(converted)} had to be converted ({', '.join(conversions)}) and were written " \
+                f"({sum(w.nbytes for w in converted) / gib:.2f} GiB): {_layer_pattern([w.name for w in converted])}"
+    copied = [w for w in written if w.how == "copied"]
+    if copied:
+        line += f"; {len(copied)} copied ({sum(w.nbytes for w in copied) / gib:.2f} GiB): " \
+                f"{_layer_pattern([w.name for w in copied])}"
+    return line + f"; {written_bytes / gib:.2f} GiB written in all"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if args.list_architectures:
         return _list_architectures()
     if args.checkpoint is None or args.output is None:
         raise QtraceError("export needs a CHECKPOINT_DIR and -o OUT (or --list-architectures)")
+    _check_export_flags(args)
     from .examples.checkpoint import export_model, load_checkpoint
+    from .examples.tokenizer import tokenizer_files
     from .lowering.side_files import CompileOptions
 
     start = time.perf_counter()
-    dtype = np.float16 if args.dtype == "float16" else np.float32
+    # ai100 runs float32 (or float16); an ai200 keeps the checkpoint's own dtype, bfloat16 included.
+    dtype = args.dtype or ("float32" if args.hw == "ai100" else None)
     model = load_checkpoint(args.checkpoint, dtype=dtype)
     load_seconds = time.perf_counter() - start
     report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
-                          batch_size=args.batch_size, full_batch_size=args.full_batch_size, dtype=args.dtype,
-                          weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
+                          batch_size=args.batch_size, full_batch_size=args.full_batch_size,
+                          dtype=args.dtype or model.dtype.name, weights=args.weights,
+                          layer_functions=not args.no_layer_functions, progress=_progress,
                           compile_options=CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
-                                                         args.kv_cache_precision),
-                          bytes_progress=_ProgressBar())
+                                                         args.kv_cache_precision, args.hw),
+                          bytes_progress=_ProgressBar(), copy_files=tokenizer_files(args.checkpoint))
     print(f"{model.cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
+    print(_weights_summary(report.weights, args.weights == "reference"))
     print(_summary(report.lowered, {"load": load_seconds, **report.stage_seconds}))
     return 0
 
@@ -140,19 +196,70 @@ def _parse_ids(text: str) -> list[int]:
         raise QtraceError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .examples.generation import cache_layout, generate, onnx_session, onnx_step
+def _check_generate_flags(args: argparse.Namespace) -> None:
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise QtraceError("generate needs either --prompt TEXT or --prompt-ids IDS (one of them)")
+    if args.chat and args.prompt is None:
+        raise QtraceError("--chat formats a --prompt TEXT with the chat template; it does not apply to --prompt-ids")
+    if args.max_new_tokens < 1:
+        raise QtraceError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
 
+
+def _check_runnable(model_dir: str) -> None:
+    """onnxruntime's CPU provider has no bfloat16 MatMul: say so instead of failing inside it."""
+    import onnx
+
+    model = onnx.load(os.path.join(model_dir, "model.onnx"), load_external_data=False)
+    if any(i.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for i in model.graph.input):
+        raise QtraceError(f"{os.path.join(model_dir, 'model.onnx')} keeps bfloat16 (an --hw ai200 export): "
+                          "onnxruntime's CPU provider cannot run it; export with --hw ai100 to generate here")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    _check_generate_flags(args)
+    from .examples.generation import cache_layout, generate, greedy_tokens, onnx_session, onnx_step
+
+    tokenizer = prompt_text = None
+    if args.prompt is not None:
+        from .examples.tokenizer import TextTokenizer
+
+        tokenizer = TextTokenizer(args.model_dir)
+        prompt_text = tokenizer.encode_chat(args.prompt) if args.chat else tokenizer.encode(args.prompt)
     with open(os.path.join(args.model_dir, "specializations.json")) as f:
         specs = {s["name"]: s["symbols"] for s in json.load(f)["specializations"]}
     ctx_len, prefill_len = int(specs["Prefill"]["ctx_len"]), int(specs["Prefill"]["seq_len"])
     full_batch = int(specs["Decode"]["full_batch_size"]) if "full_batch_size" in specs["Decode"] else None
+    _check_runnable(args.model_dir)
     session = onnx_session(args.model_dir)
-    prompts = [_parse_ids(p) for p in args.prompt_ids]
-    tokens = generate(onnx_step(session), prompts, args.max_new_tokens, prefill_len=prefill_len, ctx_len=ctx_len,
-                      layout=cache_layout(session), full_batch_size=full_batch)
-    for row in tokens:
-        print(",".join(map(str, row)))
+    options = dict(prefill_len=prefill_len, ctx_len=ctx_len, layout=cache_layout(session), full_batch_size=full_batch)
+    if tokenizer is None:
+        prompts = [_parse_ids(p) for p in args.prompt_ids]
+        for row in generate(onnx_step(session), prompts, args.max_new_tokens, **options):
+            print(",".join(map(str, row)))
+        return 0
+    return _stream_text(tokenizer, greedy_tokens(onnx_step(session), prompt_text, args.max_new_tokens, **options),
+                        len(prompt_text))
+
+
+def _stream_text(tokenizer: Any, tokens: Any, prompt_tokens: int) -> int:
+    """Print the text of the tokens as they come (stopping at an end-of-sequence token), then the speed."""
+    from .examples.tokenizer import TextStream
+
+    stops = tokenizer.stop_ids()
+    stream = TextStream(tokenizer)
+    start = time.perf_counter()
+    first = None
+    for token in tokens:
+        first = first or time.perf_counter()
+        if token in stops:
+            break
+        print(stream.push(token), end="", flush=True)
+    print(stream.finish(), flush=True)
+    end = time.perf_counter()
+    count = len(stream.tokens)
+    decode = f", then {(count - 1) / (end - first):.1f} tokens/s" if first is not None and count > 1 else ""
+    print(f"  .. {count} new tokens in {end - start:.2f} s: prefill of {prompt_tokens} prompt tokens "
+          f"{(first or end) - start:.2f} s{decode}", file=sys.stderr, flush=True)
     return 0
 
 
@@ -238,20 +345,27 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--prefill-seq-len", type=int, default=32)
     export.add_argument("--batch-size", type=int, default=1)
     export.add_argument("--full-batch-size", type=int, default=None)
-    export.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    export.add_argument("--hw", choices=("ai100", "ai200"), default="ai100",
+                        help="target hardware (qaic-compile -aic-hw-version); ai200 keeps bfloat16")
+    export.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="model dtype (default: float32 on ai100, the checkpoint's own on ai200)")
     export.add_argument("--weights", choices=("copy", "reference"), default="copy")
     export.add_argument("--no-layer-functions", action="store_true")
     export.add_argument("--num-cores", type=int, default=16, help="qaic-compile -aic-num-cores")
     export.add_argument("--mxfp6-matmul", action="store_true", help="qaic-compile -mxfp6-matmul")
     export.add_argument("--mos", type=int, default=None, help="qaic-compile -mos")
     export.add_argument("--depth-first", action="store_true", help="qaic-compile -aic-enable-depth-first")
-    export.add_argument("--kv-cache-precision", choices=("float16", "mxint8"), default="float16",
-                        help="precision of the KV cache in custom_io.yaml")
+    export.add_argument("--kv-cache-precision", choices=("float16", "bfloat16", "mxint8"), default=None,
+                        help="precision of the KV cache in custom_io.yaml (default: bfloat16 for a bfloat16 "
+                             "model, else float16)")
     export.set_defaults(run=cmd_export)
 
     generate = sub.add_parser("generate", help="greedy decoding with an exported model on onnxruntime")
     generate.add_argument("model_dir")
-    generate.add_argument("--prompt-ids", action="append", required=True,
+    generate.add_argument("--prompt", help="text, encoded with the tokenizer exported next to the model; the "
+                                           "generated text is printed as it comes")
+    generate.add_argument("--chat", action="store_true", help="format --prompt with the model's chat template")
+    generate.add_argument("--prompt-ids", action="append",
                           help="comma-separated token ids; repeat for several prompts")
     generate.add_argument("--max-new-tokens", type=int, default=8)
     generate.set_defaults(run=cmd_generate)
