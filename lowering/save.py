@@ -44,7 +44,7 @@ class StoredWeight:
 def _byte_pieces(array: Any) -> Iterator[memoryview]:
     """The weight's bytes in C order, about _CHUNK at a time (viewed as bytes: a bfloat16 array has
     no buffer format of its own)."""
-    for piece in c_order_pieces(array, _CHUNK):
+    for piece in c_order_pieces(array, _CHUNK, reuse=True):  # each piece is written before the next
         yield memoryview(piece.view(np.uint8))
 
 

@@ -64,10 +64,12 @@ def _name(conversion: tuple[Any, Any]) -> str:
 
 @pytest.mark.parametrize("conversion", CONVERSIONS, ids=_name)
 @pytest.mark.parametrize("piece_bytes", [6, 100, 1000, 1 << 20])
-def test_pieces_equal_numpy_conversion_bit_for_bit(conversion: tuple[Any, Any], piece_bytes: int) -> None:
+@pytest.mark.parametrize("reuse", [False, True], ids=["new", "reused"])
+def test_pieces_equal_numpy_conversion_bit_for_bit(conversion: tuple[Any, Any], piece_bytes: int,
+                                                   reuse: bool) -> None:
     source_dtype, dtype = conversion
     source = source_values(source_dtype, 997).reshape(1, 997)  # a prime: pieces never divide it evenly
-    pieces = list(c_order_pieces(ConvertedWeight(source, dtype), piece_bytes))
+    pieces = [piece.copy() for piece in c_order_pieces(ConvertedWeight(source, dtype), piece_bytes, reuse=reuse)]
     assert len(pieces) >= min(3, 997 * np.dtype(dtype).itemsize // piece_bytes)
     got = np.concatenate(pieces)
     assert got.dtype == np.dtype(dtype)
@@ -131,13 +133,18 @@ def test_indexing_a_converted_weight_converts_the_indexed_source() -> None:
 def conversions(monkeypatch: Any) -> list[tuple[Any, Any]]:
     """Every conversion qtrace.weights performs: (source shape, target dtype)."""
     calls: list[tuple[Any, Any]] = []
-    real = weights.convert
+    real, real_into = weights.convert, weights._convert_into
 
     def counting(array: np.ndarray, dtype: Any) -> np.ndarray:
         calls.append((array.shape, np.dtype(dtype)))
         return real(array, dtype)
 
+    def counting_into(array: np.ndarray, dtype: Any, buffer: np.ndarray) -> np.ndarray:
+        calls.append((array.shape, np.dtype(dtype)))
+        return real_into(array, dtype, buffer)
+
     monkeypatch.setattr(weights, "convert", counting)
+    monkeypatch.setattr(weights, "_convert_into", counting_into)
     return calls
 
 
