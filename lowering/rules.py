@@ -370,7 +370,10 @@ def _suffix(node: Node) -> str:
 
 @lowering("ctx_scatter")
 def lower_ctx_scatter(ctx: LoweringContext, node: Node, data: str, position_ids: str, updates: str) -> str:
-    return custom_op(ctx, "CtxScatter" + _suffix(node), data, position_ids, updates)
+    op_type = "CtxScatter" + _suffix(node)
+    if op_type == "CtxScatter3D" and node.inputs[0].dtype == np.int32:
+        op_type = "CtxScatter3DInt"  # the compiler's CtxScatter3D is for float caches
+    return custom_op(ctx, op_type, data, position_ids, updates)
 
 
 @lowering("ctx_scatter_cb")
@@ -388,11 +391,15 @@ def _comp_ctx_len(ctx: LoweringContext, node: Node) -> list[str]:
 
 @lowering("ctx_gather")
 def lower_ctx_gather(ctx: LoweringContext, node: Node, data: str, ctx_indices: str) -> str:
+    if node.params.get("blocked"):
+        return custom_op(ctx, "CtxGatherBlockedKV", data, ctx_indices)
     return custom_op(ctx, "CtxGather" + _suffix(node), data, ctx_indices, *_comp_ctx_len(ctx, node))
 
 
 @lowering("ctx_gather_cb")
 def lower_ctx_gather_cb(ctx: LoweringContext, node: Node, data: str, batch_index: str, ctx_indices: str) -> str:
+    if node.params.get("blocked"):
+        return custom_op(ctx, "CtxGatherBlockedKVCB", data, batch_index, ctx_indices)
     return custom_op(ctx, "CtxGatherCB" + _suffix(node), data, batch_index, ctx_indices, *_comp_ctx_len(ctx, node))
 
 

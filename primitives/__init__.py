@@ -18,7 +18,8 @@ from .elementwise import (abs, absolute, add, cast, clip, cos, divide, equal, er
                           less, less_equal, log, logical_and, logical_not, logical_or, logical_xor, maximum,
                           minimum, multiply, negative, not_equal, positive, power, reciprocal, rsqrt, sigmoid,
                           sin, sqrt, square, subtract, tanh, true_divide, where)
-from .kv_cache import ctx_gather, ctx_gather_cb, ctx_scatter, ctx_scatter_cb
+from .kv_cache import (ctx_gather, ctx_gather_blocked_kv, ctx_gather_blocked_kv_cb, ctx_gather_cb, ctx_scatter,
+                       ctx_scatter_cb)
 from .linalg import matmul
 from .nn import gelu, rms_norm, silu, softmax
 from .reductions import amax, amin, argmax, max, mean, min, sum
