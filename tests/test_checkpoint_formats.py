@@ -188,6 +188,14 @@ def test_ai200_export_is_bfloat16_end_to_end(ai200_export: str) -> None:
     assert {t.data_type for t in model.graph.initializer if t.data_type in floats} == {onnx.TensorProto.BFLOAT16}
 
 
+def test_ai200_reference_export_says_nothing_was_converted(bf16_checkpoint: str, tmp_path: Any, capsys: Any) -> None:
+    code, out, err = run_cli(capsys, *export_args(bf16_checkpoint, str(tmp_path), "--hw", "ai200", "--weights",
+                                                  "reference"))
+    assert code == 0, err
+    line = next(line for line in out.splitlines() if line.startswith("weights:"))
+    assert line.startswith("weights: 16 referenced in the checkpoint (zero-copy") and "none had to be converted" in line
+
+
 def test_ai200_reference_export_is_zero_copy(ai200_export: str, bf16_checkpoint: str) -> None:
     model = onnx.load(os.path.join(ai200_export, "model.onnx"), load_external_data=False)
     checkpoint_file = os.path.join(bf16_checkpoint, "model.safetensors")
@@ -405,3 +413,13 @@ def test_corrupt_sharded_checkpoint_fails_naming_the_file(corruption: str, shard
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, *export_args(directory, str(out)))
     assert code == 2 and named_file(directory) in err and not out.exists()
+
+
+def test_ai200_continuous_batching_export_passes_onnx_full_check(bf16_checkpoint: str, tmp_path: Any) -> None:
+    """Every custom-op body accepts a bfloat16 cache (ONNX's Compress, for one, has no bfloat16)."""
+    out = str(tmp_path / "out")
+    assert cli.main(export_args(bf16_checkpoint, out, "--hw", "ai200", "--full-batch-size", "2")) == 0
+    onnx.checker.check_model(os.path.join(out, "model.onnx"), full_check=True)
+    used = {n.op_type for f in onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).functions
+            for n in f.node if n.domain == "com.qualcomm.cloud"}
+    assert {"CtxScatterCB", "CtxGatherCB"} <= used
