@@ -154,6 +154,8 @@ def _weights_summary(stored: list[Any], reference: bool) -> str:
     if converted:
         line += f"; {len(converted)} had to be converted ({', '.join(conversions)}) and were written " \
                 f"({sum(w.nbytes for w in converted) / gib:.2f} GiB): {_layer_pattern([w.name for w in converted])}"
+    else:
+        line += "; none had to be converted"
     copied = [w for w in written if w.how == "copied"]
     if copied:
         line += f"; {len(copied)} copied ({sum(w.nbytes for w in copied) / gib:.2f} GiB): " \
