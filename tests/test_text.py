@@ -213,3 +213,20 @@ def test_streaming_stops_at_the_end_of_sequence_token(tokenizer: TextTokenizer, 
     out, err = capsys.readouterr()
     assert out == "hello\n"
     assert "1 new tokens" in err
+
+
+def test_generate_prompt_on_a_continuous_batching_export_gives_the_same_text(exported: str, tmp_path: Any,
+                                                                              capsys: Any) -> None:
+    """The prompt runs in slot 0 of 3; the idle slots decode at position -1 and change nothing."""
+    source = str(tmp_path / "checkpoint")
+    os.makedirs(source)
+    for name in ("config.json", "model.safetensors"):
+        shutil.copyfile(os.path.join(FIXTURES, "llama", name), os.path.join(source, name))
+    for path in tokenizer_files(exported):
+        shutil.copyfile(path, os.path.join(source, os.path.basename(path)))
+    batched = str(tmp_path / "cb")
+    assert cli.main(["export", source, "-o", batched, "--ctx-len", "64", "--prefill-seq-len", "8",
+                     "--full-batch-size", "3"]) == 0
+    texts = [run_cli(capsys, "generate", d, "--prompt", "how are you?", "--max-new-tokens", "10")[1]
+             for d in (exported, batched)]
+    assert texts[0] == texts[1] and texts[0].strip()
