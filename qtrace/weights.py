@@ -40,7 +40,7 @@ def convert(array: np.ndarray, dtype: Any) -> np.ndarray:
     if array.dtype == dtype:
         return array
     if dtype == _F16 and bfloat16 is not None and array.dtype == bfloat16:
-        return _bfloat16_to_float16()[np.ascontiguousarray(array).view(np.uint16)]
+        return np.asarray(_bfloat16_to_float16()[array.view(np.uint16)])  # a 0-d index gives a scalar
     if dtype == _F16 and array.dtype.kind == "f":
         return _clip_to_float16(array)
     return array.astype(dtype)

@@ -42,7 +42,7 @@ def numpy_conversion(source: np.ndarray, dtype: Any) -> np.ndarray:
 
 
 def bits(array: np.ndarray) -> np.ndarray:
-    return np.ascontiguousarray(array).view(f"u{array.dtype.itemsize}").reshape(-1)
+    return np.ascontiguousarray(array).reshape(-1).view(f"u{array.dtype.itemsize}")
 
 
 def source_values(dtype: Any, size: int, seed: int = 0) -> np.ndarray:
@@ -77,11 +77,13 @@ def test_pieces_equal_numpy_conversion_bit_for_bit(conversion: tuple[Any, Any], 
 
 
 @pytest.mark.parametrize("conversion", CONVERSIONS, ids=_name)
-def test_whole_conversion_equals_numpy_bit_for_bit(conversion: tuple[Any, Any]) -> None:
+@pytest.mark.parametrize("layout", ["matrix", "transposed", "scalar"])
+def test_whole_conversion_equals_numpy_bit_for_bit(conversion: tuple[Any, Any], layout: str) -> None:
     source_dtype, dtype = conversion
     source = source_values(source_dtype, 300).reshape(10, 30)
-    got = np.asarray(ConvertedWeight(source, dtype))
-    assert got.shape == (10, 30) and got.dtype == np.dtype(dtype)
+    source = {"matrix": source, "transposed": source.T, "scalar": source[0, 8]}[layout]
+    got = np.asarray(ConvertedWeight(np.asarray(source), dtype))
+    assert got.shape == np.shape(source) and got.dtype == np.dtype(dtype)
     np.testing.assert_array_equal(bits(got), bits(numpy_conversion(source, dtype)))
 
 
