@@ -22,10 +22,10 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import qtrace
-from qtrace.weights import lazy_cast
 from qtrace.lowering.save import StoredWeight
 from qtrace.lowering.side_files import (HW_VERSIONS, CompileOptions, compile_script, custom_io_yaml, kv_precision,
                                         kv_state_names, specializations)
+from qtrace.weights import lazy_cast
 
 from .blocks.causal_lm import Model
 from .config import ConfigError, DecoderConfig, load_config_json
@@ -304,7 +304,7 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
 
 
 def check_target(hw_version: str, model_dtype: str) -> None:
-    """A model dtype the target hardware runs (design.md section 6: ai100 has no bfloat16)."""
+    """A model dtype the target hardware runs: Cloud AI 100 (ai100) has no bfloat16, an ai200 has."""
     if hw_version not in HW_VERSIONS:
         raise CheckpointError(f"--hw must be one of {', '.join(HW_VERSIONS)}, got {hw_version!r}")
     if model_dtype == "bfloat16" and hw_version != "ai200":

@@ -25,7 +25,7 @@ from .model import ModelParts, attach_weights
 
 PROTOBUF_LIMIT = 2**31 - 1
 _ALIGNMENT = 64  # bytes: lets runtimes map tensors straight from the file
-_CHUNK = 16 << 20  # bytes per piece written: small enough to stay in cache while it is converted
+_CHUNK = 16 << 20  # bytes per piece written (a converted piece goes into one reused buffer)
 
 
 @dataclass(frozen=True)
