@@ -97,13 +97,14 @@ def _check_fits(prompt: list[int], max_new_tokens: int, ctx_len: int) -> None:
 
 
 def greedy_tokens(step: Step, prompt: list[int], max_new_tokens: int, *, prefill_len: int, ctx_len: int,
-                  layout: CacheLayout, full_batch_size: int | None = None) -> Iterator[int]:
+                  layout: CacheLayout, full_batch_size: int | None = None,
+                  sizes: dict[str, int] | None = None) -> Iterator[int]:
     """The greedy tokens after one prompt, each yielded as soon as it is computed (so text can be
     shown while it is generated). A continuous-batching export runs the prompt in slot 0; the other
-    slots decode at position -1, which writes nothing."""
+    slots decode at position -1, which writes nothing. `sizes` as for `generate`."""
     _check_fits(prompt, max_new_tokens, ctx_len)
     slots = 1 if full_batch_size is None else full_batch_size
-    token, cache = prefill(step, prompt, new_cache(layout, slots, ctx_len), prefill_len,
+    token, cache = prefill(step, prompt, new_cache(layout, slots, ctx_len, sizes), prefill_len,
                            slot=None if full_batch_size is None else 0)
     yield token
     batch_index = None if full_batch_size is None else np.arange(slots, dtype=np.int64)[:, None]
@@ -116,18 +117,20 @@ def greedy_tokens(step: Step, prompt: list[int], max_new_tokens: int, *, prefill
 
 
 def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefill_len: int, ctx_len: int,
-             layout: CacheLayout, full_batch_size: int | None = None) -> list[list[int]]:
+             layout: CacheLayout, full_batch_size: int | None = None,
+             sizes: dict[str, int] | None = None) -> list[list[int]]:
     """Greedy tokens for each prompt. Without continuous batching each prompt runs alone (batch 1);
-    with it, every prompt is prefilled into its own cache slot and all decode together."""
+    with it, every prompt is prefilled into its own cache slot and all decode together. `sizes`: the
+    caches' other symbolic dims (ring caches' lengths, as specializations.json gives them)."""
     for prompt in prompts:
         _check_fits(prompt, max_new_tokens, ctx_len)
     if full_batch_size is None:
         return [list(greedy_tokens(step, prompt, max_new_tokens, prefill_len=prefill_len, ctx_len=ctx_len,
-                                   layout=layout)) for prompt in prompts]
+                                   layout=layout, sizes=sizes)) for prompt in prompts]
     if len(prompts) > full_batch_size:
         raise ValueError(f"{len(prompts)} prompts do not fit {full_batch_size} cache slots")
     slots = list(range(len(prompts)))[::-1]  # fill slots in reverse order: batch_index is not the row order
-    cache = new_cache(layout, full_batch_size, ctx_len)
+    cache = new_cache(layout, full_batch_size, ctx_len, sizes)
     results = [[] for _ in prompts]
     positions = [0] * full_batch_size
     last = [0] * full_batch_size

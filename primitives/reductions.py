@@ -1,4 +1,4 @@
-"""Reductions over axes: sum, mean, max, min (with keepdims) and argmax."""
+"""Reductions over axes: sum, mean, max, min (with keepdims), argmax, and var and std written with them."""
 
 from __future__ import annotations
 
@@ -82,6 +82,44 @@ def _reduction(name: str) -> Callable[..., Array]:
 
 sum, mean, max, min = (_reduction(n) for n in _REDUCTIONS)
 amax, amin = max, min
+
+
+def var(x: Any, axis: int | tuple[int, ...] | None = None, dtype: Any = None, out: Any = None, ddof: int = 0,
+        keepdims: bool = False, **unsupported: Any) -> Array:
+    """numpy `var`: mean((x - mean(x))**2) over `axis`, times n / (n - ddof). Written with mean, subtract
+    and multiply (no primitive of its own), so the fuse pass sees a LayerNorm written with it."""
+    if out is not None or unsupported:
+        raise UnsupportedError(f"unsupported arguments {['out'] * (out is not None) + list(unsupported)}",
+                               op="var", location=user_location())
+    x = as_array(x)
+    if dtype is not None:
+        from .elementwise import cast
+
+        x = cast(x, dtype)
+    axes = normalize_axes(axis, x.ndim)
+    centered = x - mean(x, axis=axes, keepdims=True)
+    result = mean(centered * centered, axis=axes, keepdims=keepdims)
+    if ddof:
+        count = 1
+        for a in axes:
+            if not isinstance(x.shape[a], int):
+                raise UnsupportedError(f"var with ddof={ddof} over the symbolic dim {x.shape[a]} of {x.shape}: "
+                                       "the correction n / (n - ddof) needs a concrete n", op="var",
+                                       location=user_location())
+            count *= x.shape[a]
+        if count - ddof <= 0:
+            raise ShapeError(f"var with ddof={ddof} over {count} elements divides by {count - ddof}",
+                             location=user_location())
+        result = result * (count / (count - ddof))
+    return result
+
+
+def std(x: Any, axis: int | tuple[int, ...] | None = None, dtype: Any = None, out: Any = None, ddof: int = 0,
+        keepdims: bool = False, **unsupported: Any) -> Array:
+    """numpy `std`: sqrt(var(x, axis, ddof))."""
+    from .elementwise import sqrt
+
+    return sqrt(var(x, axis, dtype, out, ddof, keepdims, **unsupported))
 
 
 def _argmax_rule(x: ShapeDtype, *, axis: int, keepdims: bool) -> ShapeDtype:

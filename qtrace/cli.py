@@ -169,6 +169,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.checkpoint is None or args.output is None:
         raise QtraceError("export needs a CHECKPOINT_DIR and -o OUT (or --list-architectures)")
     _check_export_flags(args)
+    if not 0 <= args.kv_blocks <= args.ctx_len:
+        raise QtraceError(f"--kv-blocks {args.kv_blocks} must be between 1 and --ctx-len {args.ctx_len} (0: unblocked)")
     from .examples.checkpoint import export_model, load_checkpoint
     from .examples.tokenizer import tokenizer_files
     from .lowering.side_files import CompileOptions
@@ -176,12 +178,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     # ai100 runs float32 (or float16); an ai200 keeps the checkpoint's own dtype, bfloat16 included.
     dtype = args.dtype or ("float32" if args.hw == "ai100" else None)
+    from .examples.blocks.causal_lm import Model, with_sliding_cache
+    from .examples.blocks.moe import with_moe_strategy
+    from .examples.checkpoint import read_checkpoint_config
+
+    # refuse a flag that cannot apply before reading any weights
+    configured = Model(*read_checkpoint_config(args.checkpoint), params={})
+    if args.moe_strategy is not None:
+        with_moe_strategy(configured, args.moe_strategy)
+    with_sliding_cache(configured, args.sliding_cache)
     model = load_checkpoint(args.checkpoint, dtype=dtype)
+    if args.moe_strategy is not None:
+        model = with_moe_strategy(model, args.moe_strategy)
+    model = with_sliding_cache(model, args.sliding_cache)
     load_seconds = time.perf_counter() - start
     report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size,
                           dtype=args.dtype or model.dtype.name, weights=args.weights,
-                          layer_functions=not args.no_layer_functions, progress=_progress,
+                          layer_functions=not args.no_layer_functions, progress=_progress, kv_blocks=args.kv_blocks,
                           compile_options=CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
                                                          args.kv_cache_precision, args.hw),
                           bytes_progress=_ProgressBar(), copy_files=tokenizer_files(args.checkpoint))
@@ -233,7 +247,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     full_batch = int(specs["Decode"]["full_batch_size"]) if "full_batch_size" in specs["Decode"] else None
     _check_runnable(args.model_dir)
     session = onnx_session(args.model_dir)
-    options = dict(prefill_len=prefill_len, ctx_len=ctx_len, layout=cache_layout(session), full_batch_size=full_batch)
+    layout = cache_layout(session)
+    cache_dims = {d for dims, _ in layout.values() for d in dims if isinstance(d, str)}
+    sizes = {symbol: int(value) for symbol, value in specs["Prefill"].items() if symbol in cache_dims}  # ring lengths
+    options = dict(prefill_len=prefill_len, ctx_len=ctx_len, layout=layout, full_batch_size=full_batch, sizes=sizes)
     if tokenizer is None:
         prompts = [_parse_ids(p) for p in args.prompt_ids]
         for row in generate(onnx_step(session), prompts, args.max_new_tokens, **options):
@@ -353,6 +370,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model dtype (default: float32 on ai100, the checkpoint's own on ai200)")
     export.add_argument("--weights", choices=("copy", "reference"), default="copy")
     export.add_argument("--no-layer-functions", action="store_true")
+    export.add_argument("--kv-blocks", type=int, default=0, metavar="N",
+                        help="blocked attention: read each layer's cache in N blocks (CtxGatherBlockedKV) with an "
+                             "exact online softmax, for long contexts (default: one whole read)")
+    export.add_argument("--sliding-cache", choices=("full", "ring"), default="full",
+                        help="sliding-window and chunked layers: a full ctx_len cache (default), or a ring of "
+                             "window + prefill-seq-len - 1 slots with its own symbolic dim")
+    export.add_argument("--moe-strategy", choices=("gather", "dense"), default=None,
+                        help="mixture-of-experts execution: gather the chosen experts per token, or run every "
+                             "expert on every token with routing weights 0 where not chosen (default: gather)")
     export.add_argument("--num-cores", type=int, default=16, help="qaic-compile -aic-num-cores")
     export.add_argument("--mxfp6-matmul", action="store_true", help="qaic-compile -mxfp6-matmul")
     export.add_argument("--mos", type=int, default=None, help="qaic-compile -mos")

@@ -423,3 +423,39 @@ def test_ai200_continuous_batching_export_passes_onnx_full_check(bf16_checkpoint
     used = {n.op_type for f in onnx.load(os.path.join(out, "model.onnx"), load_external_data=False).functions
             for n in f.node if n.domain == "com.qualcomm.cloud"}
     assert {"CtxScatterCB", "CtxGatherCB"} <= used
+
+
+def _leaves(tree: Any) -> list[Any]:
+    if isinstance(tree, dict):
+        return [leaf for value in tree.values() for leaf in _leaves(value)]
+    if isinstance(tree, list):
+        return [leaf for value in tree for leaf in _leaves(value)]
+    return [tree]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "phi3", "gemma", "gpt2"])
+def test_bf16_checkpoint_of_each_weight_layout_streams_and_generates_the_eager_tokens(family: str,
+                                                                                     tmp_path: Any) -> None:
+    """Per-expert lists (Mixtral), fused row blocks (Phi-3), norms offset at load (Gemma) and
+    [in, out] kernels (GPT-2): a bfloat16 checkpoint loads with every large weight still to convert
+    (no expert stack made in memory) and its float32 export generates the eager model's tokens."""
+    from qtrace.examples.generation import eager_step, model_cache_layout
+
+    source = os.path.join(FIXTURES, family)
+    directory = str(tmp_path / "ckpt")
+    os.makedirs(directory)
+    shutil.copyfile(os.path.join(source, "config.json"), os.path.join(directory, "config.json"))
+    tensors = {name: np.array(a) for name, a in read_safetensors(os.path.join(source, "model.safetensors")).items()}
+    write_safetensors(os.path.join(directory, "model.safetensors"),
+                      {name: a.astype(bfloat16) if a.dtype.kind == "f" else a for name, a in tensors.items()})
+    model = load_checkpoint(directory)
+    large = [leaf for leaf in _leaves(model.params) if getattr(leaf, "nbytes", 0) >= 4096]
+    assert large and all(isinstance(leaf, ConvertedWeight) for leaf in large)
+    export_model(model, str(tmp_path / "out"), ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN)
+    fn, _ = model.signature()
+    prompts = [[p % model.cfg.vocab_size for p in prompt] for prompt in PROMPTS]
+    eager = generate(eager_step(fn), prompts, 4, prefill_len=PREFILL_LEN, ctx_len=CTX_LEN,
+                     layout=model_cache_layout(model))
+    session = session_of(str(tmp_path / "out"))
+    assert generate(onnx_step(session), prompts, 4, prefill_len=PREFILL_LEN, ctx_len=CTX_LEN,
+                    layout=cache_layout(session)) == eager
