@@ -143,6 +143,11 @@ def lower_top_k(ctx: LoweringContext, node: Node, x: str) -> list[str]:
     return [values, indices]
 
 
+@lowering("cumsum")
+def lower_cumsum(ctx: LoweringContext, node: Node, x: str) -> str:
+    return ctx.op("CumSum", x, ctx.scalar(node.params["axis"], np.int64))
+
+
 # -- shapes -------------------------------------------------------------------------------------------
 
 

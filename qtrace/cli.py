@@ -111,6 +111,40 @@ def _list_architectures() -> int:
     return 0
 
 
+def _int_list(flag: str) -> Any:
+    """An argparse type for `16,32` or `[16, 32]` (QEfficient accepts both) naming the flag on error."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(t) for t in text.strip().strip("[]").split(",") if t.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+    return parse
+
+
+def _serving_options(args: argparse.Namespace) -> Any:
+    """The export's serving modes, validated before any work (a QtraceError naming the flags)."""
+    from .examples.serving import ServingError, ServingOptions
+
+    options = ServingOptions(ccl_enabled=args.ccl_enabled, comp_ctx_lengths_prefill=args.comp_ctx_lengths_prefill,
+                             comp_ctx_lengths_decode=args.comp_ctx_lengths_decode,
+                             num_speculative_tokens=args.num_speculative_tokens, prefill_only=args.prefill_only,
+                             decode_only=args.decode_only, sampling=args.sampling,
+                             max_top_k_ids=512 if args.max_top_k_ids is None else args.max_top_k_ids,
+                             return_pdfs=args.return_pdfs)
+    if args.max_top_k_ids is not None and not args.sampling:
+        raise ServingError("--max-top-k-ids needs --sampling")
+    options.validate(ctx_len=args.ctx_len, prefill_seq_len=_prefill_seq_len(args),
+                     prefill_seq_len_given=args.prefill_seq_len is not None)
+    if args.num_devices < 1:
+        raise ServingError(f"--num-devices must be >= 1, got {args.num_devices}")
+    return options
+
+
+def _prefill_seq_len(args: argparse.Namespace) -> int:
+    return 32 if args.prefill_seq_len is None else args.prefill_seq_len
+
+
 def _check_export_flags(args: argparse.Namespace) -> None:
     """Flags that contradict each other, refused before any work."""
     if args.hw == "ai100" and "bfloat16" in (args.dtype, args.kv_cache_precision):
@@ -171,6 +205,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     _check_export_flags(args)
     if not 0 <= args.kv_blocks <= args.ctx_len:
         raise QtraceError(f"--kv-blocks {args.kv_blocks} must be between 1 and --ctx-len {args.ctx_len} (0: unblocked)")
+    serving = _serving_options(args)
+    if args.kv_blocks and serving.ccl:
+        raise QtraceError("--kv-blocks with compute-context lengths: blocked attention reads the whole context in "
+                          "fixed blocks")
     from .examples.checkpoint import export_model, load_checkpoint
     from .examples.tokenizer import tokenizer_files
     from .lowering.side_files import CompileOptions
@@ -192,13 +230,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         model = with_moe_strategy(model, args.moe_strategy)
     model = with_sliding_cache(model, args.sliding_cache)
     load_seconds = time.perf_counter() - start
-    report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
+    report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=_prefill_seq_len(args),
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size,
                           dtype=args.dtype or model.dtype.name, weights=args.weights,
                           layer_functions=not args.no_layer_functions, progress=_progress, kv_blocks=args.kv_blocks,
                           compile_options=CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
-                                                         args.kv_cache_precision, args.hw),
-                          bytes_progress=_ProgressBar(), copy_files=tokenizer_files(args.checkpoint))
+                                                         args.kv_cache_precision, num_devices=args.num_devices,
+                                                         hw_version=args.hw),
+                          bytes_progress=_ProgressBar(), serving=serving, copy_files=tokenizer_files(args.checkpoint))
     print(f"{model.cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
     print(_weights_summary(report.weights, args.weights == "reference"))
     print(_summary(report.lowered, {"load": load_seconds, **report.stage_seconds}))
@@ -212,73 +251,115 @@ def _parse_ids(text: str) -> list[int]:
         raise QtraceError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
 
 
+def _sampling_params(args: argparse.Namespace) -> Any:
+    """The sampler's parameters, or None when no sampling flag is given (greedy)."""
+    from .examples.generation import GenerationError, SamplingParams
+
+    given = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                                                    "presence_penalty", "seed") if getattr(args, name) is not None}
+    if not given:
+        return None
+    checks = [("temperature", lambda v: v >= 0, ">= 0"), ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("repetition_penalty", lambda v: v > 0, "> 0"),
+              ("top_k", lambda v: v >= 0, ">= 0 (0: all candidates)")]
+    for name, ok, want in checks:
+        if name in given and not ok(given[name]):
+            raise GenerationError(f"--{name.replace('_', '-')} must be {want}, got {given[name]}")
+    if args.draft or args.prompt_lookup is not None:
+        raise GenerationError("sampling flags with --draft/--prompt-lookup: speculative decoding is greedy")
+    return SamplingParams(**given)
+
+
 def _check_generate_flags(args: argparse.Namespace) -> None:
     if (args.prompt is None) == (args.prompt_ids is None):
         raise QtraceError("generate needs either --prompt TEXT or --prompt-ids IDS (one of them)")
     if args.chat and args.prompt is None:
         raise QtraceError("--chat formats a --prompt TEXT with the chat template; it does not apply to --prompt-ids")
-    if args.max_new_tokens < 1:
-        raise QtraceError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
 
 
 def _check_runnable(model_dir: str) -> None:
     """onnxruntime's CPU provider has no bfloat16 MatMul: say so instead of failing inside it."""
     import onnx
 
-    model = onnx.load(os.path.join(model_dir, "model.onnx"), load_external_data=False)
+    path = os.path.join(model_dir, "model.onnx")
+    if not os.path.isfile(path):
+        return  # reported with the other directories below
+    model = onnx.load(path, load_external_data=False)
     if any(i.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for i in model.graph.input):
-        raise QtraceError(f"{os.path.join(model_dir, 'model.onnx')} keeps bfloat16 (an --hw ai200 export): "
-                          "onnxruntime's CPU provider cannot run it; export with --hw ai100 to generate here")
+        raise QtraceError(f"{path} keeps bfloat16 (an --hw ai200 export): onnxruntime's CPU provider cannot run "
+                          "it; export with --hw ai100 to generate here")
+
+
+class _TextStream:
+    """Prints the text of generated tokens as they come (up to an end-of-sequence token), then the speed."""
+
+    def __init__(self, tokenizer: Any, prompt_tokens: int):
+        from .examples.tokenizer import TextStream
+
+        self.stops = tokenizer.stop_ids()
+        self.stream = TextStream(tokenizer)
+        self.prompt_tokens = prompt_tokens
+        self.start = time.perf_counter()
+        self.first: float | None = None
+
+    def __call__(self, index: int, tokens: list[int]) -> bool:
+        """The Decoder's on_tokens hook: True stops the sequence."""
+        self.first = self.first or time.perf_counter()
+        for token in tokens:
+            if token in self.stops:
+                return True
+            print(self.stream.push(token), end="", flush=True)
+        return False
+
+    def close(self) -> None:
+        print(self.stream.finish(), flush=True)
+        end = time.perf_counter()
+        count, first = len(self.stream.tokens), self.first or end
+        rate = f", then {(count - 1) / (end - first):.1f} tokens/s" if count > 1 and end > first else ""
+        print(f"  .. {count} new tokens in {end - self.start:.2f} s: prefill of {self.prompt_tokens} prompt tokens "
+              f"{first - self.start:.2f} s{rate}", file=sys.stderr, flush=True)
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     _check_generate_flags(args)
-    from .examples.generation import cache_layout, generate, greedy_tokens, onnx_session, onnx_step
+    from .examples.generation import Decoder, Executable, GenerationError
 
-    tokenizer = prompt_text = None
+    stream = None
     if args.prompt is not None:
         from .examples.tokenizer import TextTokenizer
 
         tokenizer = TextTokenizer(args.model_dir)
-        prompt_text = tokenizer.encode_chat(args.prompt) if args.chat else tokenizer.encode(args.prompt)
-    with open(os.path.join(args.model_dir, "specializations.json")) as f:
-        specs = {s["name"]: s["symbols"] for s in json.load(f)["specializations"]}
-    ctx_len, prefill_len = int(specs["Prefill"]["ctx_len"]), int(specs["Prefill"]["seq_len"])
-    full_batch = int(specs["Decode"]["full_batch_size"]) if "full_batch_size" in specs["Decode"] else None
-    _check_runnable(args.model_dir)
-    session = onnx_session(args.model_dir)
-    layout = cache_layout(session)
-    cache_dims = {d for dims, _ in layout.values() for d in dims if isinstance(d, str)}
-    sizes = {symbol: int(value) for symbol, value in specs["Prefill"].items() if symbol in cache_dims}  # ring lengths
-    options = dict(prefill_len=prefill_len, ctx_len=ctx_len, layout=layout, full_batch_size=full_batch, sizes=sizes)
-    if tokenizer is None:
+        prompts = [tokenizer.encode_chat(args.prompt) if args.chat else tokenizer.encode(args.prompt)]
+        stream = _TextStream(tokenizer, len(prompts[0]))
+    else:
         prompts = [_parse_ids(p) for p in args.prompt_ids]
-        for row in generate(onnx_step(session), prompts, args.max_new_tokens, **options):
-            print(",".join(map(str, row)))
+    if args.max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.draft and args.prompt_lookup is not None:
+        raise GenerationError("--draft and --prompt-lookup are two proposers: give one")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise GenerationError(f"--prompt-lookup needs an n-gram size >= 1, got {args.prompt_lookup}")
+    sampling = _sampling_params(args)
+    for path in (args.model_dir, args.decode_model, args.draft):
+        if path is not None and not os.path.isfile(os.path.join(path, "model.onnx")):
+            raise GenerationError(f"{path}: no model.onnx (not a qtrace export directory)")
+        if path is not None:
+            _check_runnable(path)
+    decoder = Decoder(Executable.load(args.model_dir),
+                      Executable.load(args.decode_model) if args.decode_model else None, sampling=sampling)
+    if args.draft or args.prompt_lookup is not None:
+        draft = Decoder(Executable.load(args.draft)) if args.draft else None
+        tokens, stats = decoder.speculate(prompts, args.max_new_tokens, draft=draft, prompt_lookup=args.prompt_lookup,
+                                          on_tokens=stream)
+        print(f"acceptance rate {stats.acceptance_rate:.3f} ({stats.accepted}/{stats.proposed} proposed tokens), "
+              f"{stats.tokens / max(stats.target_calls, 1):.2f} tokens per target call", file=sys.stderr)
+    else:
+        tokens = decoder.generate(prompts, args.max_new_tokens, on_tokens=stream)
+    if stream is not None:
+        stream.close()
         return 0
-    return _stream_text(tokenizer, greedy_tokens(onnx_step(session), prompt_text, args.max_new_tokens, **options),
-                        len(prompt_text))
-
-
-def _stream_text(tokenizer: Any, tokens: Any, prompt_tokens: int) -> int:
-    """Print the text of the tokens as they come (stopping at an end-of-sequence token), then the speed."""
-    from .examples.tokenizer import TextStream
-
-    stops = tokenizer.stop_ids()
-    stream = TextStream(tokenizer)
-    start = time.perf_counter()
-    first = None
-    for token in tokens:
-        first = first or time.perf_counter()
-        if token in stops:
-            break
-        print(stream.push(token), end="", flush=True)
-    print(stream.finish(), flush=True)
-    end = time.perf_counter()
-    count = len(stream.tokens)
-    decode = f", then {(count - 1) / (end - first):.1f} tokens/s" if first is not None and count > 1 else ""
-    print(f"  .. {count} new tokens in {end - start:.2f} s: prefill of {prompt_tokens} prompt tokens "
-          f"{(first or end) - start:.2f} s{decode}", file=sys.stderr, flush=True)
+    for row in tokens:
+        print(",".join(map(str, row)))
     return 0
 
 
@@ -361,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--list-architectures", action="store_true",
                         help="print the architectures qtrace can export, then exit")
     export.add_argument("--ctx-len", type=int, default=128)
-    export.add_argument("--prefill-seq-len", type=int, default=32)
+    export.add_argument("--prefill-seq-len", type=int, default=None, help="prefill chunk length (default 32)")
     export.add_argument("--batch-size", type=int, default=1)
     export.add_argument("--full-batch-size", type=int, default=None)
     export.add_argument("--hw", choices=("ai100", "ai200"), default="ai100",
@@ -386,16 +467,60 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--kv-cache-precision", choices=("float16", "bfloat16", "mxint8"), default=None,
                         help="precision of the KV cache in custom_io.yaml (default: bfloat16 for a bfloat16 "
                              "model, else float16)")
+    export.add_argument("--num-devices", type=int, default=1,
+                        help="tensor-slice over N devices: writes mdp_ts_N.json and adds "
+                             "-mdp-load-partition-config to compile.sh")
+    modes = export.add_argument_group("serving modes (QEfficient's interfaces; see qtrace generate)")
+    modes.add_argument("--ccl-enabled", action="store_true",
+                       help="compute-context length with QEfficient's automatic bucket lists")
+    modes.add_argument("--comp-ctx-lengths-prefill", type=_int_list("--comp-ctx-lengths-prefill"), metavar="L1,L2,..",
+                       help="compute-context-length buckets for prefill (a comp_ctx_lengths input bounds the cache "
+                            "every layer reads; one specialization per bucket; values <= --ctx-len)")
+    modes.add_argument("--comp-ctx-lengths-decode", type=_int_list("--comp-ctx-lengths-decode"), metavar="L1,L2,..",
+                       help="compute-context-length buckets for decode")
+    modes.add_argument("--num-speculative-tokens", type=_int_list("--num-speculative-tokens"), metavar="K[,K..]",
+                       help="a speculative-decoding target: a num_logits_to_keep input and logits for K+1 positions, "
+                            "one decode specialization of seq_len K+1 per K (K >= 1; 0 adds a single-token fallback)")
+    modes.add_argument("--prefill-only", action="store_true",
+                       help="only the prefill specializations (disaggregated serving; pair with a --decode-only export)")
+    modes.add_argument("--decode-only", action="store_true",
+                       help="only the decode specializations; takes a --prefill-only export's retained state as is "
+                            "(no --prefill-seq-len)")
+    modes.add_argument("--sampling", action="store_true",
+                       help="on-device sampling: QEfficient's sampler inputs (temperatures, top_ks, top_ps, min_ps, "
+                            "repetition/presence penalties and their retained buffers, random_numbers) and "
+                            "next_tokens instead of logits")
+    modes.add_argument("--max-top-k-ids", type=int, default=None,
+                       help="candidates the sampler ranks (default 512, at most the vocabulary; with --sampling)")
+    modes.add_argument("--return-pdfs", action="store_true",
+                       help="the sampler also outputs probs, the filtered distribution (with --sampling)")
     export.set_defaults(run=cmd_export)
 
     generate = sub.add_parser("generate", help="greedy decoding with an exported model on onnxruntime")
     generate.add_argument("model_dir")
     generate.add_argument("--prompt", help="text, encoded with the tokenizer exported next to the model; the "
-                                           "generated text is printed as it comes")
+                                           "generated text is printed as it comes, then tokens/s")
     generate.add_argument("--chat", action="store_true", help="format --prompt with the model's chat template")
     generate.add_argument("--prompt-ids", action="append",
                           help="comma-separated token ids; repeat for several prompts")
     generate.add_argument("--max-new-tokens", type=int, default=8)
+    generate.add_argument("--decode-model", metavar="DECODE_OUT",
+                          help="disaggregated serving: MODEL_DIR is a --prefill-only export, this the --decode-only "
+                               "export that continues from its retained state")
+    spec = generate.add_argument_group("speculative decoding (MODEL_DIR exported with --num-speculative-tokens)")
+    spec.add_argument("--draft", metavar="DRAFT_OUT",
+                      help="a draft export proposing K tokens per step; prints the acceptance rate on stderr")
+    spec.add_argument("--prompt-lookup", type=int, metavar="N",
+                      help="draft-free proposals: the tokens that followed an earlier occurrence of the last "
+                           "n-gram (n <= N)")
+    sample = generate.add_argument_group("on-device sampling (MODEL_DIR exported with --sampling; default greedy)")
+    sample.add_argument("--temperature", type=float, help="0 is greedy")
+    sample.add_argument("--top-k", type=int, help="keep the K most likely tokens (0: all --max-top-k-ids)")
+    sample.add_argument("--top-p", type=float, help="keep the smallest set with probability >= P")
+    sample.add_argument("--min-p", type=float, help="drop tokens less likely than P times the most likely one")
+    sample.add_argument("--repetition-penalty", type=float, help="divide (or multiply) logits of seen tokens")
+    sample.add_argument("--presence-penalty", type=float, help="subtract from logits of generated tokens")
+    sample.add_argument("--seed", type=int, help="seed of the random numbers fed to the sampler (reproducible runs)")
     generate.set_defaults(run=cmd_generate)
 
     dump = sub.add_parser("dump", help="trace FILE.py:FUNCTION and print its IR")

@@ -191,7 +191,7 @@ def test_generate_chat_uses_the_chat_template_as_transformers(exported: str, tok
     ([], "either --prompt TEXT or --prompt-ids"),
     (["--prompt", "hi", "--prompt-ids", "1,2"], "either --prompt TEXT or --prompt-ids"),
     (["--prompt-ids", "1,2", "--chat"], "--chat formats a --prompt"),
-    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
 ])
 def test_generate_rejects_contradicting_flags(flags: list[str], message: str, exported: str, capsys: Any) -> None:
     code, out, err = run_cli(capsys, "generate", exported, *flags)
@@ -209,10 +209,24 @@ def test_generate_prompt_without_a_tokenizer_says_so(tmp_path: Any, capsys: Any)
 def test_streaming_stops_at_the_end_of_sequence_token(tokenizer: TextTokenizer, capsys: Any) -> None:
     hello, world = tokenizer.encode("hello world", add_special_tokens=False)
     capsys.readouterr()
-    cli._stream_text(tokenizer, iter([hello, EOS, world]), prompt_tokens=3)
+    stream = cli._TextStream(tokenizer, prompt_tokens=3)
+    assert stream(0, [hello, EOS, world]) is True  # ends the sequence
+    stream.close()
     out, err = capsys.readouterr()
     assert out == "hello\n"
     assert "1 new tokens" in err
+
+
+def test_decoder_shows_tokens_as_they_come_and_stops_when_asked(exported: str) -> None:
+    from qtrace.examples.generation import Decoder, Executable
+
+    decoder = Decoder(Executable.load(exported))
+    prompt = [1, 83, 88]
+    full = decoder.generate([prompt], 8)[0]
+    seen: list[list[int]] = []
+    stopped = decoder.generate([prompt], 8, on_tokens=lambda i, new: seen.append(new) or sum(map(len, seen)) >= 3)
+    assert seen[0] == full[:1] and all(len(new) == 1 for new in seen)  # the first after prefill, then one a step
+    assert stopped == [full[:3]]
 
 
 def test_generate_prompt_on_a_continuous_batching_export_gives_the_same_text(exported: str, tmp_path: Any,
