@@ -251,7 +251,8 @@ def _atomic_directory(out_dir: str) -> str:
 
 
 def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_len: int = 32, batch_size: int = 1,
-                 full_batch_size: int | None = None, dtype: str = "float32", weights: str = "copy",
+                 full_batch_size: int | None = None, kv_cache_batch_size: int | None = None,
+                 dtype: str = "float32", weights: str = "copy",
                  layer_functions: bool = True, kv_blocks: int = 0, compile_options: CompileOptions = CompileOptions(),
                  progress: Callable[[str], None] | None = None,
                  bytes_progress: Callable[[int, int], None] | None = None,
@@ -262,12 +263,16 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
     first: a failure leaves out_dir as it was. progress(stage) names each stage; bytes_progress(done,
     total) follows the weights. kv_blocks > 0: blocked attention, the cache read in that many blocks
     (long contexts). `serving` adds serving modes (CCL, a speculative-decoding target,
-    prefill-only/decode-only, on-device sampling).
+    prefill-only/decode-only, on-device sampling). kv_cache_batch_size > full_batch_size: prefix
+    caching (more cache slots than decode lanes; the graph is the continuous-batching one).
 
     dtype "float16" lowers the model to float16; otherwise the model keeps its params' dtype (float32,
     or bfloat16 for `compile_options.hw_version` "ai200", which has it)."""
     if weights not in ("copy", "reference"):
         raise CheckpointError(f"--weights must be copy or reference, got {weights!r}")
+    if kv_cache_batch_size is not None and (full_batch_size is None or kv_cache_batch_size < full_batch_size):
+        raise CheckpointError(f"--kv-cache-batch-size {kv_cache_batch_size} needs --full-batch-size at most as large "
+                              f"(got {full_batch_size}): it counts cache slots, full_batch_size the decode lanes")
     model_dtype = "float16" if dtype == "float16" else model.dtype.name
     check_target(compile_options.hw_version, model_dtype)
     serving.validate(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len)
@@ -294,7 +299,8 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
         stages["save"] = time.perf_counter() - start
         with open(os.path.join(scratch, "specializations.json"), "w") as f:
             json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size, **spec_args,
-                                      extra_symbols=model.cache_sizes(ctx_len, prefill_seq_len)), f, indent=2)
+                                      extra_symbols=model.cache_sizes(ctx_len, prefill_seq_len),
+                                      kv_cache_batch_size=kv_cache_batch_size), f, indent=2)
         if compile_options.num_devices > 1:
             with open(os.path.join(scratch, mdp_config_name(compile_options.num_devices)), "w") as f:
                 json.dump(mdp_partition_config(compile_options.num_devices, compile_options.num_cores), f, indent=2)

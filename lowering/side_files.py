@@ -136,7 +136,7 @@ def specializations(ctx_len: int, prefill_seq_len: int, batch_size: int, full_ba
                     comp_ctx_lengths_prefill: Sequence[int] | None = None,
                     comp_ctx_lengths_decode: Sequence[int] | None = None,
                     num_speculative_tokens: int | Sequence[int] | None = None, phases: str = "both",
-                    extra_symbols: Mapping[str, int] | None = None) -> dict:
+                    extra_symbols: Mapping[str, int] | None = None, kv_cache_batch_size: int | None = None) -> dict:
     """specializations.json as QEfficient writes it (`build_prefill_specialization`,
     `build_decode_specialization`, `to_named_specializations`).
 
@@ -145,7 +145,9 @@ def specializations(ctx_len: int, prefill_seq_len: int, batch_size: int, full_ba
     phases: "both", "prefill" (a prefill-only export) or "decode" (decode-only); extra_symbols: more
     symbols every entry carries (e.g. a ring-cache length). Decode entries are listed per K, then per
     bucket (QEfficient refuses CCL with several K; qtrace compiles each pair). An entry identical to
-    an earlier one is dropped; with prefill_seq_len 1 the prefill entries serve decode as well."""
+    an earlier one is dropped; with prefill_seq_len 1 the prefill entries serve decode as well.
+    kv_cache_batch_size (prefix caching): more cache slots than the full_batch_size decode lanes; the
+    `full_batch_size` symbol (the caches' first dim) then carries the slots, decode's batch_size the lanes."""
     if phases not in ("both", "prefill", "decode"):
         raise SpecializationError(f"phases must be both, prefill or decode, got {phases!r}")
     lengths = speculative_lengths(num_speculative_tokens)
@@ -159,7 +161,7 @@ def specializations(ctx_len: int, prefill_seq_len: int, batch_size: int, full_ba
         if keep is not None:
             symbols["num_logits_to_keep"] = str(keep)
         if cb:
-            symbols["full_batch_size"] = str(full_batch_size)
+            symbols["full_batch_size"] = str(kv_cache_batch_size or full_batch_size)
             if exec_rows is not None:
                 symbols["full_batch_exec_size"] = str(exec_rows)
         return {"name": name, "symbols": {**symbols, **extra}}

@@ -203,6 +203,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.checkpoint is None or args.output is None:
         raise QtraceError("export needs a CHECKPOINT_DIR and -o OUT (or --list-architectures)")
     _check_export_flags(args)
+    if args.kv_cache_batch_size is not None and (args.full_batch_size is None or
+                                                 args.kv_cache_batch_size < args.full_batch_size):
+        raise QtraceError(f"--kv-cache-batch-size {args.kv_cache_batch_size} needs --full-batch-size at most as "
+                          f"large (got {args.full_batch_size}): cache slots for prefix caching, beyond the decode lanes")
     if not 0 <= args.kv_blocks <= args.ctx_len:
         raise QtraceError(f"--kv-blocks {args.kv_blocks} must be between 1 and --ctx-len {args.ctx_len} (0: unblocked)")
     serving = _serving_options(args)
@@ -232,8 +236,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     load_seconds = time.perf_counter() - start
     report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=_prefill_seq_len(args),
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size,
-                          dtype=args.dtype or model.dtype.name, weights=args.weights,
-                          layer_functions=not args.no_layer_functions, progress=_progress, kv_blocks=args.kv_blocks,
+                          kv_cache_batch_size=args.kv_cache_batch_size, dtype=args.dtype or model.dtype.name,
+                          weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
+                          kv_blocks=args.kv_blocks,
                           compile_options=CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
                                                          args.kv_cache_precision, num_devices=args.num_devices,
                                                          hw_version=args.hw),
@@ -355,6 +360,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"{stats.tokens / max(stats.target_calls, 1):.2f} tokens per target call", file=sys.stderr)
     else:
         tokens = decoder.generate(prompts, args.max_new_tokens, on_tokens=stream)
+    if decoder.reused_tokens:
+        print(f"prefix caching: {decoder.reused_tokens} prompt tokens reused from cached slots", file=sys.stderr)
     if stream is not None:
         stream.close()
         return 0
@@ -445,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--prefill-seq-len", type=int, default=None, help="prefill chunk length (default 32)")
     export.add_argument("--batch-size", type=int, default=1)
     export.add_argument("--full-batch-size", type=int, default=None)
+    export.add_argument("--kv-cache-batch-size", type=int, default=None, metavar="S",
+                        help="prefix caching: S cache slots for --full-batch-size decode lanes (S >= lanes); "
+                             "qtrace generate reuses a slot's cached prefix and prefills only the rest")
     export.add_argument("--hw", choices=("ai100", "ai200"), default="ai100",
                         help="target hardware (qaic-compile -aic-hw-version); ai200 keeps bfloat16")
     export.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
