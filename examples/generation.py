@@ -492,14 +492,17 @@ class Decoder:
         return self.lanes or self.batch_size
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int,
-                 record: Callable[[str, dict], None] | None = None) -> list[list[int]]:
-        """Greedy (or sampled) tokens for each prompt: prefill, then one token per step."""
+                 record: Callable[[str, dict], None] | None = None,
+                 on_tokens: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+        """Greedy (or sampled) tokens for each prompt: prefill, then one token per step.
+        on_tokens(prompt_index, new_tokens) sees each prompt's tokens as they come (to show them
+        while generating); returning True ends that prompt's sequence there."""
         if self.decode_model.has_input("num_logits_to_keep") and self.decode_model.specializations is not None and \
                 0 not in self.speculative_lengths():
             raise GenerationError(f"{self.decode_model.name} is a speculative-decoding target compiled for K = "
                                   f"{self.speculative_lengths()} only: give a proposer (--draft or --prompt-lookup), "
                                   "or export with K 0 too for single-token steps")
-        return self._run(prompts, max_new_tokens, self._plain_round, record)
+        return self._run(prompts, max_new_tokens, self._plain_round, record, on_tokens=on_tokens)
 
     def _check_lengths(self, prompts: list[list[int]], max_new_tokens: int, lookahead: int = 0) -> None:
         if max_new_tokens < 1:
@@ -514,20 +517,25 @@ class Decoder:
                                   "too (--decode-model DECODE_OUT)")
 
     def _run(self, prompts: list[list[int]], max_new_tokens: int, round_fn: Callable[..., Any],
-             record: Callable[[str, dict], None] | None, lookahead: int = 0, companions: Sequence["Decoder"] = ()
-             ) -> list[list[int]]:
+             record: Callable[[str, dict], None] | None, lookahead: int = 0, companions: Sequence["Decoder"] = (),
+             on_tokens: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
         """Schedule prompts onto lanes (groups of batch_size rows, or refilled cache slots) and call
-        round_fn(lanes, states) until every prompt has max_new_tokens tokens."""
+        round_fn(lanes, states) until every prompt has max_new_tokens tokens (or on_tokens ends it)."""
         self._check_lengths(prompts, max_new_tokens, lookahead)
         results: list[list[int]] = [[] for _ in prompts]
         rows = self._decode_rows()
         decoders = [self, *companions]
+        shown = [0] * len(prompts)  # tokens of each prompt handed to on_tokens so far
 
         def rec(kind: str) -> Callable[[dict], None]:
             return (lambda outputs: record(kind, outputs)) if record else (lambda outputs: None)
 
         def finish(lane: Lane) -> bool:
             done = len(lane.tokens) >= max_new_tokens
+            new = lane.tokens[shown[lane.prompt_index]:max_new_tokens]
+            if on_tokens is not None and new:
+                shown[lane.prompt_index] += len(new)
+                done = bool(on_tokens(lane.prompt_index, new)) or done
             if done:
                 results[lane.prompt_index] = lane.tokens[:max_new_tokens]
             return done
@@ -625,7 +633,8 @@ class Decoder:
                        if not s.name.startswith("Prefill")})
 
     def speculate(self, prompts: list[list[int]], max_new_tokens: int, *, draft: "Decoder | None" = None,
-                  prompt_lookup: int | None = None, record: Callable[[str, dict], None] | None = None
+                  prompt_lookup: int | None = None, record: Callable[[str, dict], None] | None = None,
+                  on_tokens: Callable[[int, list[int]], bool] | None = None
                   ) -> tuple[list[list[int]], SpeculationStats]:
         """Greedy speculative decoding with this target: the draft decoder proposes K tokens (K the
         largest compiled), or prompt lookup proposes up to K tokens that followed an earlier
@@ -688,7 +697,7 @@ class Decoder:
 
         companions = [draft] if draft is not None else []
         tokens = self._run(prompts, max_new_tokens, round_fn, record, lookahead=max(lengths) + 1,
-                           companions=companions)
+                           companions=companions, on_tokens=on_tokens)
         return tokens, stats
 
     def _propose(self, lanes: list[Lane | None], k: int, state: dict) -> tuple[dict[int, list[int]], dict]:

@@ -3,7 +3,8 @@ pass first: every float32 value, constant and dtype parameter of the IR (functio
 becomes float16, and the IR dumps show the result like any other pass's.
 
 float32 constants are clipped into float16's finite range first (so a large mask value such as
--1e30 becomes -65504 rather than -inf), while -inf and +inf stay infinite."""
+-1e30 becomes -65504 rather than -inf), while -inf and +inf stay infinite. Constants whose data is
+not in memory (a checkpoint's memory map, a weight still to convert) are converted only when saved."""
 
 from __future__ import annotations
 
@@ -12,15 +13,9 @@ import numpy as np
 from qtrace.ir import Graph, ShapeDtype, Value
 from qtrace.passes import register_pass
 from qtrace.passes.rewrite import on_every_graph
+from qtrace.weights import convert, is_deferred, lazy_cast
 
 _F32, _F16 = np.dtype(np.float32), np.dtype(np.float16)
-_F16_MAX = float(np.finfo(np.float16).max)
-
-
-def to_float16_array(array: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(array)
-    clipped = np.where(finite, np.clip(array, -_F16_MAX, _F16_MAX), array)
-    return clipped.astype(np.float16)
 
 
 def _retype(graph: Graph, value: Value) -> int:
@@ -35,7 +30,8 @@ def convert_graph_to_float16(graph: Graph) -> int:
     changed = sum(_retype(graph, value) for value in graph.inputs)
     for value in graph.constants:
         if value.dtype == _F32:
-            graph.set_constant_data(value, to_float16_array(value.const))
+            data = lazy_cast(value.const, _F16) if is_deferred(value.const) else convert(value.const, _F16)
+            graph.set_constant_data(value, data)
             changed += 1
     for node in graph.nodes:
         if node.params.get("dtype") == _F32:

@@ -25,6 +25,7 @@ import numpy as np
 from ..core import PRIMITIVES
 from ..errors import QtraceError
 from ..ir import Graph, Node, Value
+from ..weights import is_deferred
 from .manager import register_pass
 from .pattern import Match, Pat, Var
 from .rewrite import RuleSet, on_every_graph, rewrite
@@ -40,7 +41,7 @@ RMS_NORM_PRIORITY, LAYER_NORM_PRIORITY = 0, 1
 
 
 def scalar_constant(value: Value) -> bool:
-    return value.is_constant and value.const.size == 1
+    return value.is_constant and value.const.size == 1 and not is_deferred(value.const)
 
 
 def constant_equal(number: float) -> Callable[[Value], bool]:
@@ -159,7 +160,7 @@ def _is_centered(value: Value) -> bool:
 
 def _is_ones(value: Value) -> bool:
     if value.is_constant:
-        return bool(np.all(value.const == 1))
+        return not is_deferred(value.const) and bool(np.all(value.const == 1))
     node = value.producer
     return node is not None and node.op == "full" and node.params["fill_value"] == 1
 
