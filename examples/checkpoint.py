@@ -253,7 +253,8 @@ def _atomic_directory(out_dir: str) -> str:
 def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_len: int = 32, batch_size: int = 1,
                  full_batch_size: int | None = None, kv_cache_batch_size: int | None = None,
                  dtype: str = "float32", weights: str = "copy",
-                 layer_functions: bool = True, kv_blocks: int = 0, compile_options: CompileOptions = CompileOptions(),
+                 layer_functions: bool = True, kv_blocks: int = 0, head_block_size: int = 0,
+                 compile_options: CompileOptions = CompileOptions(),
                  progress: Callable[[str], None] | None = None,
                  bytes_progress: Callable[[int, int], None] | None = None,
                  serving: ServingOptions = ServingOptions(), copy_files: Sequence[str] = ()) -> ExportReport:
@@ -285,6 +286,7 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
     # make float16 keys and values); lowering to float16 converts whatever is still float32.
     fn, args = model.signature(full_batch_size="full_batch_size" if full_batch_size else None, ctx_len="ctx_len",
                                layer_functions=layer_functions, max_ctx_len=ctx_len, kv_blocks=kv_blocks,
+                               head_block_size=head_block_size,
                                options=serving.step_options(model.cfg.vocab_size))
     lowered = qtrace.lower(fn, args, dtype=np.float16 if dtype == "float16" else None)
     stages["lower"] = time.perf_counter() - start

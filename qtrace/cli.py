@@ -207,6 +207,9 @@ def cmd_export(args: argparse.Namespace) -> int:
                                                  args.kv_cache_batch_size < args.full_batch_size):
         raise QtraceError(f"--kv-cache-batch-size {args.kv_cache_batch_size} needs --full-batch-size at most as "
                           f"large (got {args.full_batch_size}): cache slots for prefix caching, beyond the decode lanes")
+    if args.head_block_size and (args.head_block_size < 0 or not args.kv_blocks):
+        raise QtraceError(f"--head-block-size {args.head_block_size} needs --kv-blocks (head blocking splits "
+                          "blocked attention) and a positive size")
     if not 0 <= args.kv_blocks <= args.ctx_len:
         raise QtraceError(f"--kv-blocks {args.kv_blocks} must be between 1 and --ctx-len {args.ctx_len} (0: unblocked)")
     serving = _serving_options(args)
@@ -238,7 +241,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size,
                           kv_cache_batch_size=args.kv_cache_batch_size, dtype=args.dtype or model.dtype.name,
                           weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
-                          kv_blocks=args.kv_blocks,
+                          kv_blocks=args.kv_blocks, head_block_size=args.head_block_size,
                           compile_options=CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
                                                          args.kv_cache_precision, num_devices=args.num_devices,
                                                          hw_version=args.hw),
@@ -461,6 +464,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="model dtype (default: float32 on ai100, the checkpoint's own on ai200)")
     export.add_argument("--weights", choices=("copy", "reference"), default="copy")
     export.add_argument("--no-layer-functions", action="store_true")
+    export.add_argument("--head-block-size", type=int, default=0, metavar="H",
+                        help="with --kv-blocks: blocked attention over H KV heads at a time (QEfficient's head "
+                             "blocking; default: all heads together)")
     export.add_argument("--kv-blocks", type=int, default=0, metavar="N",
                         help="blocked attention: read each layer's cache in N blocks (CtxGatherBlockedKV) with an "
                              "exact online softmax, for long contexts (default: one whole read)")
