@@ -125,7 +125,7 @@ def save_model(parts: ModelParts, path: str, *, external_data: bool | None = Non
                 tensor.name = name
                 tensor.data_type = onnx_dtype(array.dtype)
                 tensor.dims.extend(array.shape)
-                if array.nbytes < size_threshold:
+                if array.nbytes < size_threshold or _may_be_shape_operand(array):
                     tensor.raw_data = array.tobytes()
                     continue
                 source = _mapped_source(array) if reference_weights else None
@@ -154,6 +154,16 @@ def save_model(parts: ModelParts, path: str, *, external_data: bool | None = Non
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return [path, data_path] + [os.path.join(os.path.dirname(os.path.abspath(path)), n) for n in links.values()]
+
+
+def _may_be_shape_operand(array: np.ndarray) -> bool:
+    """Small int64 tensors stay inside the model whatever the threshold: they may be the shape, axes or
+    bounds operands of Reshape, Unsqueeze, Slice, ..., which onnxruntime's shape inference reads from
+    the model itself (it refuses to load a model whose shape operands are external)."""
+    return array.dtype == np.int64 and array.nbytes <= _SHAPE_OPERAND_BYTES
+
+
+_SHAPE_OPERAND_BYTES = 1024
 
 
 def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:

@@ -505,6 +505,10 @@ def index_put(data: Any, indices: Any, updates: Any) -> Array:
             squeezed = tuple(d for a, d in enumerate(region) if a not in int_axes)
             updates = broadcast_to(updates, squeezed) if updates.shape != squeezed else updates
             updates = expand_dims(updates, int_axes)
+    region = _index_shape(ShapeDtype.of(data), tuple(spec), [ShapeDtype.of(a).shape for a in arrays])
+    if 0 in region:  # nothing is written (x[0:0] = v): a scatter of no elements is no model at all
+        index_put_p.abstract_eval([ShapeDtype.of(v) for v in (data, updates, *arrays)], {"spec": tuple(spec)})
+        return data
     return index_put_p.bind(data, updates, *arrays, spec=tuple(spec))
 
 
