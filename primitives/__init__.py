@@ -20,7 +20,7 @@ from .elementwise import (abs, absolute, add, cast, clip, cos, divide, equal, er
 from .kv_cache import ctx_gather, ctx_gather_cb, ctx_scatter, ctx_scatter_cb
 from .linalg import matmul
 from .nn import gelu, rms_norm, silu, softmax
-from .reductions import amax, amin, argmax, max, mean, min, sum
+from .reductions import amax, amin, argmax, max, mean, min, std, sum, var
 from .shape_ops import (broadcast_to, concatenate, expand_dims, flatten, gather, getitem, index_put, moveaxis,
                         repeat, reshape, slice, split, squeeze, stack, swapaxes, take, transpose)
 

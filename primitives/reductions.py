@@ -73,7 +73,7 @@ def _reduction(name: str) -> Callable[..., Array]:
             from .elementwise import cast
 
             x = cast(x, dtype)
-        return prim.bind(x, axes=normalize_axes(axis, x.ndim), keepdims=bool(keepdims))
+        return prim.bind(x, axes=normalize_axes(axis, x.ndim, op=name[7:]), keepdims=bool(keepdims))
 
     reduce.__name__ = name[7:]
     reduce.__doc__ = f"numpy `{name[7:]}(x, axis=None, keepdims=False)`."
@@ -102,4 +102,47 @@ def argmax(x: Any, axis: int | None = None, out: Any = None, *, keepdims: bool =
         from .shape_ops import reshape
 
         x, axis = reshape(x, (-1,)), 0
-    return argmax_p.bind(x, axis=normalize_axis(axis, x.ndim), keepdims=bool(keepdims))
+    return argmax_p.bind(x, axis=normalize_axis(axis, x.ndim, op="argmax"), keepdims=bool(keepdims))
+
+
+def var(x: Any, axis: int | tuple[int, ...] | None = None, dtype: Any = None, out: Any = None, ddof: int = 0,
+        keepdims: bool = False, **unsupported: Any) -> Array:
+    """numpy `var`: the mean of squared deviations from the mean, over (size - ddof) elements.
+
+    Written out as mean and square (no primitive of its own); ddof needs static sizes on the axes."""
+    from .elementwise import cast, multiply, subtract
+
+    if out is not None or unsupported:
+        raise UnsupportedError(f"unsupported arguments {['out'] * (out is not None) + list(unsupported)}",
+                               op="var", location=user_location())
+    x = as_array(x)
+    if dtype is not None:
+        x = cast(x, dtype)
+    elif not dtypes.is_float(x.dtype):
+        x = cast(x, np.float64)  # numpy: the variance of integers is float64
+    axes = normalize_axes(axis, x.ndim, op="var")
+    deviation = subtract(x, mean(x, axes, keepdims=True))
+    result = mean(multiply(deviation, deviation), axes, keepdims=keepdims)
+    if ddof == 0:
+        return result
+    count = 1
+    for a in axes:
+        if not isinstance(x.shape[a], int):
+            raise UnsupportedError(f"ddof={ddof} over symbolic dim {x.shape[a]} of {ShapeDtype.of(x)}: the "
+                                   "correction n / (n - ddof) needs a static size", op="var", location=user_location())
+        count *= x.shape[a]
+    if count - ddof <= 0:
+        raise ShapeError(f"ddof={ddof} leaves {count - ddof} degrees of freedom over axes {axes} of "
+                         f"{ShapeDtype.of(x)}", op="var", location=user_location())
+    return multiply(result, count / (count - ddof))
+
+
+def std(x: Any, axis: int | tuple[int, ...] | None = None, dtype: Any = None, out: Any = None, ddof: int = 0,
+        keepdims: bool = False, **unsupported: Any) -> Array:
+    """numpy `std`: the square root of `var`."""
+    from .elementwise import sqrt
+
+    if out is not None or unsupported:  # named as std, not var, in the error
+        raise UnsupportedError(f"unsupported arguments {['out'] * (out is not None) + list(unsupported)}",
+                               op="std", location=user_location())
+    return sqrt(var(x, axis, dtype, ddof=ddof, keepdims=keepdims))

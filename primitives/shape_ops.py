@@ -88,14 +88,14 @@ def transpose(x: Any, *axes: Any) -> Array:
     if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))):
         axes = tuple(axes[0]) if axes[0] is not None else ()
     x = as_array(x)
-    perm = tuple(normalize_axis(a, x.ndim) for a in axes) if axes else tuple(reversed(range(x.ndim)))
+    perm = tuple(normalize_axis(a, x.ndim, op="transpose") for a in axes) if axes else tuple(reversed(range(x.ndim)))
     return transpose_p.bind(x, perm=perm)
 
 
 def swapaxes(x: Any, axis1: int, axis2: int) -> Array:
     x = as_array(x)
     perm = list(range(x.ndim))
-    a, b = normalize_axis(axis1, x.ndim), normalize_axis(axis2, x.ndim)
+    a, b = normalize_axis(axis1, x.ndim, op="swapaxes"), normalize_axis(axis2, x.ndim, op="swapaxes")
     perm[a], perm[b] = perm[b], perm[a]
     return transpose(x, perm)
 
@@ -103,7 +103,7 @@ def swapaxes(x: Any, axis1: int, axis2: int) -> Array:
 def moveaxis(x: Any, source: int, destination: int) -> Array:
     x = as_array(x)
     perm = list(range(x.ndim))
-    perm.insert(normalize_axis(destination, x.ndim), perm.pop(normalize_axis(source, x.ndim)))
+    perm.insert(normalize_axis(destination, x.ndim, op="moveaxis"), perm.pop(normalize_axis(source, x.ndim, op="moveaxis")))
     return transpose(x, perm)
 
 
@@ -144,7 +144,7 @@ def squeeze(x: Any, axis: int | Sequence[int] | None = None) -> Array:
         axes = tuple(i for i, d in enumerate(x.shape) if isinstance(d, int) and d == 1)
     else:
         requested = (axis,) if isinstance(axis, (int, np.integer)) else axis
-        axes = tuple(sorted({normalize_axis(a, x.ndim) for a in requested}))
+        axes = tuple(sorted({normalize_axis(a, x.ndim, op="squeeze") for a in requested}))
     return squeeze_p.bind(x, axes=axes) if axes else x
 
 
@@ -163,7 +163,7 @@ def expand_dims(x: Any, axis: int | Sequence[int]) -> Array:
     x = as_array(x)
     axis = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
     out_ndim = x.ndim + len(axis)
-    axes = tuple(sorted(normalize_axis(a, out_ndim) for a in axis))
+    axes = tuple(sorted(normalize_axis(a, out_ndim, op="expand_dims") for a in axis))
     if len(set(axes)) != len(axes):
         raise ShapeError(f"expand_dims: repeated axis in {axis}", location=user_location())
     return expand_dims_p.bind(x, axes=axes)
@@ -194,18 +194,19 @@ def concatenate(arrays: Sequence[Any], axis: int = 0, out: Any = None, dtype: An
     arrays = list(arrays)
     if not arrays:
         raise ShapeError("concatenate needs at least one array", location=user_location())
-    ops = promote(*arrays) if dtype is None else promote(*arrays, to=dtypes.canonical_dtype(dtype))
+    target = None if dtype is None else dtypes.canonical_dtype(dtype)
+    ops = promote(*arrays, to=target, op="concatenate")
     ndim = ops[0].ndim
     if ndim == 0:
         raise ShapeError("zero-dimensional arrays cannot be concatenated", location=user_location())
-    return concatenate_p.bind(*ops, axis=normalize_axis(axis, ndim))
+    return concatenate_p.bind(*ops, axis=normalize_axis(axis, ndim, op="concatenate"))
 
 
 def stack(arrays: Sequence[Any], axis: int = 0) -> Array:
     arrays = [as_array(a) for a in arrays]
     if not arrays:
         raise ShapeError("stack needs at least one array", location=user_location())
-    axis = normalize_axis(axis, arrays[0].ndim + 1)
+    axis = normalize_axis(axis, arrays[0].ndim + 1, op="stack")
     return concatenate([expand_dims(a, axis) for a in arrays], axis=axis)
 
 
@@ -230,7 +231,7 @@ split_p = primitive("split", _split_rule, _split_impl, multiple_results=True,
 def split(x: Any, indices_or_sections: int | Sequence[int], axis: int = 0) -> list[Array]:
     """`np.split`: a number of equal sections or a list of cut indices."""
     x = as_array(x)
-    axis = normalize_axis(axis, x.ndim)
+    axis = normalize_axis(axis, x.ndim, op="split")
     dim = x.shape[axis]
     if isinstance(indices_or_sections, (int, np.integer)):
         size = exact_divide(dim, int(indices_or_sections))
@@ -332,7 +333,7 @@ def take(a: Any, indices: Any, axis: int | None = None, out: Any = None, mode: A
     a, indices = as_array(a), as_array(indices)
     if axis is None:
         a, axis = reshape(a, (-1,)), 0
-    return take_p.bind(a, indices, axis=normalize_axis(axis, a.ndim))
+    return take_p.bind(a, indices, axis=normalize_axis(axis, a.ndim, op="take"))
 
 
 def _gather_rule(x: ShapeDtype, *indices: ShapeDtype, axis: int) -> ShapeDtype:
@@ -352,7 +353,7 @@ gather_p = primitive("gather", _gather_rule,
 def gather(x: Any, indices: Sequence[Any], axis: int = 0) -> Array:
     """`x[:, ..., i0, i1, ...]` with index arrays i0, i1 (broadcast together) on axes axis, axis+1, ..."""
     x = as_array(x)
-    return gather_p.bind(x, *[as_array(i) for i in indices], axis=normalize_axis(axis, x.ndim))
+    return gather_p.bind(x, *[as_array(i) for i in indices], axis=normalize_axis(axis, x.ndim, op="gather"))
 
 
 # -- numpy indexing -----------------------------------------------------------------------------------
@@ -497,7 +498,7 @@ def index_put(data: Any, indices: Any, updates: Any) -> Array:
                          None if k.stop is None else _static_index(k.stop), 1 if k.step is None else _static_index(k.step)))
     _advanced_span([k for k in key if not isinstance(k, (int, np.integer)) or has_arrays])
     # An int index removes its axis from the indexed region: updates gain that size-1 axis back.
-    updates = as_array(promote(updates, to=data.dtype)[0])
+    updates = as_array(promote(updates, to=data.dtype, op="index_put")[0])
     if not has_arrays:
         int_axes = [axis for axis, k in enumerate(key) if isinstance(k, (int, np.integer))]
         if int_axes:
@@ -529,7 +530,7 @@ def repeat(x: Any, repeats: int, axis: int | None = None) -> Array:
         x, axis = reshape(x, (-1,)), 0
     if not isinstance(repeats, (int, np.integer)):
         raise UnsupportedError("repeat counts must be one static int", location=user_location())
-    axis = normalize_axis(axis, x.ndim)
+    axis = normalize_axis(axis, x.ndim, op="repeat")
     expanded = expand_dims(x, axis + 1)
     target = x.shape[:axis + 1] + (int(repeats),) + x.shape[axis + 1:]
     tiled = broadcast_to(expanded, target)

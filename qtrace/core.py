@@ -23,6 +23,10 @@ from .errors import ConcretizationError, QtraceError, TraceError, UnsupportedErr
 from .ir import Graph, ShapeDtype, Value
 
 
+class UnsupportedAttributeError(UnsupportedError, AttributeError):
+    """An ndarray attribute traced values do not have (an AttributeError too, so hasattr() is False)."""
+
+
 class Primitive:
     """An operation: a name, a shape rule and a numpy reference (see the module docstring)."""
 
@@ -279,6 +283,17 @@ class Tracer:
 
     __hash__ = object.__hash__
 
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes Tracer lacks: an ndarray method qtrace does not trace is named as
+        # such (an AttributeError too, so hasattr() stays False).
+        if not name.startswith("_") and hasattr(np.ndarray, name):
+            methods = sorted(n for n in TRACER_OPS if not n.startswith("_") and hasattr(np.ndarray, n))
+            raise UnsupportedAttributeError(
+                f"ndarray.{name} is not supported on traced values {self.aval}; traced values have "
+                f"{', '.join(methods)}, .shape, .dtype, .ndim, .size, .T and numpy's operators",
+                op=name, location=user_location())
+        raise AttributeError(f"{type(self).__name__} object has no attribute {name!r}")
+
     # numpy protocols: np.exp(tracer), np.concatenate([tracer, ...]) record qtrace primitives.
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         fn = NUMPY_UFUNCS.get(ufunc) if method == "__call__" else None
@@ -316,6 +331,6 @@ for _dunder, _name in {"lt": "less", "le": "less_equal", "gt": "greater", "ge": 
 for _dunder, _name in {"neg": "negative", "pos": "positive", "abs": "abs", "invert": "invert"}.items():
     setattr(Tracer, f"__{_dunder}__", _unary(_name))
 for _name in ("reshape", "transpose", "astype", "sum", "mean", "max", "min", "argmax", "squeeze",
-              "swapaxes", "flatten", "__getitem__", "__setitem__", "take", "clip"):
+              "swapaxes", "flatten", "__getitem__", "__setitem__", "take", "clip", "var", "std"):
     setattr(Tracer, _name, _method(_name))
 Tracer.T = property(lambda self: _op("transpose")(self))  # type: ignore[attr-defined]

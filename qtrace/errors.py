@@ -11,9 +11,13 @@ between a user's `np.exp(x)` and qtrace), found once per recorded operation.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 # Frames from these directories are library frames; the user's frame is the first one outside them.
 _QTRACE_ROOTS: list[str] = []
@@ -132,5 +136,25 @@ class LoweringError(QtraceError):
     """The IR cannot be expressed as the requested ONNX model."""
 
 
+class FileError(QtraceError, OSError):
+    """A file could not be written or read (a full disk, a missing directory, a malformed file)."""
+
+
 class CheckError(QtraceError):
     """A graph failed a consistency check (shape_check, invariants, a pass broke numerics)."""
+
+
+def located(fn: Callable[..., T]) -> Callable[..., T]:
+    """For public entry points (`trace`, `lower`, `Lowered.run`, ...): an error raised inside without a
+    user line (a bad argument of the call itself) gets the line that made the call."""
+
+    @functools.wraps(fn)
+    def entry_point(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except QtraceError as exc:
+            if exc.location is None:
+                exc.location = user_location()
+            raise
+
+    return entry_point

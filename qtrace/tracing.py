@@ -15,7 +15,7 @@ import numpy as np
 
 from . import pytree
 from .core import Primitive, Trace, Tracer, current_trace
-from .errors import QtraceError, SourceLocation, TraceError, _is_library_file, user_location
+from .errors import QtraceError, SourceLocation, TraceError, _is_library_file, located, user_location
 from .ir import Function, Graph, ShapeDtype
 
 
@@ -269,6 +269,7 @@ class _ReadOnlyArrays:
             f"({exc})", location=location)
 
 
+@located
 def trace(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwargs: dict[str, Any] | None = None,
           *, input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
           name: str | None = None) -> Graph:

@@ -259,3 +259,156 @@ def test_tiny_size_threshold_writes_a_model_onnxruntime_loads(tmp_path, threshol
     external = [t.name for t in onnx.load(path, load_external_data=False).graph.initializer
                 if t.data_location == onnx.TensorProto.EXTERNAL]
     assert "weight" in external  # the threshold still applies to the weights
+
+
+# -- onnxruntime optimizer defects met through qtrace's own sessions -----------------------------------
+
+
+def test_last_two_axes_transpose_then_matmul_with_a_vector_runs_right():
+    # onnxruntime's MatmulTransposeFusion turns this into a FusedMatMul that computes wrong values.
+    rng = np.random.default_rng(0)
+    vector = rng.standard_normal(3).astype(F32)
+    x = rng.standard_normal((2, 3, 4)).astype(F32)
+    lower_and_compare(lambda x: np.swapaxes(x, -1, -2) @ vector, x, atol=1e-5)
+
+
+def test_float16_batch_transpose_then_matmul_with_a_constant_runs(tmp_path):
+    # With MatmulTransposeFusion on, onnxruntime crashes the process (SIGSEGV): run it in a child.
+    import subprocess
+    import sys
+
+    script = """
+import numpy as np, qtrace
+rng = np.random.default_rng(0)
+w = rng.standard_normal((4, 5)).astype(np.float16)
+x = rng.standard_normal((2, 3, 4)).astype(np.float16)
+f = lambda x: np.transpose(x, (1, 0, 2)) @ w
+got = qtrace.lower(f, (x,)).run(x)
+want = f(x)
+assert got.shape == want.shape, (got.shape, want.shape)
+assert np.allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2), np.abs(got - want).max()
+print("ok")
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", (result.returncode, result.stderr[-2000:])
+
+
+def test_qtrace_sessions_disable_the_faulty_optimizer():
+    from qtrace.lowering import inference_session
+
+    model = qtrace.lower(lambda x: x @ x.T, (ShapeDtype((2, 3)),)).model.SerializeToString()
+    session = inference_session(model)
+    assert "MatmulTransposeFusion" in qtrace.lowering.session.DISABLED_OPTIMIZERS
+    x = np.arange(6, dtype=F32).reshape(2, 3)
+    np.testing.assert_allclose(session.run(None, {"x": x})[0], x @ x.T)
+
+
+# -- Lowered.run checks its feeds against the traced signature ----------------------------------------
+
+
+def _two_inputs():
+    return qtrace.lower(lambda x, ids: {"y": x * 2, "i": ids + 1},
+                        (ShapeDtype(("batch", "seq", 4)), ShapeDtype(("batch", "seq"), "int64")))
+
+
+def test_one_symbolic_dim_fed_two_sizes_is_refused():
+    lowered = _two_inputs()
+    with pytest.raises(qtrace.ShapeError, match=r"symbolic dim seq is 3 in input x but 5 in input ids") as info:
+        lowered.run(np.zeros((2, 3, 4), F32), np.zeros((2, 5), np.int64))  # marker: two sizes
+    assert info.value.location is not None and info.value.location.file == __file__
+
+
+def test_int32_array_for_an_int64_input_is_refused_naming_both():
+    lowered = _two_inputs()
+    with pytest.raises(qtrace.DTypeError, match=r"input ids expects i64\[batch,seq\], got i32\[2,3\]"):
+        lowered.run(np.zeros((2, 3, 4), F32), np.zeros((2, 3), np.int32))
+
+
+@pytest.mark.parametrize("x_shape, message", [
+    ((2, 3, 5), r"input x expects f32\[batch,seq,4\], got f32\[2,3,5\]: dim 2 must be 4"),
+    ((2, 3), r"rank 3\), got f32\[2,3\] \(rank 2\)"),
+    ((0, 3, 4), r"symbolic dim batch must be at least 1"),
+])
+def test_wrong_shapes_are_refused_before_onnxruntime_runs(x_shape, message):
+    lowered = _two_inputs()
+    with pytest.raises(qtrace.ShapeError, match=message):
+        lowered.run(np.zeros(x_shape, F32), np.zeros((2, 3), np.int64))
+
+
+def test_run_named_checks_names():
+    lowered = _two_inputs()
+    with pytest.raises(qtrace.TraceError, match=r"missing \['ids'\]; unknown \['idz'\]"):
+        lowered.run_named({"x": np.zeros((1, 1, 4), F32), "idz": np.zeros((1, 1), np.int64)})
+
+
+def test_float16_lowering_still_takes_the_function_float32_arguments():
+    lowered = qtrace.lower(lambda x: x * 2, (ShapeDtype((3,)),), dtype="float16")
+    out = lowered.run(np.arange(3, dtype=F32))
+    assert out.dtype == np.float16 and out.tolist() == [0, 2, 4]
+    with pytest.raises(qtrace.DTypeError, match="got f64"):
+        lowered.run(np.arange(3, dtype=np.float64))
+
+
+# -- raw tracebacks and vague errors ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [lambda x: x.var(), lambda x: x.var(axis=1, ddof=1), lambda x: np.var(x, axis=(0, 1)),
+                                lambda x: np.std(x, axis=0, keepdims=True), lambda x: x.std(ddof=2)])
+def test_var_and_std_match_numpy(fn):
+    x = np.random.default_rng(1).standard_normal((3, 4)).astype(F32)
+    lower_and_compare(fn, x, atol=1e-5)
+
+
+def test_var_with_ddof_over_a_symbolic_dim_is_refused():
+    with pytest.raises(qtrace.UnsupportedError, match="ddof=1 over symbolic dim n"):
+        qtrace.trace(lambda x: x.var(ddof=1), (ShapeDtype(("n",)),))
+
+
+def test_an_ndarray_method_without_a_traced_form_is_named():
+    def fn(x):
+        return x.cumsum()  # marker: cumsum
+
+    with pytest.raises(qtrace.UnsupportedError, match=r"ndarray.cumsum is not supported on traced values f32\[3\]") as info:
+        qtrace.trace(fn, (ShapeDtype((3,)),))
+    assert_located(info.value, fn, "marker: cumsum")
+    assert isinstance(info.value, AttributeError)  # hasattr(tracer, "cumsum") stays False
+
+
+@pytest.mark.parametrize("fn, op", [(lambda x: x + 2**70, "add"), (lambda x: x * -2**64, "mul"),
+                                    (lambda x: qp.where(x > 0, 2**63, x), "where"),
+                                    (lambda x: qp.full((2,), 2**64, np.int64), "full"),
+                                    (lambda x: x.astype(np.int32) + 2**40, "add")])
+def test_python_int_past_the_dtype_is_a_dtype_error_naming_the_op(fn, op):
+    with pytest.raises(qtrace.DTypeError, match=f"^{op}: the Python int -?\\d+ does not fit int"):
+        qtrace.trace(fn, (ShapeDtype((3,), "int64"),))
+
+
+def test_disk_full_during_save_names_the_file(tmp_path, monkeypatch):
+    import builtins
+
+    real_open = builtins.open
+
+    class FullDisk:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def fake_open(path, mode="r", *args, **kwargs):
+        f = real_open(path, mode, *args, **kwargs)
+        return FullDisk(f) if "w" in mode and str(tmp_path) in str(path) else f
+
+    lowered = qtrace.lower(lambda x: x * np.arange(4, dtype=F32), (ShapeDtype((4,)),))
+    monkeypatch.setattr(builtins, "open", fake_open)
+    target = tmp_path / "model.onnx"
+    with pytest.raises(qtrace.FileError, match=f"saving the model to {target} failed: No space left on device"):
+        lowered.save(target)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []  # nothing half-written, no temp file left
