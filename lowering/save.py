@@ -45,10 +45,36 @@ def _chunks(array: np.ndarray) -> Iterator[memoryview]:
 def _atomic_path(path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    _remove_stale_temporaries(directory, os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=directory)
     os.close(fd)
     os.chmod(tmp, _file_mode())  # mkstemp makes the file private (0600); a saved model is an ordinary file
     return tmp
+
+
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    """Delete `.<name>.<pid>.*.tmp` files left by a save that was killed (the process `pid` is gone);
+    a save still running in another process keeps its file."""
+    prefix = f".{name}."
+    for entry in os.listdir(directory):
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        pid = entry[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            try:
+                os.unlink(os.path.join(directory, entry))
+            except OSError:  # removed meanwhile, or not ours to remove
+                pass
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _file_mode() -> int:

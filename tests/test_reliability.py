@@ -412,3 +412,35 @@ def test_disk_full_during_save_names_the_file(tmp_path, monkeypatch):
         lowered.save(target)
     monkeypatch.undo()
     assert os.listdir(tmp_path) == []  # nothing half-written, no temp file left
+
+
+# -- temporary files of a killed save -----------------------------------------------------------------
+
+
+def test_temporary_files_of_a_killed_save_are_removed_by_the_next_save(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    # A child saves a model with two 4 MiB weights and is killed (SIGKILL) after writing the first.
+    script = f"""
+import os, signal, numpy as np, qtrace
+first, second = np.ones((1024, 1024), np.float32), np.full((1024, 1024), 2.0, np.float32)
+lowered = qtrace.lower(lambda x: x @ first @ second, (qtrace.ShapeDtype((1, 1024)),))
+def progress(done, total):
+    if 0 < done < total:
+        os.kill(os.getpid(), signal.SIGKILL)
+lowered.save({str(tmp_path / 'model.onnx')!r}, external_data=True, progress=progress)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    leftovers = sorted(os.listdir(tmp_path))
+    assert leftovers and all(name.startswith(".model.onnx") and name.endswith(".tmp") for name in leftovers)
+    assert sum(os.path.getsize(tmp_path / name) for name in leftovers) > 0
+
+    # A save in progress elsewhere (this process is alive) keeps its temporary file.
+    in_progress = tmp_path / f".model.onnx.{os.getpid()}.abc123.tmp"
+    in_progress.write_bytes(b"partial")
+    lowered = qtrace.lower(lambda x: x + 1, (ShapeDtype((2,)),))
+    lowered.save(tmp_path / "model.onnx", external_data=True)
+    assert sorted(os.listdir(tmp_path)) == sorted(["model.onnx", "model.onnx.data", in_progress.name])
