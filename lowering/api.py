@@ -104,6 +104,10 @@ class Lowered:
         named = self.run_named(self.feeds(*args, **kwargs))
         return pytree.unflatten(self.graph.out_tree, [named[n] for n in self.output_names])
 
+    def nonfinite_weights(self) -> list[str]:
+        """Names of the float weights holding NaN or inf (see `nonfinite_weights`)."""
+        return nonfinite_weights(self.parts.weights)
+
     @located
     def check(self) -> None:
         """onnx's checker with strict shape inference (full_check) on the model, as a LoweringError."""
@@ -128,6 +132,39 @@ class Lowered:
             diff = np.abs(out.astype(np.float64) - ref.astype(np.float64))
             errors[name] = float(np.nanmax(diff)) if diff.size else 0.0
         return errors
+
+
+def nonfinite_weights(weights: dict[str, np.ndarray], chunk_bytes: int = 64 << 20) -> list[str]:
+    """Names of the float weights that hold a NaN or an infinity. Each weight is read in pieces of
+    about `chunk_bytes`, so a memory-mapped checkpoint is never copied whole."""
+    bad = []
+    for name, array in weights.items():
+        if not dtypes.is_float(array.dtype) or array.size == 0:
+            continue
+        flat = array.reshape(-1) if array.flags.c_contiguous else None
+        if flat is None:
+            finite = bool(np.isfinite(array).all())
+        else:
+            step = max(1, chunk_bytes // array.itemsize)
+            finite = all(np.isfinite(flat[i:i + step]).all() for i in range(0, flat.size, step))
+        if not finite:
+            bad.append(name)
+    return bad
+
+
+def warn_nonfinite_weights(weights: dict[str, np.ndarray], *, stacklevel: int = 2) -> list[str]:
+    """Warn (NonFiniteWeightsWarning) naming the weights that hold NaN or inf; returns their names."""
+    import warnings
+
+    from qtrace.errors import NonFiniteWeightsWarning
+
+    bad = nonfinite_weights(weights)
+    if bad:
+        shown = ", ".join(bad[:8]) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
+        warnings.warn(NonFiniteWeightsWarning(
+            f"{len(bad)} weight tensor(s) hold NaN or inf: {shown}; the model will compute NaN (greedy decoding "
+            "then picks token 0 forever). Check the checkpoint"), stacklevel=stacklevel + 1)
+    return bad
 
 
 def check_feeds(graph: Graph, arrays: Sequence[Any], converted_float16: bool = False) -> list[np.ndarray]:

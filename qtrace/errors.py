@@ -140,6 +140,10 @@ class FileError(QtraceError, OSError):
     """A file could not be written or read (a full disk, a missing directory, a malformed file)."""
 
 
+class NonFiniteWeightsWarning(UserWarning):
+    """Weights hold NaN or inf: the export still works, but the model cannot compute finite values."""
+
+
 class CheckError(QtraceError):
     """A graph failed a consistency check (shape_check, invariants, a pass broke numerics)."""
 

@@ -444,3 +444,22 @@ lowered.save({str(tmp_path / 'model.onnx')!r}, external_data=True, progress=prog
     lowered = qtrace.lower(lambda x: x + 1, (ShapeDtype((2,)),))
     lowered.save(tmp_path / "model.onnx", external_data=True)
     assert sorted(os.listdir(tmp_path)) == sorted(["model.onnx", "model.onnx.data", in_progress.name])
+
+
+# -- NaN / inf weights ----------------------------------------------------------------------------------
+
+
+def test_nonfinite_weights_are_named(tmp_path):
+    from qtrace.lowering import nonfinite_weights, warn_nonfinite_weights
+
+    path = tmp_path / "w.bin"
+    mapped = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(300, 7))
+    mapped[:] = 1.0
+    mapped[299, 6] = np.inf  # in the last piece when read 1 KiB at a time
+    weights = {"ok": np.ones(4, F32), "nan": np.array([1.0, np.nan], F32), "ids": np.arange(3),
+               "mapped": mapped, "strided": np.full((4, 4), -np.inf, F32)[:, ::2], "empty": np.zeros(0, F32)}
+    assert nonfinite_weights(weights, chunk_bytes=1024) == ["nan", "mapped", "strided"]
+    with pytest.warns(qtrace.NonFiniteWeightsWarning, match=r"3 weight tensor\(s\) hold NaN or inf: nan, mapped, strided"):
+        warn_nonfinite_weights(weights)
+    lowered = qtrace.lower(lambda x: x * weights["nan"], (ShapeDtype((2,)),))
+    assert lowered.nonfinite_weights() == ["nan"]
