@@ -174,10 +174,10 @@ def child_export(checkpoint: str, out: str, weights: str, dtype: str) -> dict[st
         api.trace = timed("trace", api.trace)
         api.build_model = timed("build", api.build_model)
         start = time.perf_counter()
-        cfg, params = load_checkpoint(checkpoint, dtype=np.float16 if dtype == "float16" else np.float32)
+        model = load_checkpoint(checkpoint, dtype=np.float16 if dtype == "float16" else np.float32)
         load = time.perf_counter() - start
         start = time.perf_counter()
-        report = export_model(cfg, params, out, ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN, dtype=dtype,
+        report = export_model(model, out, ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN, dtype=dtype,
                               weights=weights)
         total = time.perf_counter() - start
     passes = sum(r.seconds for r in report.lowered.pass_report.records)
@@ -193,14 +193,14 @@ def child_export(checkpoint: str, out: str, weights: str, dtype: str) -> dict[st
 
 def child_latency(checkpoint: str, out: str, repeats: int) -> dict[str, Any]:
     """onnxruntime: one prefill (1 x 32 tokens) and one decode step; the eager numpy model as baseline."""
-    from qtrace.examples import llama
     from qtrace.examples.checkpoint import load_checkpoint
     from qtrace.examples.generation import onnx_session
 
-    cfg, params = load_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint)
+    cfg = model.cfg
     session = onnx_session(out)
-    fn, _ = llama.causal_lm_signature(cfg, params)
-    cache = llama.empty_cache(cfg, 1, CTX_LEN)
+    fn, _ = model.signature()
+    cache = model.empty_cache(1, CTX_LEN)
     prompt = np.arange(1, PREFILL_LEN + 1, dtype=np.int64)[None] % cfg.vocab_size
     cases = {"prefill": (prompt, np.arange(PREFILL_LEN, dtype=np.int64)[None]),
              "decode": (np.array([[7]], np.int64), np.array([[PREFILL_LEN]], np.int64))}

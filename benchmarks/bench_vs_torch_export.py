@@ -16,11 +16,12 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from qtrace.examples import llama  # noqa: E402
-from qtrace.examples.checkpoint import export_model  # noqa: E402
+from qtrace.examples.checkpoint import export_model, random_model  # noqa: E402
+from qtrace.examples.families.llama import tiny_config  # noqa: E402
 
 CONFIGS = {
     "tiny (2 layers, hidden 64)": dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -47,20 +48,20 @@ def onnx_node_count(path: str) -> tuple[int, int]:
     return len(model.graph.node), expanded(model.graph.node)
 
 
-def bench_qtrace(cfg: llama.LlamaConfig, tmp: str) -> dict[str, float]:
-    params = llama.init_params(cfg)
+def bench_qtrace(config: dict[str, Any], tmp: str) -> dict[str, float]:
+    model = random_model(config)
     start = time.perf_counter()
-    export_model(cfg, params, os.path.join(tmp, "qtrace"), ctx_len=128, prefill_seq_len=32)
+    export_model(model, os.path.join(tmp, "qtrace"), ctx_len=128, prefill_seq_len=32)
     seconds = time.perf_counter() - start
     main, inlined = onnx_node_count(os.path.join(tmp, "qtrace", "model.onnx"))
     return {"seconds": seconds, "main": main, "inlined": inlined}
 
 
-def bench_torch(cfg: llama.LlamaConfig, tmp: str, dynamo: bool) -> dict[str, float]:
+def bench_torch(config: dict[str, Any], tmp: str, dynamo: bool) -> dict[str, float]:
     import torch
     import transformers
 
-    hf_config = transformers.LlamaConfig(**{k: v for k, v in cfg.to_hf().items() if k not in ("architectures",)})
+    hf_config = transformers.LlamaConfig(**{k: v for k, v in config.items() if k not in ("architectures",)})
     hf_config.use_cache = False
     model = transformers.LlamaForCausalLM(hf_config).eval()
     ids = torch.zeros((1, 32), dtype=torch.int64)
@@ -83,7 +84,7 @@ def main() -> None:
         return
     print(f"{'config':<30} {'exporter':<22} {'seconds':>8} {'nodes (main)':>13} {'nodes (inlined)':>16}")
     for name, overrides in CONFIGS.items():
-        cfg = llama.LlamaConfig.tiny(**overrides)
+        cfg = tiny_config(**overrides)
         with tempfile.TemporaryDirectory() as tmp:
             ours = bench_qtrace(cfg, tmp)
             results = {}

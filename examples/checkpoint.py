@@ -4,6 +4,8 @@ Weights are memory-mapped straight from the `*.safetensors` files (the format is
 length, a JSON header of dtype/shape/byte ranges, then raw little-endian data), so nothing is read
 until it is written, and every tensor knows its byte range: with `weights="reference"` the ONNX
 external-data entries point into the checkpoint itself and the export writes only the graph.
+The checkpoint's config.json names its architecture; the registry gives its config reader and
+weight map.
 """
 
 from __future__ import annotations
@@ -20,8 +22,13 @@ from typing import Any, Callable
 import numpy as np
 
 import qtrace
+from qtrace.lowering.side_files import (CompileOptions, compile_script, custom_io_yaml, kv_state_names,
+                                        specializations)
 
-from .llama import ConfigError, LlamaConfig, causal_lm_signature, load_config
+from .blocks.causal_lm import Model
+from .config import ConfigError, DecoderConfig, load_config_json
+from .registry import Architecture, read_config
+from .weights import checkpoint_shapes, params_from_tensors, random_tensors
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
 
@@ -71,110 +78,94 @@ def read_safetensors(path: str) -> dict[str, np.memmap]:
     return tensors
 
 
-def _hf_names(cfg: LlamaConfig) -> dict[str, tuple[str, ...]]:
-    """params pytree path -> checkpoint tensor name, and the expected shape."""
-    q_size, kv_size = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    d, i = cfg.hidden_size, cfg.intermediate_size
-    names: dict[str, tuple[str, tuple[int, ...]]] = {
-        "embed_tokens": ("model.embed_tokens.weight", (cfg.vocab_size, d)),
-        "norm": ("model.norm.weight", (d,)),
-    }
-    if not cfg.tie_word_embeddings:
-        names["lm_head"] = ("lm_head.weight", (cfg.vocab_size, d))
-    for n in range(cfg.num_hidden_layers):
-        prefix = f"model.layers.{n}."
-        layer = {
-            "input_layernorm": ("input_layernorm.weight", (d,)),
-            "post_attention_layernorm": ("post_attention_layernorm.weight", (d,)),
-            "q_proj": ("self_attn.q_proj.weight", (q_size, d)), "k_proj": ("self_attn.k_proj.weight", (kv_size, d)),
-            "v_proj": ("self_attn.v_proj.weight", (kv_size, d)), "o_proj": ("self_attn.o_proj.weight", (d, q_size)),
-            "gate_proj": ("mlp.gate_proj.weight", (i, d)), "up_proj": ("mlp.up_proj.weight", (i, d)),
-            "down_proj": ("mlp.down_proj.weight", (d, i)),
-        }
-        if cfg.attention_bias:
-            layer.update({"q_bias": ("self_attn.q_proj.bias", (q_size,)), "k_bias": ("self_attn.k_proj.bias", (kv_size,)),
-                          "v_bias": ("self_attn.v_proj.bias", (kv_size,))})
-        for key, (name, shape) in layer.items():
-            names[f"layers.{n}.{key}"] = (prefix + name, shape)
-    return names
 
-
-def load_checkpoint(directory: str, dtype: Any = np.float32) -> tuple[LlamaConfig, dict[str, Any]]:
-    """Config and params pytree of a checkpoint directory. Weights already in `dtype` stay memory maps;
-    others (e.g. bfloat16) are converted."""
+def _checkpoint_files(directory: str) -> list[str]:
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory")
-    cfg = load_config(os.path.join(directory, "config.json"))
     files = sorted(f for f in os.listdir(directory) if f.endswith(".safetensors"))
     if not files:
         raise CheckpointError(f"{directory}: no *.safetensors files")
+    return files
+
+
+def read_checkpoint_config(directory: str) -> tuple[Architecture, DecoderConfig]:
+    """The architecture and config of a checkpoint directory (config.json only; no tensor is read)."""
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory}: not a directory")
+    path = os.path.join(directory, "config.json")
+    return read_config(load_config_json(path), path)
+
+
+def load_checkpoint(directory: str, dtype: Any = np.float32) -> Model:
+    """The model of a checkpoint directory: its registered architecture, config and params. Weights
+    already in `dtype` stay memory maps of the files; others (e.g. bfloat16) are converted."""
+    arch, cfg = read_checkpoint_config(directory)
+    files = _checkpoint_files(directory)
     tensors: dict[str, np.ndarray] = {}
     origin: dict[str, str] = {}
     for file in files:
         for name, array in read_safetensors(os.path.join(directory, file)).items():
             tensors[name], origin[name] = array, file
-    flat: dict[str, np.ndarray] = {}
-    for path, (name, shape) in _hf_names(cfg).items():
+    weight_map = arch.weights(cfg)
+    for name, weight in checkpoint_shapes(weight_map).items():
         array = tensors.get(name)
         if array is None:
             searched = os.path.join(directory, files[0]) if len(files) == 1 else \
                 f"{directory} ({', '.join(files)})"
-            raise CheckpointError(f"{searched}: tensor {name} is missing (expected shape {list(shape)})")
-        if tuple(array.shape) != shape:
+            raise CheckpointError(f"{searched}: tensor {name} is missing (expected shape {list(weight.shape)})")
+        if tuple(array.shape) != weight.shape:
             raise CheckpointError(f"{os.path.join(directory, origin[name])}: tensor {name} has shape "
-                                  f"{list(array.shape)}, the config implies {list(shape)}")
-        flat[path] = array if array.dtype == np.dtype(dtype) else np.asarray(array, dtype=dtype)
-    params: dict[str, Any] = {"embed_tokens": flat["embed_tokens"], "norm": flat["norm"],
-                              "lm_head": flat.get("lm_head", flat["embed_tokens"])}
-    params["layers"] = [{k.split(".", 2)[2]: v for k, v in flat.items() if k.startswith(f"layers.{n}.")}
-                        for n in range(cfg.num_hidden_layers)]
-    return cfg, params
+                                  f"{list(array.shape)}, the config implies {list(weight.shape)}")
+    return Model(arch, cfg, params_from_tensors(weight_map, tensors, dtype))
 
 
-# -- side files for the compiler ------------------------------------------------------------------------
+def random_model(config: dict[str, Any], seed: int = 0, dtype: Any = np.float32) -> Model:
+    """A model with random weights from a Hugging Face config dict (its "architectures" decides the
+    family): the embedded default and the tests' models, no download."""
+    arch, cfg = read_config(config, "config")
+    weight_map = arch.weights(cfg)
+    return Model(arch, cfg, params_from_tensors(weight_map, random_tensors(weight_map, seed, dtype), dtype))
 
 
-def specializations(ctx_len: int, prefill_seq_len: int, batch_size: int, full_batch_size: int | None) -> dict:
-    prefill = {"batch_size": str(batch_size), "ctx_len": str(ctx_len), "seq_len": str(prefill_seq_len)}
-    decode = {"batch_size": str(batch_size if full_batch_size is None else full_batch_size),
-              "ctx_len": str(ctx_len), "seq_len": "1"}
-    if full_batch_size is not None:
-        prefill.update(full_batch_size=str(full_batch_size), full_batch_exec_size="1")
-        decode["full_batch_size"] = str(full_batch_size)
-    return {"specializations": [{"name": "Prefill", "symbols": prefill}, {"name": "Decode", "symbols": decode}]}
+def checkpoint_tensors(model: Model) -> dict[str, np.ndarray]:
+    """The model's params as checkpoint tensors under the family's names, in float32 (fused tensors
+    rebuilt from their row blocks, load-time offsets undone): what `save_pretrained` would write."""
+    flat = {k: v for k, v in model.params.items() if k != "layers"}
+    for i, layer in enumerate(model.params.get("layers", [])):
+        flat.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+    blocks: dict[str, dict[int, np.ndarray]] = {}
+    for path, weight in model.arch.weights(model.cfg).items():
+        array = np.asarray(flat[path], np.float32) - np.float32(weight.offset)
+        blocks.setdefault(weight.name, {})[weight.rows[0] if weight.rows else 0] = array
+    return {name: np.concatenate([parts[k] for k in sorted(parts)]) for name, parts in blocks.items()}
 
 
-def custom_io_yaml(num_layers: int, precision: str) -> str:
-    lines = []
-    for suffix in ("", "_RetainedState"):
-        for i in range(num_layers):
-            for kind in ("past_key", "past_value"):
-                lines += [f" - IOName: {kind}.{i}{suffix}", f"   Precision: {precision}", ""]
-    return "\n".join(lines)
+def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
+    """A safetensors file of float32/float16/integer tensors."""
+    dtype_names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+    header: dict[str, Any] = {}
+    offset = 0
+    arrays = []
+    for name, array in tensors.items():
+        array = np.ascontiguousarray(array)
+        header[name] = {"dtype": dtype_names[array.dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + array.nbytes]}
+        offset += array.nbytes
+        arrays.append(array)
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        for array in arrays:
+            f.write(array.tobytes())
 
 
-@dataclass(frozen=True)
-class CompileOptions:
-    """What compile.sh asks qaic-compile for (design.md §6)."""
-
-    num_cores: int = 16
-    mxfp6_matmul: bool = False
-    mos: int | None = None
-    depth_first: bool = False
-    kv_cache_precision: str = "float16"  # or "mxint8"
-
-
-def compile_command(model: str, specs: str, custom_io: str, out: str, options: CompileOptions = CompileOptions()) -> str:
-    parts = ["qaic-compile", "-aic-hw", "-aic-hw-version=ai100", f"-m={model}", "-retained-state",
-             "-convert-to-fp16", f"-aic-num-cores={options.num_cores}", f"-network-specialization-config={specs}",
-             f"-custom-IO-list-file={custom_io}", f"-aic-binary-dir={out}"]
-    if options.mxfp6_matmul:
-        parts.append("-mxfp6-matmul")
-    if options.mos is not None:
-        parts.append(f"-mos={options.mos}")
-    if options.depth_first:
-        parts.append("-aic-enable-depth-first")
-    return " ".join(parts)
+def save_checkpoint(model: Model, directory: str, config: dict[str, Any]) -> None:
+    """config.json + model.safetensors of a model (how tests and benchmarks make checkpoints)."""
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f, indent=1)
+    write_safetensors(os.path.join(directory, "model.safetensors"), checkpoint_tensors(model))
 
 
 # -- export ---------------------------------------------------------------------------------------------
@@ -193,10 +184,9 @@ def _atomic_directory(out_dir: str) -> str:
     return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", dir=parent)
 
 
-def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_len: int = 128,
-                 prefill_seq_len: int = 32, batch_size: int = 1, full_batch_size: int | None = None,
-                 dtype: str = "float32", weights: str = "copy", layer_functions: bool = True,
-                 compile_options: CompileOptions = CompileOptions(),
+def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_len: int = 32, batch_size: int = 1,
+                 full_batch_size: int | None = None, dtype: str = "float32", weights: str = "copy",
+                 layer_functions: bool = True, compile_options: CompileOptions = CompileOptions(),
                  progress: Callable[[str], None] | None = None,
                  bytes_progress: Callable[[int, int], None] | None = None) -> ExportReport:
     """Lower the model and write model.onnx (+ external data), specializations.json, custom_io.yaml and
@@ -204,19 +194,14 @@ def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_
     out_dir as it was. progress(stage) names each stage; bytes_progress(done, total) follows the weights."""
     if weights not in ("copy", "reference"):
         raise CheckpointError(f"--weights must be copy or reference, got {weights!r}")
-    if cfg.sliding_window is not None and ctx_len > cfg.sliding_window:
-        raise ConfigError(f"{cfg.architecture}: ctx_len {ctx_len} exceeds the model's sliding window of "
-                          f"{cfg.sliding_window} positions, which qtrace's attention does not implement; "
-                          f"export with --ctx-len {cfg.sliding_window} or less")
     say = progress or (lambda _: None)
     stages: dict[str, float] = {}
     start = time.perf_counter()
     say("tracing and lowering")
     # The cache has the weights' dtype (float16 weights, as `qtrace export --dtype float16` loads them,
     # make float16 keys and values); lowering to float16 converts whatever is still float32.
-    fn, args = causal_lm_signature(cfg, params, full_batch_size="full_batch_size" if full_batch_size else None,
-                                   ctx_len="ctx_len", dtype=np.asarray(params["embed_tokens"]).dtype,
-                                   layer_functions=layer_functions, max_ctx_len=ctx_len)
+    fn, args = model.signature(full_batch_size="full_batch_size" if full_batch_size else None, ctx_len="ctx_len",
+                               layer_functions=layer_functions, max_ctx_len=ctx_len)
     lowered = qtrace.lower(fn, args, dtype=np.float16 if dtype == "float16" else None)
     stages["lower"] = time.perf_counter() - start
     scratch = _atomic_directory(out_dir)
@@ -225,16 +210,14 @@ def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_
         say("writing model.onnx")
         model_path = os.path.join(scratch, "model.onnx")
         lowered.save(model_path, external_data=True, reference_weights=(weights == "reference"),
-                               progress=bytes_progress)
+                     progress=bytes_progress)
         stages["save"] = time.perf_counter() - start
         with open(os.path.join(scratch, "specializations.json"), "w") as f:
             json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size), f, indent=2)
         with open(os.path.join(scratch, "custom_io.yaml"), "w") as f:
-            f.write(custom_io_yaml(cfg.num_hidden_layers, compile_options.kv_cache_precision))
+            f.write(custom_io_yaml(kv_state_names(model.cfg.num_hidden_layers), compile_options.kv_cache_precision))
         with open(os.path.join(scratch, "compile.sh"), "w") as f:
-            f.write("#!/usr/bin/env bash\n# Compile for Cloud AI 100 (qaic-compile from the Qualcomm Apps SDK).\n"
-                    "cd \"$(dirname \"$0\")\"\n" + compile_command("model.onnx", "specializations.json",
-                                                                 "custom_io.yaml", "qpc", compile_options) + "\n")
+            f.write(compile_script(compile_options, sub_functions=bool(lowered.graph.functions)))
         os.chmod(os.path.join(scratch, "compile.sh"), 0o755)
         os.makedirs(out_dir, exist_ok=True)
         files = []
@@ -247,5 +230,5 @@ def export_model(cfg: LlamaConfig, params: dict[str, Any], out_dir: str, *, ctx_
     return ExportReport(files, stages, lowered)
 
 
-__all__ = ["CompileOptions", "load_checkpoint", "read_safetensors", "export_model", "specializations", "custom_io_yaml",
-           "compile_command", "CheckpointError", "ConfigError"]
+__all__ = ["CheckpointError", "ConfigError", "ExportReport", "checkpoint_tensors", "export_model", "load_checkpoint",
+           "random_model", "read_checkpoint_config", "read_safetensors", "save_checkpoint", "write_safetensors"]

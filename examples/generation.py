@@ -49,15 +49,28 @@ def eager_step(fn: Callable[..., dict[str, Any]]) -> Step:
     return step
 
 
-def cache_spec(session: Any) -> dict[str, tuple[tuple, np.dtype]]:
-    """The cache inputs of an exported model: name -> (shape with None for symbolic dims, dtype)."""
-    dtypes = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-    return {i.name: (tuple(d if isinstance(d, int) else None for d in i.shape), np.dtype(dtypes[i.type]))
+CacheLayout = dict[str, tuple[tuple[Any, ...], np.dtype]]
+_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def cache_layout(session: Any) -> CacheLayout:
+    """The cache inputs of an exported model: name -> (dims, symbolic ones by name; dtype)."""
+    return {i.name: (tuple(i.shape), np.dtype(_ORT_DTYPES[i.type]))
             for i in session.get_inputs() if i.name.startswith("past_")}
 
 
-def new_cache(names: list[str], shape: tuple[int, int, int, int], dtype: Any) -> dict[str, np.ndarray]:
-    return {name: np.zeros(shape, dtype) for name in names}
+def model_cache_layout(model: Any, full_batch_size: bool = False) -> CacheLayout:
+    """The same for a zoo model run eagerly (dims named as the export names them)."""
+    batch = "full_batch_size" if full_batch_size else "batch_size"
+    return {f"past_{kind}.{i}": (model.cache_shape(i, batch, "ctx_len"), model.dtype)
+            for i in range(model.cfg.num_hidden_layers) for kind in ("key", "value")}
+
+
+def new_cache(layout: CacheLayout, batch: int, ctx_len: int, sizes: dict[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Zero caches for `batch` rows (or slots) and `ctx_len` positions; other symbolic dims from `sizes`."""
+    known = {"batch_size": batch, "full_batch_size": batch, "ctx_len": ctx_len, **(sizes or {})}
+    return {name: np.zeros(tuple(d if isinstance(d, int) else known[d] for d in dims), dtype)
+            for name, (dims, dtype) in layout.items()}
 
 
 def prefill(step: Step, prompt: list[int], cache: dict[str, np.ndarray], prefill_len: int,
@@ -79,18 +92,16 @@ def prefill(step: Step, prompt: list[int], cache: dict[str, np.ndarray], prefill
 
 
 def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefill_len: int, ctx_len: int,
-             cache_names: list[str], cache_shape: tuple[int, int], dtype: Any = np.float32,
-             full_batch_size: int | None = None) -> list[list[int]]:
+             layout: CacheLayout, full_batch_size: int | None = None) -> list[list[int]]:
     """Greedy tokens for each prompt. Without continuous batching each prompt runs alone (batch 1);
     with it, every prompt is prefilled into its own cache slot and all decode together."""
-    heads, head_dim = cache_shape
     for prompt in prompts:
         if len(prompt) + max_new_tokens > ctx_len:
             raise ValueError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new ones exceeds ctx_len {ctx_len}")
     if full_batch_size is None:
         results = []
         for prompt in prompts:
-            token, cache = prefill(step, prompt, new_cache(cache_names, (1, heads, ctx_len, head_dim), dtype), prefill_len)
+            token, cache = prefill(step, prompt, new_cache(layout, 1, ctx_len), prefill_len)
             tokens = [token]
             for position in range(len(prompt), len(prompt) + max_new_tokens - 1):
                 logits, cache = step(np.array([[tokens[-1]]]), np.array([[position]]), cache, None)
@@ -100,7 +111,7 @@ def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefi
     if len(prompts) > full_batch_size:
         raise ValueError(f"{len(prompts)} prompts do not fit {full_batch_size} cache slots")
     slots = list(range(len(prompts)))[::-1]  # fill slots in reverse order: batch_index is not the row order
-    cache = new_cache(cache_names, (full_batch_size, heads, ctx_len, head_dim), dtype)
+    cache = new_cache(layout, full_batch_size, ctx_len)
     results = [[] for _ in prompts]
     positions = [0] * full_batch_size
     last = [0] * full_batch_size

@@ -65,33 +65,30 @@ def _summary(lowered: Any, stages: dict[str, float]) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .examples import llama
-    from .examples.checkpoint import export_model
-    from .examples.generation import eager_step, generate, onnx_session, onnx_step
+    from .examples.checkpoint import export_model, random_model
+    from .examples.families.llama import tiny_config
+    from .examples.generation import cache_layout, eager_step, generate, onnx_session, onnx_step
 
-    cfg = llama.LlamaConfig.tiny()
-    params = llama.init_params(cfg, seed=args.seed)
+    model = random_model(tiny_config(), seed=args.seed)
+    cfg = model.cfg
     ctx_len, prefill_len = 64, 8
     print(f"qtrace demo: a random-weight Llama ({cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, "
           f"{cfg.num_attention_heads} heads / {cfg.num_key_value_heads} kv heads, vocab {cfg.vocab_size})")
     out_dir = args.output or tempfile.mkdtemp(prefix="qtrace-demo-")
-    report = export_model(cfg, params, out_dir, ctx_len=ctx_len, prefill_seq_len=prefill_len, progress=_progress)
+    report = export_model(model, out_dir, ctx_len=ctx_len, prefill_seq_len=prefill_len, progress=_progress)
     print(f"exported to {out_dir}: {', '.join(os.path.basename(f) for f in report.files)}")
     print(_summary(report.lowered, report.stage_seconds))
     prompt = [1, 17, 42, 99, 7, 3, 250, 11, 64, 5]  # longer than one prefill chunk
-    names = [n for n in report.lowered.input_names if n.startswith("past_")]
-    common = dict(prefill_len=prefill_len, ctx_len=ctx_len, cache_names=names,
-                  cache_shape=(cfg.num_key_value_heads, cfg.head_dim))
     session = onnx_session(out_dir)
+    common = dict(prefill_len=prefill_len, ctx_len=ctx_len, layout=cache_layout(session))
     start = time.perf_counter()
     onnx_tokens = generate(onnx_step(session), [prompt], args.max_new_tokens, **common)[0]
     onnx_seconds = time.perf_counter() - start
-    fn, _ = llama.causal_lm_signature(cfg, params)
+    fn, _ = model.signature(max_ctx_len=ctx_len)
     eager_tokens = generate(eager_step(fn), [prompt], args.max_new_tokens, **common)[0]
     # Max error of the logits of one prefill step, onnxruntime against the eager numpy model.
     ids = np.array([prompt[:prefill_len]]); positions = np.arange(prefill_len)[None]
-    cache = llama.empty_cache(cfg, 1, ctx_len)
-    errors = report.lowered.verify(ids, positions, cache)
+    errors = report.lowered.verify(ids, positions, model.empty_cache(1, ctx_len))
     print(f"prompt:            {prompt}")
     print(f"onnxruntime:       {onnx_tokens}  ({onnx_seconds * 1000:.0f} ms)")
     print(f"eager numpy:       {eager_tokens}")
@@ -105,20 +102,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # -- export / generate ----------------------------------------------------------------------------------
 
 
+def _list_architectures() -> int:
+    from .examples.registry import architectures
+
+    for name, arch in architectures().items():
+        print(f"{name:28s} {arch.notes}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
-    from .examples.checkpoint import CompileOptions, export_model, load_checkpoint
+    if args.list_architectures:
+        return _list_architectures()
+    if args.checkpoint is None or args.output is None:
+        raise QtraceError("export needs a CHECKPOINT_DIR and -o OUT (or --list-architectures)")
+    from .examples.checkpoint import export_model, load_checkpoint
+    from .lowering.side_files import CompileOptions
 
     start = time.perf_counter()
     dtype = np.float16 if args.dtype == "float16" else np.float32
-    cfg, params = load_checkpoint(args.checkpoint, dtype=dtype)
+    model = load_checkpoint(args.checkpoint, dtype=dtype)
     load_seconds = time.perf_counter() - start
-    report = export_model(cfg, params, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
+    report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size, dtype=args.dtype,
                           weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
                           compile_options=CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
                                                          args.kv_cache_precision),
                           bytes_progress=_ProgressBar())
-    print(f"{cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
+    print(f"{model.cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
     print(_summary(report.lowered, {"load": load_seconds, **report.stage_seconds}))
     return 0
 
@@ -131,19 +141,16 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .examples.generation import cache_spec, generate, onnx_session, onnx_step
+    from .examples.generation import cache_layout, generate, onnx_session, onnx_step
 
     with open(os.path.join(args.model_dir, "specializations.json")) as f:
         specs = {s["name"]: s["symbols"] for s in json.load(f)["specializations"]}
     ctx_len, prefill_len = int(specs["Prefill"]["ctx_len"]), int(specs["Prefill"]["seq_len"])
     full_batch = int(specs["Decode"]["full_batch_size"]) if "full_batch_size" in specs["Decode"] else None
     session = onnx_session(args.model_dir)
-    spec = cache_spec(session)
-    names = list(spec)
-    shape, dtype = spec[names[0]]
     prompts = [_parse_ids(p) for p in args.prompt_ids]
     tokens = generate(onnx_step(session), prompts, args.max_new_tokens, prefill_len=prefill_len, ctx_len=ctx_len,
-                      cache_names=names, cache_shape=(shape[1], shape[3]), dtype=dtype, full_batch_size=full_batch)
+                      layout=cache_layout(session), full_batch_size=full_batch)
     for row in tokens:
         print(",".join(map(str, row)))
     return 0
@@ -223,8 +230,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=cmd_demo)
 
     export = sub.add_parser("export", help="export a Hugging Face checkpoint directory for Cloud AI 100")
-    export.add_argument("checkpoint")
-    export.add_argument("-o", "--output", required=True)
+    export.add_argument("checkpoint", nargs="?", help="a directory with config.json and *.safetensors")
+    export.add_argument("-o", "--output")
+    export.add_argument("--list-architectures", action="store_true",
+                        help="print the architectures qtrace can export, then exit")
     export.add_argument("--ctx-len", type=int, default=128)
     export.add_argument("--prefill-seq-len", type=int, default=32)
     export.add_argument("--batch-size", type=int, default=1)

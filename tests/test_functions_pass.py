@@ -13,7 +13,8 @@ import pytest
 import qtrace
 import qtrace.primitives as qp
 from qtrace import CheckError, ShapeDtype
-from qtrace.examples import llama
+from qtrace.examples.checkpoint import random_model
+from qtrace.examples.families.llama import tiny_config
 from qtrace.passes import run_pipeline
 from qtrace.passes.shape_check import check_graph
 
@@ -192,12 +193,13 @@ def test_hoisting_keeps_the_parameter_that_gives_a_body_its_symbolic_size():
 
 
 def test_hoisting_in_the_llama_example_takes_the_context_mask_out_of_the_layers():
-    cfg = llama.LlamaConfig.tiny()
-    fn, args = llama.causal_lm_signature(cfg, llama.init_params(cfg))
+    model = random_model(tiny_config())
+    cfg = model.cfg
+    fn, args = model.signature()
     graph = qtrace.trace(fn, args)
     rng = np.random.default_rng(0)
     inputs = (rng.integers(0, cfg.vocab_size, (2, 3)), np.array([[0, 1, 2], [3, 4, 5]]),
-              {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in llama.empty_cache(cfg, 2, 8).items()})
+              {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.empty_cache(2, 8).items()})
     before = graph.eval(*copy.deepcopy(inputs))
     run_pipeline(graph)
     (body,) = [f.body for f in graph.functions.values()]

@@ -26,11 +26,11 @@ import pytest
 
 import qtrace
 from qtrace import cli
-from qtrace.examples import llama
-from qtrace.examples.checkpoint import CheckpointError, export_model, load_checkpoint
-from qtrace.examples.generation import (cache_spec, eager_step, generate, new_cache, onnx_session, onnx_step,
-                                        prefill)
-from qtrace.examples.llama import ConfigError
+from qtrace.examples.blocks import Model
+from qtrace.examples.checkpoint import CheckpointError, checkpoint_tensors, export_model, load_checkpoint, random_model
+from qtrace.examples.config import ConfigError
+from qtrace.examples.families.llama import tiny_config
+from qtrace.examples.generation import cache_layout, eager_step, generate, new_cache, onnx_session, onnx_step, prefill
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 LLAMA = os.path.join(FIXTURES, "llama")
@@ -82,22 +82,6 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
     return {name: np.frombuffer(data[start + info["data_offsets"][0]:start + info["data_offsets"][1]],
                                 codes[info["dtype"]]).reshape(info["shape"])
             for name, info in header.items() if name != "__metadata__"}
-
-
-def hf_tensors(cfg: llama.LlamaConfig, params: dict[str, Any]) -> dict[str, np.ndarray]:
-    """A params pytree under Hugging Face's tensor names (linear weights stay [out, in])."""
-    tensors = {"model.embed_tokens.weight": params["embed_tokens"], "model.norm.weight": params["norm"]}
-    if not cfg.tie_word_embeddings:
-        tensors["lm_head.weight"] = params["lm_head"]
-    for n, layer in enumerate(params["layers"]):
-        prefix = f"model.layers.{n}."
-        for key in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            tensors[prefix + f"self_attn.{key}.weight"] = layer[key]
-        for key in ("gate_proj", "up_proj", "down_proj"):
-            tensors[prefix + f"mlp.{key}.weight"] = layer[key]
-        tensors[prefix + "input_layernorm.weight"] = layer["input_layernorm"]
-        tensors[prefix + "post_attention_layernorm.weight"] = layer["post_attention_layernorm"]
-    return tensors
 
 
 def copy_checkpoint(source: str, target: str) -> str:
@@ -162,42 +146,39 @@ def max_error(a: list[np.ndarray], b: list[np.ndarray]) -> float:
 
 
 @pytest.fixture(scope="module")
-def checkpoint() -> tuple[llama.LlamaConfig, dict[str, Any]]:
+def checkpoint() -> Model:
     return load_checkpoint(LLAMA)
 
 
 @pytest.fixture(scope="module")
 def eager(checkpoint: Any) -> Callable:
     """The model function itself, run on numpy: the reference for every export."""
-    cfg, params = checkpoint
-    fn, _ = llama.causal_lm_signature(cfg, params)
+    fn, _ = checkpoint.signature()
     return eager_step(fn)
 
 
-def eager_cache(cfg: llama.LlamaConfig, batch: int = 1) -> dict[str, np.ndarray]:
-    return llama.empty_cache(cfg, batch, CTX_LEN)
+def eager_cache(model: Model, batch: int = 1) -> dict[str, np.ndarray]:
+    return model.empty_cache(batch, CTX_LEN)
 
 
 @pytest.fixture(scope="module")
 def exported(checkpoint: Any, tmp_path_factory: Any) -> str:
-    cfg, params = checkpoint
+    model = checkpoint
     out = str(tmp_path_factory.mktemp("llama"))
-    export_model(cfg, params, out, ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN)
+    export_model(model, out, ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN)
     return out
 
 
 @pytest.fixture(scope="module")
 def exported_cb(checkpoint: Any, tmp_path_factory: Any) -> str:
-    cfg, params = checkpoint
+    model = checkpoint
     out = str(tmp_path_factory.mktemp("llama-cb"))
-    export_model(cfg, params, out, ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN, full_batch_size=4)
+    export_model(model, out, ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN, full_batch_size=4)
     return out
 
 
 def onnx_cache(model_dir: str, batch: int) -> dict[str, np.ndarray]:
-    spec = cache_spec(onnx_session(model_dir))
-    (_, heads, _, head_dim), dtype = next(iter(spec.values()))
-    return new_cache(list(spec), (batch, heads, CTX_LEN, head_dim), dtype)
+    return new_cache(cache_layout(onnx_session(model_dir)), batch, CTX_LEN)
 
 
 # -- padding and chunks --------------------------------------------------------------------------------
@@ -206,20 +187,20 @@ def onnx_cache(model_dir: str, batch: int) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("prompt", list(PROMPTS))
 def test_chunked_prefill_matches_unpadded_eager_run(prompt: str, checkpoint: Any, eager: Callable,
                                                    exported: str) -> None:
-    cfg, _ = checkpoint
+    model = checkpoint
     tokens, logits = chunked_run(onnx_step(onnx_session(exported)), PROMPTS[prompt], 8, onnx_cache(exported, 1),
                                  PREFILL_LEN)
-    expected_tokens, expected_logits = unpadded_run(eager, PROMPTS[prompt], 8, eager_cache(cfg))
+    expected_tokens, expected_logits = unpadded_run(eager, PROMPTS[prompt], 8, eager_cache(model))
     assert tokens == expected_tokens
     assert max_error(logits, expected_logits) <= TOLERANCE
 
 
 def test_unpadded_onnx_run_matches_eager_run(checkpoint: Any, eager: Callable, exported: str) -> None:
     """seq_len is a symbolic dim: the export also takes a whole prompt of any length in one step."""
-    cfg, _ = checkpoint
+    model = checkpoint
     prompt = PROMPTS["several_chunks"]
     tokens, logits = unpadded_run(onnx_step(onnx_session(exported)), prompt, 6, onnx_cache(exported, 1))
-    expected_tokens, expected_logits = unpadded_run(eager, prompt, 6, eager_cache(cfg))
+    expected_tokens, expected_logits = unpadded_run(eager, prompt, 6, eager_cache(model))
     assert tokens == expected_tokens
     assert max_error(logits, expected_logits) <= TOLERANCE
 
@@ -227,12 +208,12 @@ def test_unpadded_onnx_run_matches_eager_run(checkpoint: Any, eager: Callable, e
 def test_context_filled_to_its_last_slot_matches_unpadded_run(checkpoint: Any, eager: Callable,
                                                              exported: str) -> None:
     """Padding positions (-1) write the last cache slot; decoding up to that slot still agrees."""
-    cfg, _ = checkpoint
+    model = checkpoint
     prompt = PROMPTS["several_chunks"]                # 19 tokens: the last chunk has 5 padding rows
     new_tokens = CTX_LEN - len(prompt) + 1            # the last decode step feeds position CTX_LEN - 1
     tokens, logits = chunked_run(onnx_step(onnx_session(exported)), prompt, new_tokens, onnx_cache(exported, 1),
                                  PREFILL_LEN)
-    expected_tokens, expected_logits = unpadded_run(eager, prompt, new_tokens, eager_cache(cfg))
+    expected_tokens, expected_logits = unpadded_run(eager, prompt, new_tokens, eager_cache(model))
     assert tokens == expected_tokens
     assert max_error(logits, expected_logits) <= TOLERANCE
 
@@ -241,9 +222,8 @@ def test_generate_matches_transformers_tokens(exported: str) -> None:
     with np.load(os.path.join(LLAMA, "reference.npz")) as reference:
         prompt, expected = reference["prompt"].tolist(), reference["tokens"].tolist()
     session = onnx_session(exported)
-    names = list(cache_spec(session))
     tokens = generate(onnx_step(session), [prompt], len(expected), prefill_len=PREFILL_LEN, ctx_len=CTX_LEN,
-                      cache_names=names, cache_shape=(2, 16))
+                      layout=cache_layout(session))
     assert tokens == [expected]
 
 
@@ -291,7 +271,7 @@ class SlotRunner:
 
 def test_continuous_batching_in_arbitrary_slot_order_matches_unbatched_runs(checkpoint: Any, eager: Callable,
                                                                           exported_cb: str) -> None:
-    cfg, _ = checkpoint
+    model = checkpoint
     runner = SlotRunner(exported_cb, 4)
     assignment = {2: PROMPTS["several_chunks"], 0: PROMPTS["short"], 3: PROMPTS["one_chunk"]}  # slot 1 idle
     for slot in (3, 2, 0):                            # prefilled in neither slot nor prompt order
@@ -300,14 +280,14 @@ def test_continuous_batching_in_arbitrary_slot_order_matches_unbatched_runs(chec
     for order in orders:                              # every step feeds the slots in another order
         runner.decode(order.tolist())
     for slot, prompt in assignment.items():
-        expected_tokens, expected_logits = unpadded_run(eager, prompt, 8, eager_cache(cfg))
+        expected_tokens, expected_logits = unpadded_run(eager, prompt, 8, eager_cache(model))
         assert runner.tokens[slot] == expected_tokens, f"slot {slot}"
         assert max_error(runner.logits[slot], expected_logits) <= TOLERANCE, f"slot {slot}"
 
 
 def test_prefill_between_decode_steps_leaves_other_slots_intact(checkpoint: Any, eager: Callable,
                                                                  exported_cb: str) -> None:
-    cfg, _ = checkpoint
+    model = checkpoint
     runner = SlotRunner(exported_cb, 4)
     runner.prefill(1, PROMPTS["one_chunk"])
     for _ in range(3):
@@ -315,13 +295,13 @@ def test_prefill_between_decode_steps_leaves_other_slots_intact(checkpoint: Any,
     runner.prefill(3, PROMPTS["several_chunks"])     # arrives while slot 1 is decoding
     for _ in range(4):
         runner.decode([1, 2, 3, 0])
-    assert runner.tokens[1] == unpadded_run(eager, PROMPTS["one_chunk"], 8, eager_cache(cfg))[0]
-    assert runner.tokens[3] == unpadded_run(eager, PROMPTS["several_chunks"], 5, eager_cache(cfg))[0]
+    assert runner.tokens[1] == unpadded_run(eager, PROMPTS["one_chunk"], 8, eager_cache(model))[0]
+    assert runner.tokens[3] == unpadded_run(eager, PROMPTS["several_chunks"], 5, eager_cache(model))[0]
 
 
 def test_reused_slot_forgets_the_previous_prompt(checkpoint: Any, eager: Callable, exported_cb: str) -> None:
     """A short prompt in a slot whose cache still holds a longer, older sequence."""
-    cfg, _ = checkpoint
+    model = checkpoint
     runner = SlotRunner(exported_cb, 4)
     runner.prefill(2, PROMPTS["several_chunks"])
     for _ in range(4):
@@ -329,19 +309,18 @@ def test_reused_slot_forgets_the_previous_prompt(checkpoint: Any, eager: Callabl
     runner.prefill(2, PROMPTS["short"])
     for _ in range(5):
         runner.decode([2, 0, 3, 1])
-    expected_tokens, expected_logits = unpadded_run(eager, PROMPTS["short"], 6, eager_cache(cfg))
+    expected_tokens, expected_logits = unpadded_run(eager, PROMPTS["short"], 6, eager_cache(model))
     assert runner.tokens[2] == expected_tokens
     assert max_error(runner.logits[2], expected_logits) <= TOLERANCE
 
 
 def test_generate_with_full_batch_size_matches_unbatched(checkpoint: Any, exported: str, exported_cb: str) -> None:
-    cfg, _ = checkpoint
+    model = checkpoint
     prompts = list(PROMPTS.values())
-    common = dict(prefill_len=PREFILL_LEN, ctx_len=CTX_LEN, cache_shape=(cfg.num_key_value_heads, cfg.head_dim))
+    common = dict(prefill_len=PREFILL_LEN, ctx_len=CTX_LEN)
     unbatched_session, batched_session = onnx_session(exported), onnx_session(exported_cb)
-    unbatched = generate(onnx_step(unbatched_session), prompts, 8, cache_names=list(cache_spec(unbatched_session)),
-                         **common)
-    batched = generate(onnx_step(batched_session), prompts, 8, cache_names=list(cache_spec(batched_session)),
+    unbatched = generate(onnx_step(unbatched_session), prompts, 8, layout=cache_layout(unbatched_session), **common)
+    batched = generate(onnx_step(batched_session), prompts, 8, layout=cache_layout(batched_session),
                        full_batch_size=4, **common)
     assert batched == unbatched
 
@@ -354,23 +333,22 @@ def test_float16_export_gives_the_float32_tokens(weights_dtype: Any, checkpoint:
                                                  tmp_path: Any) -> None:
     """float16 weights (as `qtrace export --dtype float16` loads them) or float32 weights lowered to
     float16: both run on onnxruntime in float16 and pick the float32 model's greedy tokens."""
-    cfg, params = load_checkpoint(LLAMA, dtype=weights_dtype)
-    export_model(cfg, params, str(tmp_path), ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN, dtype="float16")
+    model = load_checkpoint(LLAMA, dtype=weights_dtype)
+    export_model(model, str(tmp_path), ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN, dtype="float16")
     model = onnx.load(os.path.join(tmp_path, "model.onnx"), load_external_data=False)
     float_io = [v for v in list(model.graph.input) + list(model.graph.output) if "ids" not in v.name]
     assert {v.type.tensor_type.elem_type for v in float_io} == {onnx.TensorProto.FLOAT16}
-    common = dict(prefill_len=PREFILL_LEN, ctx_len=CTX_LEN, cache_shape=(cfg.num_key_value_heads, cfg.head_dim))
+    common = dict(prefill_len=PREFILL_LEN, ctx_len=CTX_LEN)
     half, full = onnx_session(str(tmp_path)), onnx_session(exported)
     prompts = list(PROMPTS.values())
-    half_tokens = generate(onnx_step(half), prompts, 12, cache_names=list(cache_spec(half)), dtype=np.float16,
-                           **common)
-    full_tokens = generate(onnx_step(full), prompts, 12, cache_names=list(cache_spec(full)), **common)
+    half_tokens = generate(onnx_step(half), prompts, 12, layout=cache_layout(half), **common)
+    full_tokens = generate(onnx_step(full), prompts, 12, layout=cache_layout(full), **common)
     assert half_tokens == full_tokens
 
 
 def test_float16_export_halves_the_weights(exported: str, tmp_path: Any) -> None:
-    cfg, params = load_checkpoint(LLAMA, dtype=np.float16)
-    export_model(cfg, params, str(tmp_path), ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN, dtype="float16")
+    model = load_checkpoint(LLAMA, dtype=np.float16)
+    export_model(model, str(tmp_path), ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN, dtype="float16")
     weights = os.path.getsize(os.path.join(exported, "model.onnx.data"))
     assert os.path.getsize(os.path.join(tmp_path, "model.onnx.data")) <= 0.55 * weights
 
@@ -381,29 +359,28 @@ def test_float16_export_halves_the_weights(exported: str, tmp_path: Any) -> None
 def larger_checkpoint(directory: str) -> str:
     """A one-layer checkpoint whose weight matrices are each over 64 KiB (so no export would copy
     them to fold a transpose), written with the safetensors writer above."""
-    cfg = llama.LlamaConfig.tiny(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
-                                 num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                 max_position_embeddings=64)
+    config = tiny_config(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=64)
     os.makedirs(directory, exist_ok=True)
     with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(cfg.to_hf(), f)
-    write_safetensors(os.path.join(directory, "model.safetensors"), hf_tensors(cfg, llama.init_params(cfg, seed=3)))
+        json.dump(config, f)
+    write_safetensors(os.path.join(directory, "model.safetensors"), checkpoint_tensors(random_model(config, seed=3)))
     return directory
 
 
 def test_reference_weights_point_into_the_checkpoint(tmp_path: Any) -> None:
     source = larger_checkpoint(str(tmp_path / "checkpoint"))
     checkpoint_file = os.path.join(source, "model.safetensors")
-    cfg, params = load_checkpoint(source)
+    model = load_checkpoint(source)
     copied, referenced = str(tmp_path / "copy"), str(tmp_path / "reference")
-    export_model(cfg, params, copied, ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN, weights="copy")
-    export_model(cfg, params, referenced, ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN, weights="reference")
+    export_model(model, copied, ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN, weights="copy")
+    export_model(model, referenced, ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN, weights="reference")
 
     weights_bytes = os.path.getsize(checkpoint_file)
     assert os.path.getsize(os.path.join(copied, "model.onnx.data")) >= 0.9 * weights_bytes
     assert os.path.getsize(os.path.join(referenced, "model.onnx.data")) <= 0.1 * weights_bytes
-    model = onnx.load(os.path.join(referenced, "model.onnx"), load_external_data=False)
-    locations = {entry.value for tensor in model.graph.initializer for entry in tensor.external_data
+    proto = onnx.load(os.path.join(referenced, "model.onnx"), load_external_data=False)
+    locations = {entry.value for tensor in proto.graph.initializer for entry in tensor.external_data
                  if entry.key == "location"}
     # The entry names a file beside the model (a link of some kind) that is the checkpoint itself.
     assert any(os.path.samefile(os.path.join(referenced, location), checkpoint_file) for location in locations)
@@ -413,8 +390,8 @@ def test_reference_weights_point_into_the_checkpoint(tmp_path: Any) -> None:
                for d in (copied, referenced)]
     assert results[0][0] == results[1][0]
     np.testing.assert_array_equal(np.stack(results[0][1]), np.stack(results[1][1]))
-    expected_tokens, expected_logits = unpadded_run(eager_step(llama.causal_lm_signature(cfg, params)[0]), prompt, 6,
-                                                    llama.empty_cache(cfg, 1, CTX_LEN))
+    expected_tokens, expected_logits = unpadded_run(eager_step(model.signature()[0]), prompt, 6,
+                                                    model.empty_cache(1, CTX_LEN))
     assert results[1][0] == expected_tokens
     assert max_error(results[1][1], expected_logits) <= TOLERANCE
 
@@ -574,7 +551,7 @@ def test_failed_export_leaves_an_existing_out_dir_unchanged(tmp_path: Any, capsy
 def test_export_failing_while_writing_leaves_nothing(checkpoint: Any, tmp_path: Any, monkeypatch: Any) -> None:
     """A failure after the model is lowered (here: the disk fills up while saving) leaves no file in
     OUT_DIR and no scratch directory beside it."""
-    cfg, params = checkpoint
+    model = checkpoint
     lowered_type = type(qtrace.lower(lambda x: x + 1, (np.zeros(2, np.float32),)))
 
     def full_disk(*args: Any, **kwargs: Any) -> Any:
@@ -583,20 +560,9 @@ def test_export_failing_while_writing_leaves_nothing(checkpoint: Any, tmp_path: 
     monkeypatch.setattr(lowered_type, "save", full_disk)
     out = tmp_path / "out"
     with pytest.raises(OSError):
-        export_model(cfg, params, str(out), ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN)
+        export_model(model, str(out), ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN)
     assert directory_state(str(out)) in (None, {})
     assert os.listdir(tmp_path) in ([], ["out"])
-
-
-def test_context_longer_than_mistral_sliding_window_is_refused(tmp_path: Any) -> None:
-    directory = copy_checkpoint(os.path.join(FIXTURES, "mistral"), str(tmp_path / "checkpoint"))
-    _rewrite_config(directory, lambda c: c.update(sliding_window=16))
-    cfg, params = load_checkpoint(directory)
-    with pytest.raises(ConfigError, match="sliding window"):
-        export_model(cfg, params, str(tmp_path / "out"), ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN)
-    assert not os.path.exists(tmp_path / "out")
-    export_model(cfg, params, str(tmp_path / "out"), ctx_len=16, prefill_seq_len=PREFILL_LEN)
-    assert os.path.exists(tmp_path / "out" / "model.onnx")
 
 
 # -- the compiler's side files (design.md section 6) -----------------------------------------------------
@@ -605,9 +571,9 @@ def test_context_longer_than_mistral_sliding_window_is_refused(tmp_path: Any) ->
 @pytest.fixture(scope="module")
 def default_export(checkpoint: Any, tmp_path_factory: Any) -> str:
     """Exported with export_model's defaults: ctx_len 128, prefill length 32, batch size 1."""
-    cfg, params = checkpoint
+    model = checkpoint
     out = str(tmp_path_factory.mktemp("default"))
-    export_model(cfg, params, out)
+    export_model(model, out)
     return out
 
 
@@ -620,8 +586,8 @@ def test_specializations_json_is_the_design_documents(default_export: str) -> No
 
 
 def test_specializations_json_with_continuous_batching(checkpoint: Any, tmp_path: Any) -> None:
-    cfg, params = checkpoint
-    export_model(cfg, params, str(tmp_path), ctx_len=64, prefill_seq_len=16, full_batch_size=4)
+    model = checkpoint
+    export_model(model, str(tmp_path), ctx_len=64, prefill_seq_len=16, full_batch_size=4)
     with open(os.path.join(tmp_path, "specializations.json")) as f:
         written = json.load(f)
     assert written == {"specializations": [
@@ -667,7 +633,7 @@ def test_custom_io_yaml_parses_as_yaml(default_export: str) -> None:
 
 COMPILE_COMMAND = ("qaic-compile -aic-hw -aic-hw-version=ai100 -m=model.onnx -retained-state -convert-to-fp16 "
                    "-aic-num-cores=16 -network-specialization-config=specializations.json "
-                   "-custom-IO-list-file=custom_io.yaml -aic-binary-dir=qpc")
+                   "-custom-IO-list-file=custom_io.yaml -aic-binary-dir=qpc -sub-functions")
 
 
 def test_compile_sh_holds_the_qaic_compile_command(default_export: str) -> None:
@@ -677,6 +643,14 @@ def test_compile_sh_holds_the_qaic_compile_command(default_export: str) -> None:
         lines = f.read().splitlines()
     assert lines[0].startswith("#!")
     assert COMPILE_COMMAND in lines
+
+
+def test_compile_sh_asks_for_sub_functions_only_with_layer_functions(checkpoint: Model, tmp_path: Any) -> None:
+    """QEfficient adds -sub-functions whenever its export holds layer functions; an inlined export has none."""
+    export_model(checkpoint, str(tmp_path), ctx_len=CTX_LEN, prefill_seq_len=PREFILL_LEN, layer_functions=False)
+    with open(os.path.join(tmp_path, "compile.sh")) as f:
+        command = f.read().splitlines()[-1]
+    assert command == COMPILE_COMMAND.replace(" -sub-functions", "")
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
@@ -774,13 +748,13 @@ def test_plain_onnxruntime_runs_the_export_as_saved(checkpoint: Any, exported: s
     assert any(c.dtype.kind == "i" and (c == INT32_MAX).any() for c in constants)
 
     session = ort.InferenceSession(os.path.join(exported, "model.onnx"), providers=["CPUExecutionProvider"])
-    cfg, params = checkpoint
+    model = checkpoint
     ids = np.array([PROMPTS["short"] + [0] * 5], np.int64)
     positions = np.array([[0, 1, 2, -1, -1, -1, -1, -1]], np.int64)
-    cache = eager_cache(cfg)
+    cache = eager_cache(model)
     outputs = dict(zip([o.name for o in session.get_outputs()],
                        session.run(None, {"input_ids": ids, "position_ids": positions, **cache})))
-    fn, _ = llama.causal_lm_signature(cfg, params)
+    fn, _ = model.signature()
     expected = fn(ids, positions, cache)
     assert np.abs(outputs["logits"] - expected["logits"]).max() <= TOLERANCE
     for name in cache:
@@ -827,10 +801,10 @@ def test_cli_generate_with_continuous_batching(tmp_path: Any, capsys: Any) -> No
     prompts = [PROMPTS["short"], qwen_prompt, PROMPTS["several_chunks"]]
     batched = cli_generate(capsys, out, prompts, 9)
     assert batched[1] == qwen_tokens
-    cfg, params = load_checkpoint(os.path.join(FIXTURES, "qwen2"))
-    eager_qwen = eager_step(llama.causal_lm_signature(cfg, params)[0])
+    model = load_checkpoint(os.path.join(FIXTURES, "qwen2"))
+    eager_qwen = eager_step(model.signature()[0])
     for prompt, tokens in zip(prompts, batched):
-        assert tokens == unpadded_run(eager_qwen, prompt, 9, eager_cache(cfg))[0]
+        assert tokens == unpadded_run(eager_qwen, prompt, 9, eager_cache(model))[0]
 
 
 def test_cli_export_of_missing_directory_fails_cleanly(tmp_path: Any, capsys: Any) -> None:
@@ -860,16 +834,15 @@ def test_cli_main_is_the_installed_entry_point() -> None:
 def test_export_covers_a_context_longer_than_max_position_embeddings(tmp_path: Any) -> None:
     """The RoPE tables are sized for the exported ctx_len, so positions past max_position_embeddings
     still index them (onnxruntime agrees with the eager model at the last slot)."""
-    cfg = llama.LlamaConfig.tiny(max_position_embeddings=8)
-    params = llama.init_params(cfg, seed=5)
+    model = random_model(tiny_config(max_position_embeddings=8), seed=5)
     out = str(tmp_path / "long")
-    export_model(cfg, params, out, ctx_len=32, prefill_seq_len=8)
+    export_model(model, out, ctx_len=32, prefill_seq_len=8)
     step = onnx_step(onnx_session(out))
     cache = onnx_cache(out, 1)
     ids, positions = np.array([[3]], np.int64), np.array([[31]], np.int64)
     logits, _ = step(ids, positions, cache, None)
-    eager = llama.causal_lm_signature(cfg, params, max_ctx_len=32)[0]
-    expected = eager(ids, positions, llama.empty_cache(cfg, 1, 32))["logits"]
+    eager = model.signature(max_ctx_len=32)[0]
+    expected = eager(ids, positions, model.empty_cache(1, 32))["logits"]
     assert np.max(np.abs(logits - expected)) <= TOLERANCE
 
 

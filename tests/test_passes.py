@@ -20,7 +20,10 @@ import qtrace
 import qtrace.primitives as qp
 from qtrace import CheckError, ShapeDtype, ShapeError
 from qtrace.cli import main as cli_main
-from qtrace.examples import llama, numpy_decoder
+from qtrace.examples import numpy_decoder
+from qtrace.examples.blocks import linear
+from qtrace.examples.checkpoint import random_model
+from qtrace.examples.families.llama import tiny_config
 from qtrace.ir import Graph
 from qtrace.passes import DEFAULT_PIPELINE, PASSES, register_pass, run_pipeline
 from qtrace.passes.shape_check import check_graph
@@ -155,12 +158,13 @@ def test_default_pipeline_keeps_values_of_generated_graphs(program):
 
 
 def llama_model(layer_functions: bool):
-    cfg = llama.LlamaConfig.tiny()
-    fn, args = llama.causal_lm_signature(cfg, llama.init_params(cfg), layer_functions=layer_functions)
+    model = random_model(tiny_config())
+    cfg = model.cfg
+    fn, args = model.signature(layer_functions=layer_functions)
     rng = np.random.default_rng(0)
     ids = rng.integers(0, cfg.vocab_size, (2, 3))
     positions = np.array([[0, 1, 2], [4, 5, 6]])
-    cache = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in llama.empty_cache(cfg, 2, 8).items()}
+    cache = {k: rng.standard_normal(v.shape).astype(np.float32) for k, v in model.empty_cache(2, 8).items()}
     return fn, args, (ids, positions, cache)
 
 
@@ -422,13 +426,12 @@ def test_shape_error_in_numpy_decoder_points_at_its_line_with_symbolic_shapes():
 
 
 def test_shape_error_in_llama_example_points_at_its_line_with_symbolic_shapes():
-    cfg = llama.LlamaConfig.tiny(num_hidden_layers=1)
-    params = llama.init_params(cfg)
-    params["layers"][0]["k_proj"] = params["layers"][0]["k_proj"][:, :48]  # the deliberate error
-    fn, args = llama.causal_lm_signature(cfg, params)
+    model = random_model(tiny_config(num_hidden_layers=1))
+    model.params["layers"][0]["k_proj"] = model.params["layers"][0]["k_proj"][:, :48]  # the deliberate error
+    fn, args = model.signature()
     with pytest.raises(ShapeError) as info:
         qtrace.trace(fn, args)
-    assert_located(info.value, llama.linear, "y = x @")
+    assert_located(info.value, linear, "y = x @")
     assert "f32[batch_size,seq_len,64]" in str(info.value) and "48" in str(info.value)
 
 

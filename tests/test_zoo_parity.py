@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 
 from qtrace.examples.checkpoint import export_model, load_checkpoint
-from qtrace.examples.generation import cache_spec, new_cache, onnx_session, onnx_step, prefill
+from qtrace.examples.generation import cache_layout, new_cache, onnx_session, onnx_step, prefill
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 NAMES = ["llama", "llama3_rope", "llama_tied", "mistral", "qwen2"]
@@ -47,9 +47,9 @@ def exports(tmp_path_factory: Any) -> dict[tuple[str, str], str]:
     def get(name: str, driver: str) -> str:
         if (name, driver) not in made:
             prefill_len, full_batch_size, _ = DRIVERS[driver]
-            cfg, params = load_checkpoint(os.path.join(FIXTURES, name))
+            model = load_checkpoint(os.path.join(FIXTURES, name))
             out = str(tmp_path_factory.mktemp(f"{name}-{driver}"))
-            export_model(cfg, params, out, ctx_len=CTX_LEN, prefill_seq_len=prefill_len,
+            export_model(model, out, ctx_len=CTX_LEN, prefill_seq_len=prefill_len,
                          full_batch_size=full_batch_size)
             made[name, driver] = out
         return made[name, driver]
@@ -61,9 +61,7 @@ def run_on_onnxruntime(model_dir: str, prompt: list[int], decode_steps: int, pre
                        full_batch_size: int | None, slot: int | None) -> tuple[np.ndarray, list[int]]:
     """The logits of the prefill (its last chunk) and of each greedy decode step, and the tokens."""
     session = onnx_session(model_dir)
-    spec = cache_spec(session)
-    _, heads, _, head_dim = next(iter(spec.values()))[0]
-    cache = new_cache(list(spec), (full_batch_size or 1, heads, CTX_LEN, head_dim), np.float32)
+    cache = new_cache(cache_layout(session), full_batch_size or 1, CTX_LEN)
     step = onnx_step(session)
     seen: list[np.ndarray] = []
 
@@ -126,9 +124,8 @@ def test_fixture_prompts_cover_padding_and_several_chunks() -> None:
 
 def test_llama3_rope_fixture_uses_scaled_frequencies() -> None:
     """transformers >= 5 writes rope_theta and the llama3 scaling inside `rope_parameters`."""
-    cfg, _ = load_checkpoint(os.path.join(FIXTURES, "llama3_rope"))
-    assert cfg.rope_theta == 500000.0
-    assert dict(cfg.rope_scaling or ())["rope_type"] == "llama3"
+    cfg = load_checkpoint(os.path.join(FIXTURES, "llama3_rope")).cfg
+    assert cfg.rope.theta == 500000.0 and cfg.rope.kind == "llama3"
 
 
 def test_transformers_4_config_layout_reads_the_same(tmp_path: Any) -> None:
@@ -140,6 +137,6 @@ def test_transformers_4_config_layout_reads_the_same(tmp_path: Any) -> None:
     config["rope_scaling"] = rope
     (tmp_path / "config.json").write_text(json.dumps(config))
     os.symlink(os.path.join(FIXTURES, "llama3_rope", "model.safetensors"), tmp_path / "model.safetensors")
-    old_layout, _ = load_checkpoint(str(tmp_path))
-    new_layout, _ = load_checkpoint(os.path.join(FIXTURES, "llama3_rope"))
+    old_layout = load_checkpoint(str(tmp_path)).cfg
+    new_layout = load_checkpoint(os.path.join(FIXTURES, "llama3_rope")).cfg
     assert old_layout == new_layout
