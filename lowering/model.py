@@ -150,7 +150,7 @@ def lower_body(graph: Graph, output_names: list[str], *, opset: int, in_function
     ctx.reserve_names(output_names)
     if in_function:
         for value in graph.constants:  # functions hold no initializers
-            node = helper.make_node("Constant", [], [names[value]], name=f"{value.name}/Constant",
+            node = helper.make_node("Constant", [], [names[value]], name=ctx.unique_node_name(f"{value.name}/Constant"),
                                     value=onnx.numpy_helper.from_array(value.const, names[value]))
             users = graph.consumers(value)
             add_source(node, users[0][0].location if users else None)
@@ -172,7 +172,7 @@ def lower_body(graph: Graph, output_names: list[str], *, opset: int, in_function
                 ctx.nodes[-1].output[0] = names[value]
     ctx.current = None
     for name, value in identities:
-        identity = helper.make_node("Identity", [names[value]], [name], name=f"{name}/Identity")
+        identity = helper.make_node("Identity", [names[value]], [name], name=ctx.unique_node_name(f"{name}/Identity"))
         add_source(identity, value.producer.location if value.producer is not None else None)
         ctx.nodes.append(identity)
     return ctx, identities

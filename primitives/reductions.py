@@ -101,7 +101,8 @@ def argmax(x: Any, axis: int | None = None, out: Any = None, *, keepdims: bool =
     if axis is None:
         from .shape_ops import reshape
 
-        x, axis = reshape(x, (-1,)), 0
+        flat = argmax_p.bind(reshape(x, (-1,)), axis=0, keepdims=False)
+        return reshape(flat, (1,) * x.ndim) if keepdims else flat  # numpy keeps every dim, as 1
     return argmax_p.bind(x, axis=normalize_axis(axis, x.ndim, op="argmax"), keepdims=bool(keepdims))
 
 

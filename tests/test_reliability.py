@@ -463,3 +463,33 @@ def test_nonfinite_weights_are_named(tmp_path):
         warn_nonfinite_weights(weights)
     lowered = qtrace.lower(lambda x: x * weights["nan"], (ShapeDtype((2,)),))
     assert lowered.nonfinite_weights() == ["nan"]
+
+
+# -- ONNX node names ------------------------------------------------------------------------------------
+
+
+def test_two_functions_with_one_name_give_unique_node_names():
+    # Found by the fuzzer: functions `weighted` and `weighted_1` (a second function named `weighted`)
+    # gave two call nodes named weighted_1, and onnxruntime refused the model.
+    def make(scale):
+        @qtrace.function
+        def weighted(x):
+            return x * scale + 1.0
+
+        return weighted
+
+    first, second = make(2.0), make(3.0)  # different bodies: not merged
+
+    def fn(x):
+        return second(first(first(x)))
+
+    lowered = lower_and_compare(fn, np.arange(3, dtype=F32))
+    names = [n.name for n in lowered.model.graph.node]
+    assert len(names) == len(set(names)) and sorted(lowered.graph.functions) == ["weighted", "weighted_1"]
+
+
+def test_argmax_over_all_axes_with_keepdims_keeps_every_axis():
+    # Found by the fuzzer: numpy gives shape (1, 1, 1), qtrace gave (1,).
+    x = np.random.default_rng(2).standard_normal((2, 3, 4)).astype(F32)
+    lowered = lower_and_compare(lambda x: np.argmax(x, keepdims=True), x)
+    assert lowered.graph.outputs[0].shape == (1, 1, 1)
