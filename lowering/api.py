@@ -247,18 +247,25 @@ def lower(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwar
     """
     from qtrace.passes import run_pipeline
 
-    _check_lower_arguments(opset, dtype, passes, input_names, output_names)
+    dump_dir = dump_dir or os.environ.get("QTRACE_DUMP") or None
+    _check_lower_arguments(opset, dtype, passes, input_names, output_names, dump_dir)
     graph = trace(fn, example_args, example_kwargs, input_names=input_names, output_names=output_names, name=name)
     if dtype is not None:
         convert_to_float16(graph)
-    report = run_pipeline(graph, passes, dump_dir=dump_dir or os.environ.get("QTRACE_DUMP") or None, debug=debug)
+    try:
+        report = run_pipeline(graph, passes, dump_dir=dump_dir, debug=debug)
+    except OSError as exc:
+        raise FileError(f"writing the IR dumps to {dump_dir} failed: {exc}") from None
     names = _output_names(graph, output_names, retained_state)
     parts = build_model(graph, names, opset=opset, local_domain=local_domain)
     return Lowered(fn, graph, parts, names, report, converted_float16=dtype is not None)
 
 
-def _check_lower_arguments(opset: Any, dtype: Any, passes: Any, input_names: Any, output_names: Any) -> None:
+def _check_lower_arguments(opset: Any, dtype: Any, passes: Any, input_names: Any, output_names: Any,
+                           dump_dir: Any) -> None:
     """The keyword arguments of `lower`, checked before any work."""
+    if dump_dir is not None and os.path.exists(dump_dir) and not os.path.isdir(dump_dir):
+        raise FileError(f"the IR dump directory {dump_dir} (dump_dir or $QTRACE_DUMP) is a file")
     if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)):
         raise LoweringError(f"opset must be an int in {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got "
                             f"{type(opset).__name__} {opset!r}")

@@ -42,7 +42,10 @@ def as_array(x: Any) -> Array:
                          "full to build arrays from symbolic sizes", location=user_location())
     if isinstance(x, int) and not isinstance(x, bool) and not -2**63 <= x < 2**63:
         return scalar_array(x, np.dtype(np.int64))  # numpy would make an object array
-    return np.asarray(x)
+    array = np.asarray(x)
+    if array.dtype == object:
+        raise DTypeError(f"{type(x).__name__} {x!r:.60} is not an array or a number", location=user_location())
+    return array
 
 
 def scalar_array(value: Any, dtype: np.dtype, op: str | None = None) -> np.ndarray:
@@ -116,7 +119,13 @@ def normalize_axes(axis: int | Sequence[int] | None, ndim: int, *, op: str | Non
     """Reduction axes as a sorted tuple; None means all."""
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
+    if isinstance(axis, (int, np.integer)):
+        axes: tuple = (axis,)
+    elif isinstance(axis, (tuple, list)):
+        axes = tuple(axis)
+    else:
+        raise ShapeError(f"axis must be an int or a tuple of ints, got {type(axis).__name__} {axis!r}", op=op,
+                         location=user_location())
     normalized = tuple(sorted(normalize_axis(a, ndim, op=op) for a in axes))
     if len(set(normalized)) != len(normalized):
         raise ShapeError(f"repeated axis in {axis}", op=op, location=user_location())

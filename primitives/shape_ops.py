@@ -111,7 +111,11 @@ def moveaxis(x: Any, source: int, destination: int) -> Array:
 
 
 def _broadcast_to_rule(x: ShapeDtype, *, shape: tuple[DimLike, ...]) -> ShapeDtype:
-    if len(shape) < x.ndim or broadcast_shapes(x.shape, shape) != tuple(shape):
+    try:
+        fits = len(shape) >= x.ndim and broadcast_shapes(x.shape, shape) == tuple(shape)
+    except ShapeError:
+        fits = False
+    if not fits:
         raise ShapeError(f"cannot broadcast {x} to [{shape_str(shape)}]")
     return ShapeDtype(shape, x.dtype)
 
@@ -206,6 +210,9 @@ def stack(arrays: Sequence[Any], axis: int = 0) -> Array:
     arrays = [as_array(a) for a in arrays]
     if not arrays:
         raise ShapeError("stack needs at least one array", location=user_location())
+    if any(a.shape != arrays[0].shape for a in arrays):
+        raise ShapeError(f"arrays must have one shape, got {', '.join(str(ShapeDtype.of(a)) for a in arrays)}",
+                         op="stack", location=user_location())
     axis = normalize_axis(axis, arrays[0].ndim + 1, op="stack")
     return concatenate([expand_dims(a, axis) for a in arrays], axis=axis)
 
@@ -299,9 +306,10 @@ def slice(x: Any, slices: Sequence[builtins.slice | None]) -> Array:  # noqa: A0
     x = as_array(x)
     full = [(s.start, s.stop, 1 if s.step is None else s.step) if s is not None else (None, None, 1)
             for s in slices] + [(None, None, 1)] * (x.ndim - len(slices))
+    full = [tuple(_static_index(v) if v is not None else None for v in f) for f in full]  # before comparing
     if all(f == (None, None, 1) for f in full):
         return x
-    return slice_p.bind(x, slices=tuple(tuple(_static_index(v) if v is not None else None for v in f) for f in full))
+    return slice_p.bind(x, slices=tuple(full))
 
 
 def _static_index(value: Any) -> int:
@@ -504,7 +512,16 @@ def index_put(data: Any, indices: Any, updates: Any) -> Array:
         if int_axes:
             region = _index_shape(ShapeDtype.of(data), tuple(spec), [])
             squeezed = tuple(d for a, d in enumerate(region) if a not in int_axes)
-            updates = broadcast_to(updates, squeezed) if updates.shape != squeezed else updates
+            if updates.shape != squeezed:
+                try:
+                    fits = broadcast_shapes(updates.shape, squeezed) == squeezed
+                except ShapeError:
+                    fits = False
+                if not fits:
+                    raise ShapeError(f"updates {ShapeDtype.of(updates)} do not broadcast to the indexed region "
+                                     f"[{shape_str(squeezed)}] of {ShapeDtype.of(data)}", op="index_put",
+                                     location=user_location())
+                updates = broadcast_to(updates, squeezed)
             updates = expand_dims(updates, int_axes)
     region = _index_shape(ShapeDtype.of(data), tuple(spec), [ShapeDtype.of(a).shape for a in arrays])
     if 0 in region:  # nothing is written (x[0:0] = v): a scatter of no elements is no model at all

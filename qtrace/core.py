@@ -257,10 +257,13 @@ class Tracer:
         return self._concretize("float()")
 
     def __index__(self) -> int:
-        return self._concretize("use as a Python index")
+        return self._concretize("use as a Python index (to index a numpy array with traced indices, use "
+                                "qtrace.primitives.take(array, indices))")
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return self._concretize("conversion to a numpy array")
+        return self._concretize("conversion to a numpy array (numpy indexing a numpy array with a traced "
+                                "value, or np.asarray of one, needs it; index with qtrace.primitives.take"
+                                "(array, indices))")
 
     def tolist(self) -> Any:
         return self._concretize("tolist()")
@@ -297,7 +300,10 @@ class Tracer:
     # numpy protocols: np.exp(tracer), np.concatenate([tracer, ...]) record qtrace primitives.
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         fn = NUMPY_UFUNCS.get(ufunc) if method == "__call__" else None
-        if fn is None or kwargs.get("out") is not None:
+        if fn is not None and kwargs.get("out") is not None:
+            raise UnsupportedError(f"numpy.{ufunc.__name__}: out= is not supported on traced values (they are "
+                                   "not buffers); use the returned value", location=user_location())
+        if fn is None:
             what = ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"
             raise UnsupportedError(
                 f"numpy.{what} is not supported on traced values; supported ufuncs: "

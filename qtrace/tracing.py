@@ -146,8 +146,13 @@ def _run_on_tracers(trace_: Trace, fn: Callable[..., Any], leaves: list[Any], ma
         args, kwargs = pytree.unflatten(in_tree, traced)
         try:
             return fn(*args, **kwargs)
-        except ValueError as exc:
-            if guarded.arrays and "read-only" in str(exc):
+        except QtraceError:
+            raise
+        except (ValueError, TypeError) as exc:
+            inner = exc.__cause__ or exc.__context__
+            if isinstance(inner, QtraceError):  # numpy wrapped our error (float(tracer) in `a[0] = tracer`)
+                raise inner.with_traceback(None) from None
+            if isinstance(exc, ValueError) and guarded.arrays and "read-only" in str(exc):
                 raise guarded.mutation_error(exc, trace_.constant_names) from None
             raise
         except RecursionError:
