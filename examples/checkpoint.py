@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -22,8 +21,11 @@ from typing import Any, Callable
 import numpy as np
 
 import qtrace
-from qtrace.lowering.side_files import (CompileOptions, compile_script, custom_io_yaml, kv_state_names,
-                                        specializations)
+from qtrace import pytree
+from qtrace.lowering import warn_nonfinite_weights
+from qtrace.lowering.save import scratch_directory
+from qtrace.lowering.side_files import (CompileOptions, check_export_options, compile_script, custom_io_yaml,
+                                        kv_state_names, specializations)
 
 from .blocks.causal_lm import Model
 from .config import ConfigError, DecoderConfig, load_config_json
@@ -179,9 +181,17 @@ class ExportReport:
 
 
 def _atomic_directory(out_dir: str) -> str:
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", dir=parent)
+    return scratch_directory(out_dir)  # named for this process: the next export removes a killed one's
+
+
+def _warn_nonfinite_params(model: Model) -> None:
+    """Warn naming the checkpoint tensors (or param paths of a random model) that hold NaN or inf."""
+    leaves, _ = pytree.flatten(model.params)
+    weight_map = model.arch.weights(model.cfg)
+    named: dict[str, np.ndarray] = {}
+    for path, array in zip(pytree.leaf_paths(model.params), leaves):
+        named.setdefault(weight_map[path].name if path in weight_map else path, np.asarray(array))
+    warn_nonfinite_weights(named, stacklevel=3)
 
 
 def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_len: int = 32, batch_size: int = 1,
@@ -194,6 +204,7 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
     out_dir as it was. progress(stage) names each stage; bytes_progress(done, total) follows the weights."""
     if weights not in ("copy", "reference"):
         raise CheckpointError(f"--weights must be copy or reference, got {weights!r}")
+    check_export_options(ctx_len, prefill_seq_len, batch_size, full_batch_size, compile_options)
     say = progress or (lambda _: None)
     stages: dict[str, float] = {}
     start = time.perf_counter()
@@ -212,6 +223,8 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
         lowered.save(model_path, external_data=True, reference_weights=(weights == "reference"),
                      progress=bytes_progress)
         stages["save"] = time.perf_counter() - start
+        if weights == "copy":  # the weights were just read: naming NaN/inf ones costs one more pass in memory
+            _warn_nonfinite_params(model)
         with open(os.path.join(scratch, "specializations.json"), "w") as f:
             json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size), f, indent=2)
         with open(os.path.join(scratch, "custom_io.yaml"), "w") as f:

@@ -12,16 +12,20 @@ from typing import Any, Callable
 
 import numpy as np
 
+from qtrace.errors import FileError, NumericsError, UsageError
+
 RETAINED = "_RetainedState"
 Step = Callable[[np.ndarray, np.ndarray, dict[str, np.ndarray], Any], tuple[np.ndarray, dict[str, np.ndarray]]]
 
 
 def onnx_session(model_dir: str) -> Any:
-    import onnxruntime as ort
+    """A session with qtrace's onnxruntime settings (qtrace.lowering.session: no faulty optimizers)."""
+    from qtrace.lowering.session import inference_session
 
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(os.path.join(model_dir, "model.onnx"), options, providers=["CPUExecutionProvider"])
+    path = os.path.join(model_dir, "model.onnx")
+    if not os.path.isfile(path):
+        raise FileError(f"{model_dir}: no model.onnx (is it the output directory of `qtrace export`?)")
+    return inference_session(path)
 
 
 def onnx_step(session: Any) -> Step:
@@ -77,7 +81,7 @@ def prefill(step: Step, prompt: list[int], cache: dict[str, np.ndarray], prefill
             slot: int | None = None) -> tuple[int, dict[str, np.ndarray]]:
     """Feed the prompt in chunks; returns the first generated token and the cache."""
     if not prompt:
-        raise ValueError("the prompt is empty")
+        raise UsageError("--prompt-ids: the prompt is empty")
     chunks = (len(prompt) + prefill_len - 1) // prefill_len
     batch_index = None if slot is None else np.array([[slot]], np.int64)
     logits = None
@@ -88,16 +92,35 @@ def prefill(step: Step, prompt: list[int], cache: dict[str, np.ndarray], prefill
         ids[0, :len(tokens)] = tokens
         positions[0, :len(tokens)] = np.arange(c * prefill_len, c * prefill_len + len(tokens))
         logits, cache = step(ids, positions, cache, batch_index)
-    return int(np.argmax(logits[0, -1])), cache
+    return pick(logits, 0, f"prefill of a prompt of {len(prompt)} tokens"), cache
+
+
+def pick(logits: np.ndarray, row: int, what: str) -> int:
+    """The greedy token of one row of logits; NaN or inf logits stop generation (argmax would pick
+    token 0 forever)."""
+    last = logits[row, -1]
+    if not np.isfinite(last).all():
+        bad = int((~np.isfinite(last)).sum())
+        raise NumericsError(f"the logits of the {what} hold NaN or inf ({bad} of {last.size}); check the weights "
+                            "for NaN or inf (qtrace.lowering.nonfinite_weights names them)")
+    return int(np.argmax(last))
 
 
 def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefill_len: int, ctx_len: int,
              layout: CacheLayout, full_batch_size: int | None = None) -> list[list[int]]:
     """Greedy tokens for each prompt. Without continuous batching each prompt runs alone (batch 1);
     with it, every prompt is prefilled into its own cache slot and all decode together."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be an integer of at least 1, got {max_new_tokens!r}")
+    if prefill_len < 1 or ctx_len < prefill_len:
+        raise UsageError(f"the export's prefill length {prefill_len} and context length {ctx_len} cannot run "
+                         "(specializations.json): prefill needs 1 <= seq_len <= ctx_len")
     for prompt in prompts:
+        if not prompt:
+            raise UsageError("--prompt-ids: a prompt is empty")
         if len(prompt) + max_new_tokens > ctx_len:
-            raise ValueError(f"a prompt of {len(prompt)} tokens plus {max_new_tokens} new ones exceeds ctx_len {ctx_len}")
+            raise UsageError(f"--prompt-ids: a prompt of {len(prompt)} tokens plus --max-new-tokens {max_new_tokens} "
+                             f"exceeds the context length (ctx_len) {ctx_len} of the export")
     if full_batch_size is None:
         results = []
         for prompt in prompts:
@@ -105,11 +128,12 @@ def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefi
             tokens = [token]
             for position in range(len(prompt), len(prompt) + max_new_tokens - 1):
                 logits, cache = step(np.array([[tokens[-1]]]), np.array([[position]]), cache, None)
-                tokens.append(int(np.argmax(logits[0, -1])))
+                tokens.append(pick(logits, 0, f"decode step at position {position}"))
             results.append(tokens)
         return results
     if len(prompts) > full_batch_size:
-        raise ValueError(f"{len(prompts)} prompts do not fit {full_batch_size} cache slots")
+        raise UsageError(f"--prompt-ids: {len(prompts)} prompts do not fit the {full_batch_size} cache slots of the "
+                         "export (--full-batch-size)")
     slots = list(range(len(prompts)))[::-1]  # fill slots in reverse order: batch_index is not the row order
     cache = new_cache(layout, full_batch_size, ctx_len)
     results = [[] for _ in prompts]
@@ -124,7 +148,7 @@ def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefi
         pos = np.array([[p] for p in positions], np.int64)
         logits, cache = step(ids, pos, cache, np.arange(full_batch_size, dtype=np.int64)[:, None])
         for prompt_index, slot in enumerate(slots):
-            token = int(np.argmax(logits[slot, -1]))
+            token = pick(logits, slot, f"decode step of cache slot {slot}")
             results[prompt_index].append(token)
             last[slot] = token
             positions[slot] += 1

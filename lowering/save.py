@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
 import tempfile
 from typing import Callable, Iterator
 
@@ -53,18 +54,32 @@ def _atomic_path(path: str) -> str:
 
 
 def _remove_stale_temporaries(directory: str, name: str) -> None:
-    """Delete `.<name>.<pid>.*.tmp` files left by a save that was killed (the process `pid` is gone);
-    a save still running in another process keeps its file."""
+    """Delete `.<name>.<pid>.*.tmp` files (and scratch directories) left by a save or an export that was
+    killed (the process `pid` is gone); one still running in another process keeps its own."""
     prefix = f".{name}."
     for entry in os.listdir(directory):
         if not (entry.startswith(prefix) and entry.endswith(".tmp")):
             continue
         pid = entry[len(prefix):].split(".", 1)[0]
         if pid.isdigit() and not _process_alive(int(pid)):
+            stale = os.path.join(directory, entry)
             try:
-                os.unlink(os.path.join(directory, entry))
+                if os.path.isdir(stale) and not os.path.islink(stale):
+                    shutil.rmtree(stale)
+                else:
+                    os.unlink(stale)
             except OSError:  # removed meanwhile, or not ours to remove
                 pass
+
+
+def scratch_directory(path: str) -> str:
+    """A new hidden directory next to `path` to build it in (`.<name>.<pid>.*.tmp`), after removing the
+    ones killed exports into the same place left behind."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(os.path.abspath(path))
+    _remove_stale_temporaries(parent, name)
+    return tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=parent)
 
 
 def _process_alive(pid: int) -> bool:

@@ -14,7 +14,8 @@ from . import primitives  # noqa: F401  (fills the Tracer operator tables)
 from .core import Primitive, Tracer, scope
 from .dims import Dim
 from .errors import (CheckError, ConcretizationError, DTypeError, FileError, LoweringError, NonFiniteWeightsWarning,
-                     QtraceError, ShapeError, TraceError, UnsupportedError)
+                     NumericsError, QtraceError, ShapeError, TraceError, UnsupportedError,
+                     UsageError)
 from .ir import Graph, ShapeDtype
 from .tracing import function, trace
 
@@ -30,4 +31,5 @@ def lower(*args: Any, **kwargs: Any) -> Any:
 
 __all__ = ["trace", "lower", "function", "scope", "ShapeDtype", "Graph", "Dim", "Primitive", "Tracer",
            "QtraceError", "ShapeError", "DTypeError", "ConcretizationError", "UnsupportedError", "TraceError",
-           "LoweringError", "CheckError", "FileError", "NonFiniteWeightsWarning", "primitives"]
+           "LoweringError", "CheckError", "FileError", "NonFiniteWeightsWarning", "UsageError",
+           "NumericsError", "primitives"]

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import QtraceError
+from .errors import FileError, QtraceError, UsageError, user_location
 
 
 def _progress(message: str) -> None:
@@ -116,8 +116,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.checkpoint is None or args.output is None:
         raise QtraceError("export needs a CHECKPOINT_DIR and -o OUT (or --list-architectures)")
     from .examples.checkpoint import export_model, load_checkpoint
-    from .lowering.side_files import CompileOptions
+    from .lowering.side_files import CompileOptions, check_export_options
 
+    compile_options = CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
+                                     args.kv_cache_precision)
+    check_export_options(args.ctx_len, args.prefill_seq_len, args.batch_size, args.full_batch_size, compile_options)
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UsageError(f"-o {args.output} is a file; give a directory (created when missing)")
     start = time.perf_counter()
     dtype = np.float16 if args.dtype == "float16" else np.float32
     model = load_checkpoint(args.checkpoint, dtype=dtype)
@@ -125,8 +130,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size, dtype=args.dtype,
                           weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
-                          compile_options=CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
-                                                         args.kv_cache_precision),
+                          compile_options=compile_options,
                           bytes_progress=_ProgressBar())
     print(f"{model.cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
     print(_summary(report.lowered, {"load": load_seconds, **report.stage_seconds}))
@@ -135,20 +139,63 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _parse_ids(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        ids = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise QtraceError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+        raise UsageError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise UsageError(f"--prompt-ids {text!r} holds no token id")
+    return ids
+
+
+def _read_specializations(model_dir: str) -> tuple[int, int, int | None]:
+    """(ctx_len, prefill seq_len, full_batch_size or None) from an export's specializations.json."""
+    path = os.path.join(model_dir, "specializations.json")
+    try:
+        with open(path) as f:
+            specs = {s["name"]: s["symbols"] for s in json.load(f)["specializations"]}
+        prefill, decode = specs["Prefill"], specs["Decode"]
+        ctx_len, prefill_len = int(prefill["ctx_len"]), int(prefill["seq_len"])
+        full_batch = int(decode["full_batch_size"]) if "full_batch_size" in decode else None
+    except FileNotFoundError:
+        raise FileError(f"{model_dir}: no specializations.json (is it the output directory of `qtrace export`?)") \
+            from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FileError(f"{path}: not a specializations file of `qtrace export` ({type(exc).__name__}: {exc})") \
+            from None
+    if prefill_len < 1 or ctx_len < prefill_len or (full_batch is not None and full_batch < 1):
+        raise FileError(f"{path}: Prefill seq_len {prefill_len}, ctx_len {ctx_len}, full_batch_size {full_batch} "
+                        "cannot run (1 <= seq_len <= ctx_len, full_batch_size >= 1)")
+    return ctx_len, prefill_len, full_batch
+
+
+def _check_token_ids(prompts: list[list[int]], session: Any) -> None:
+    """Token ids in the vocabulary (the logits' last dim): onnxruntime would fail on a Gather index past
+    it, and numpy would wrap a negative one."""
+    logits = next((o for o in session.get_outputs() if o.name == "logits"), None)
+    vocab = logits.shape[-1] if logits is not None and isinstance(logits.shape[-1], int) else None
+    for prompt in prompts:
+        for token in prompt:
+            if token < 0 or (vocab is not None and token >= vocab):
+                bound = f"0..{vocab - 1}" if vocab is not None else "non-negative"
+                raise UsageError(f"--prompt-ids: token id {token} is outside the vocabulary of the export ({bound})")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .examples.generation import cache_layout, generate, onnx_session, onnx_step
 
-    with open(os.path.join(args.model_dir, "specializations.json")) as f:
-        specs = {s["name"]: s["symbols"] for s in json.load(f)["specializations"]}
-    ctx_len, prefill_len = int(specs["Prefill"]["ctx_len"]), int(specs["Prefill"]["seq_len"])
-    full_batch = int(specs["Decode"]["full_batch_size"]) if "full_batch_size" in specs["Decode"] else None
-    session = onnx_session(args.model_dir)
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     prompts = [_parse_ids(p) for p in args.prompt_ids]
+    ctx_len, prefill_len, full_batch = _read_specializations(args.model_dir)
+    for prompt in prompts:
+        if len(prompt) + args.max_new_tokens > ctx_len:
+            raise UsageError(f"--prompt-ids: a prompt of {len(prompt)} tokens plus --max-new-tokens "
+                             f"{args.max_new_tokens} exceeds the context length (ctx_len) {ctx_len} of the export")
+    if full_batch is not None and len(prompts) > full_batch:
+        raise UsageError(f"{len(prompts)} --prompt-ids do not fit the {full_batch} cache slots of the export "
+                         "(--full-batch-size)")
+    session = onnx_session(args.model_dir)
+    _check_token_ids(prompts, session)
     tokens = generate(onnx_step(session), prompts, args.max_new_tokens, prefill_len=prefill_len, ctx_len=ctx_len,
                       layout=cache_layout(session), full_batch_size=full_batch)
     for row in tokens:
@@ -176,12 +223,19 @@ def _load_target(target: str) -> Any:
 
 def _parse_spec(text: str) -> Any:
     """`f32[batch_size,seq_len,64]` or `i64[b,s]` -> ShapeDtype."""
+    import re
+
     from .dtypes import from_short_name
     from .ir import ShapeDtype
 
-    dtype, _, rest = text.partition("[")
-    dims = [d.strip() for d in rest.rstrip("]").split(",") if d.strip()]
-    return ShapeDtype(tuple(int(d) if d.lstrip("-").isdigit() else d for d in dims), from_short_name(dtype))
+    match = re.fullmatch(r"\s*(\w+)\[([^\[\]]*)\]\s*", text)
+    if match is None:
+        raise UsageError(f"--example {text!r} is not a spec like f32[batch_size,seq_len,64]")
+    dims = [d.strip() for d in match.group(2).split(",") if d.strip()]
+    try:
+        return ShapeDtype(tuple(int(d) if d.lstrip("-").isdigit() else d for d in dims), from_short_name(match.group(1)))
+    except QtraceError as exc:
+        raise UsageError(f"--example {text!r}: {exc.message}") from None
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
@@ -200,7 +254,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     passes = list(DEFAULT_PIPELINE)
     if args.after is not None:
         if args.after not in passes and args.after != "trace":
-            raise QtraceError(f"--after must be trace or one of {passes}")
+            raise UsageError(f"--after must be trace or one of {passes}, got {args.after!r}")
         passes = [] if args.after == "trace" else passes[:passes.index(args.after) + 1]
     report = run_pipeline(graph, passes)
     if args.svg:
@@ -271,6 +325,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except QtraceError as exc:
+        caller = user_location()
+        if exc.location is not None and caller is not None and exc.location.file == caller.file:
+            exc.location = None  # located at whoever called main (the `qtrace` script): no user line
         print(f"qtrace {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:

@@ -140,6 +140,14 @@ class FileError(QtraceError, OSError):
     """A file could not be written or read (a full disk, a missing directory, a malformed file)."""
 
 
+class UsageError(QtraceError, ValueError):
+    """An argument or command-line flag has a value qtrace cannot use (the message names the flag)."""
+
+
+class NumericsError(QtraceError, ArithmeticError):
+    """A model computed NaN or inf where a finite value is needed (logits to pick a token from)."""
+
+
 class NonFiniteWeightsWarning(UserWarning):
     """Weights hold NaN or inf: the export still works, but the model cannot compute finite values."""
 

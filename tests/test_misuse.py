@@ -10,12 +10,8 @@ tests/test_misuse_cli.py, with the same harness.
 
 from __future__ import annotations
 
-import collections
-import functools
-import inspect
 import os
-from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -24,69 +20,14 @@ import qtrace
 import qtrace.primitives as qp
 from qtrace import ShapeDtype as S
 
+from misuse_harness import Case, catalogue, check_case, ids
+
 F32, F16, I64, I32 = np.float32, np.float16, np.int64, np.int32
-MARK = "# <-"
-
-
-@dataclass
-class Case:
-    name: str
-    area: str
-    run: Callable[[], Any]
-    error: type
-    parts: tuple[str, ...]
-    located: bool
-    at: Callable[..., Any]
-
-
 CASES: list[Case] = []
 
 
-def catalogue(area: str) -> Callable[..., Callable[[Callable[[], Any]], Callable[[], Any]]]:
-    """`misuse = catalogue("primitives")` gives the decorator that registers cases of one area."""
-
-    def misuse(error: type, *parts: str, located: bool = True,
-               at: Callable[..., Any] | None = None) -> Callable[[Callable[[], Any]], Callable[[], Any]]:
-        """`at`: the function holding the marked line, when it is not the case itself."""
-
-        def register(fn: Callable[[], Any]) -> Callable[[], Any]:
-            CASES.append(Case(fn.__name__, area, fn, error, parts, located, at or fn))
-            return fn
-
-        return register
-
-    return misuse
-
-
-def marked_line(fn: Callable[[], Any]) -> int:
-    lines, first = inspect.getsourcelines(fn)
-    hits = [first + i for i, text in enumerate(lines) if MARK in text]
-    assert len(hits) == 1, f"{fn.__name__} needs exactly one line marked {MARK!r}"
-    return hits[0]
-
-
-def check_case(case: Case) -> None:
-    with pytest.raises(qtrace.QtraceError) as info:
-        case.run()
-    error = info.value
-    assert isinstance(error, case.error), f"{case.name}: {type(error).__name__}, expected {case.error.__name__}: {error}"
-    text = str(error)
-    for part in case.parts:
-        assert part in text, f"{case.name}: {part!r} is not in the message:\n{text}"
-    if case.located:
-        assert error.location is not None, f"{case.name}: no user line in\n{text}"
-        where = (os.path.abspath(error.location.file), error.location.line)
-        assert where == (os.path.abspath(inspect.getsourcefile(case.at)), marked_line(case.at)), \
-            f"{case.name}: located at {error.location}, expected the line marked {MARK}:\n{text}"
-        assert f":{error.location.line} in " in text
-
-
-def ids(case: Case) -> str:
-    return f"{case.area}-{case.name}"
-
-
 # -- primitives: shapes ---------------------------------------------------------------------------------
-misuse = catalogue("primitives")
+misuse = catalogue(CASES, "primitives")
 
 
 @misuse(qtrace.ShapeError, "matmul", "contracting dims differ", "f32[2,3] @ f32[4,2]")
@@ -672,7 +613,7 @@ def ctx_gather_of_a_scalar():
 
 
 # -- tracing: Python needs concrete values ---------------------------------------------------------------
-misuse = catalogue("tracing")
+misuse = catalogue(CASES, "tracing")
 
 
 def _branch_on_a_tracer(x):
@@ -842,7 +783,7 @@ def input_names_a_string():
 
 
 # -- pytrees: arguments at run time ----------------------------------------------------------------------
-misuse = catalogue("pytrees")
+misuse = catalogue(CASES, "pytrees")
 
 
 def _lowered_pair():
@@ -902,7 +843,7 @@ def output_a_python_float():
 
 
 # -- outputs and names -------------------------------------------------------------------------------------
-misuse = catalogue("outputs")
+misuse = catalogue(CASES, "outputs")
 
 
 @misuse(qtrace.TraceError, "returned None", "must return at least one array")
@@ -954,7 +895,7 @@ def output_names_a_string():
 
 
 # -- @qtrace.function -------------------------------------------------------------------------------------
-misuse = catalogue("functions")
+misuse = catalogue(CASES, "functions")
 
 
 @qtrace.function
@@ -1013,7 +954,7 @@ def function_body_with_a_symbolic_range():
 
 
 # -- dtypes ------------------------------------------------------------------------------------------------
-misuse = catalogue("dtypes")
+misuse = catalogue(CASES, "dtypes")
 
 
 @misuse(qtrace.DTypeError, "x f32[3] is promoted to float64 for div", "Cloud AI 100 has no float64")
@@ -1078,7 +1019,7 @@ def compare_with_none():
 
 
 # -- opsets and lower() arguments ---------------------------------------------------------------------------
-misuse = catalogue("opsets")
+misuse = catalogue(CASES, "opsets")
 
 
 @misuse(qtrace.LoweringError, "opset must be an int", "str '17'")
@@ -1117,7 +1058,7 @@ def passes_as_a_string():
 
 
 # -- running and saving a lowered model ---------------------------------------------------------------------
-misuse = catalogue("files")
+misuse = catalogue(CASES, "files")
 
 
 def _lowered_ids():

@@ -493,3 +493,21 @@ def test_argmax_over_all_axes_with_keepdims_keeps_every_axis():
     x = np.random.default_rng(2).standard_normal((2, 3, 4)).astype(F32)
     lowered = lower_and_compare(lambda x: np.argmax(x, keepdims=True), x)
     assert lowered.graph.outputs[0].shape == (1, 1, 1)
+
+
+def test_export_removes_scratch_directories_of_killed_exports(tmp_path):
+    import subprocess
+    import sys
+
+    from qtrace import cli
+
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = int(finished.stdout)  # that process is gone
+    stale = tmp_path / f".out.{dead}.x1y2z3.tmp"
+    stale.mkdir()
+    (stale / "model.onnx.data").write_bytes(b"\0" * 1024)
+    running = tmp_path / f".out.{os.getpid()}.a1b2c3.tmp"  # an export in progress (this process is alive)
+    running.mkdir()
+    fixture = os.path.join(os.path.dirname(__file__), "fixtures", "llama")
+    assert cli.main(["export", fixture, "-o", str(tmp_path / "out"), "--ctx-len", "16", "--prefill-seq-len", "4"]) == 0
+    assert sorted(os.listdir(tmp_path)) == sorted(["out", running.name])
