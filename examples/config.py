@@ -203,6 +203,37 @@ class ConfigReader:
         return RopeSpec(theta=float(theta), kind=kind, scaling=_frozen(scaling),
                         partial_rotary_factor=float(partial), interleaved=interleaved)
 
+    def every_layer_window(self) -> dict[str, Any]:
+        """DecoderConfig fields of a config whose `sliding_window` (null: none) applies to every layer
+        (Mistral, Phi-3)."""
+        window = self.get("sliding_window", None)
+        layers = self.require("num_hidden_layers")
+        return dict(sliding_window=window, layer_types=((SLIDING if window else FULL),) * layers)
+
+    def opt_in_window(self) -> tuple[tuple[str, ...], int | None]:
+        """(layer types, window) of a config whose sliding window is opt-in (Qwen2, Qwen3): no window
+        unless `use_sliding_window`; then the layers `layer_types` marks, or from `max_window_layers` on."""
+        layers = self.require("num_hidden_layers")
+        window = self.get("sliding_window", None) if self.get("use_sliding_window", False, bool) else None
+        if window is None:
+            return (FULL,) * layers, None
+        if self.has("layer_types"):
+            return self.layer_types(layers), window
+        first = self.get("max_window_layers", layers, int, positive=False)
+        return tuple(SLIDING if i >= first else FULL for i in range(layers)), window
+
+    def check_rope(self, spec: RopeSpec, head_dim: int, field: str = "rope_parameters") -> RopeSpec:
+        """longrope's factor lists must have one entry per rotated frequency."""
+        if spec.kind == "longrope":
+            needed = int(head_dim * spec.partial_rotary_factor) // 2
+            for name in ("short_factor", "long_factor"):
+                factors = spec.param(name)
+                if not isinstance(factors, tuple) or len(factors) != needed:
+                    raise self.error(f"{field}.{name}", f"must list {needed} factors (head_dim {head_dim} x "
+                                                        f"partial_rotary_factor {spec.partial_rotary_factor} / 2), "
+                                                        f"got {factors!r}")
+        return spec
+
     def layer_types(self, num_layers: int, default: str = FULL) -> tuple[str, ...]:
         types = self.data.get("layer_types")
         if types is None:
@@ -236,7 +267,7 @@ def common_fields(reader: ConfigReader, architecture: str, **overrides: Any) -> 
         architecture=architecture, vocab_size=reader.require("vocab_size"), hidden_size=reader.require("hidden_size"),
         intermediate_size=reader.require("intermediate_size"), num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
-        norm_eps=reader.get("rms_norm_eps", 1e-6, float), rope=reader.rope(),
+        norm_eps=reader.get("rms_norm_eps", 1e-6, float), rope=reader.check_rope(reader.rope(), head_dim),
         max_position_embeddings=reader.get("max_position_embeddings", 2048),
         tie_word_embeddings=reader.get("tie_word_embeddings", False, bool),
         attention_bias=reader.get("attention_bias", False, bool),

@@ -84,6 +84,17 @@ def lower_ne(ctx: LoweringContext, node: Node, x: str, y: str) -> str:
     return ctx.op("Not", ctx.op("Equal", x, y))
 
 
+@lowering("remainder")
+def lower_remainder(ctx: LoweringContext, node: Node, x: str, y: str) -> str:
+    return ctx.op("Mod", x, y, fmod=0)  # integer Mod takes the divisor's sign, as numpy's %
+
+
+@lowering("floor_divide")
+def lower_floor_divide(ctx: LoweringContext, node: Node, x: str, y: str) -> str:
+    # (x - x % y) is a multiple of y, so the division is exact whichever way Div rounds
+    return ctx.op("Div", ctx.op("Sub", x, ctx.op("Mod", x, y, fmod=0)), y)
+
+
 @lowering("rsqrt")
 def lower_rsqrt(ctx: LoweringContext, node: Node, x: str) -> str:
     return ctx.op("Reciprocal", ctx.op("Sqrt", x))
@@ -374,7 +385,10 @@ def _suffix(node: Node) -> str:
 
 @lowering("ctx_scatter")
 def lower_ctx_scatter(ctx: LoweringContext, node: Node, data: str, position_ids: str, updates: str) -> str:
-    return custom_op(ctx, "CtxScatter" + _suffix(node), data, position_ids, updates)
+    op_type = "CtxScatter" + _suffix(node)
+    if op_type == "CtxScatter3D" and node.inputs[0].dtype == np.int32:
+        op_type = "CtxScatter3DInt"  # the compiler's CtxScatter3D is for float caches
+    return custom_op(ctx, op_type, data, position_ids, updates)
 
 
 @lowering("ctx_scatter_cb")
@@ -392,11 +406,15 @@ def _comp_ctx_len(ctx: LoweringContext, node: Node) -> list[str]:
 
 @lowering("ctx_gather")
 def lower_ctx_gather(ctx: LoweringContext, node: Node, data: str, ctx_indices: str) -> str:
+    if node.params.get("blocked"):
+        return custom_op(ctx, "CtxGatherBlockedKV", data, ctx_indices)
     return custom_op(ctx, "CtxGather" + _suffix(node), data, ctx_indices, *_comp_ctx_len(ctx, node))
 
 
 @lowering("ctx_gather_cb")
 def lower_ctx_gather_cb(ctx: LoweringContext, node: Node, data: str, batch_index: str, ctx_indices: str) -> str:
+    if node.params.get("blocked"):
+        return custom_op(ctx, "CtxGatherBlockedKVCB", data, batch_index, ctx_indices)
     return custom_op(ctx, "CtxGatherCB" + _suffix(node), data, batch_index, ctx_indices, *_comp_ctx_len(ctx, node))
 
 

@@ -13,11 +13,13 @@ _register_library_dir(__file__)
 from . import numpy_api as _numpy_api
 from .common import INT32_MAX, PRIMITIVES
 from .creation import arange, full, full_like, ones, ones_like, zeros, zeros_like
-from .elementwise import (abs, absolute, add, cast, clip, cos, divide, equal, erf, exp, greater, greater_equal,
+from .elementwise import (abs, absolute, add, cast, clip, cos, divide, equal, erf, exp, floor_divide, greater,
+                          greater_equal, remainder,
                           less, less_equal, log, logical_and, logical_not, logical_or, logical_xor, maximum,
                           minimum, multiply, negative, not_equal, positive, power, reciprocal, rsqrt, sigmoid,
                           sin, sqrt, square, subtract, tanh, true_divide, where)
-from .kv_cache import ctx_gather, ctx_gather_cb, ctx_scatter, ctx_scatter_cb
+from .kv_cache import (ctx_gather, ctx_gather_blocked_kv, ctx_gather_blocked_kv_cb, ctx_gather_cb, ctx_scatter,
+                       ctx_scatter_cb)
 from .linalg import matmul
 from .nn import gelu, rms_norm, silu, softmax
 from .reductions import amax, amin, argmax, max, mean, min, std, sum, var

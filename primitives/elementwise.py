@@ -33,8 +33,9 @@ def cast(x: Any, dtype: Any) -> Array:
 
 
 # -- unary --------------------------------------------------------------------------------------------
-_FLOAT, _NUMERIC, _BOOL = "float", "numeric", "bool"
+_FLOAT, _NUMERIC, _BOOL, _INTEGER = "float", "numeric", "bool", "integer"
 _KIND_CHECKS: dict[str, tuple[Callable[[np.dtype], bool], str]] = {
+    _INTEGER: (lambda d: np.dtype(d).kind in "iu", "an integer array"),
     _FLOAT: (dtypes.is_float, "a floating-point array"),
     _NUMERIC: (lambda d: not dtypes.is_bool(d), "a numeric (non-bool) array"),
     _BOOL: (dtypes.is_bool, "a bool array"),
@@ -157,6 +158,9 @@ _BINARY = {  # name: (numpy reference, accepted dtypes, result kind, doc)
     "logical_and": (np.logical_and, _BOOL, _BOOL, "x and y"),
     "logical_or": (np.logical_or, _BOOL, _BOOL, "x or y"),
     "logical_xor": (np.logical_xor, _BOOL, _BOOL, "x xor y"),
+    # Integers only: numpy's float floor division and remainder round differently from any ONNX op.
+    "floor_divide": (np.floor_divide, _INTEGER, None, "x // y (integers; rounds toward -inf)"),
+    "remainder": (np.remainder, _INTEGER, None, "x % y (integers; the sign of y)"),
 }
 _KIND_CHECKS[_NUMERIC + "|bool"] = (lambda d: True, "an array")
 BINARY_PRIMITIVES = {
@@ -207,16 +211,8 @@ def invert(x: Any) -> Array:
     return logical_not(x)
 
 
-def _unsupported_operator(symbol: str) -> Callable[..., Any]:
-    def apply(*_: Any) -> Any:
-        raise UnsupportedError(f"the {symbol} operator is not supported on traced values",
-                               location=user_location())
-
-    return apply
-
-
-floor_divide = _unsupported_operator("//")
-mod = _unsupported_operator("%")
+floor_divide, remainder = _binary_function("floor_divide"), _binary_function("remainder")
+mod = remainder
 
 
 # -- where ----------------------------------------------------------------------------------------------

@@ -1,5 +1,8 @@
 """The Cloud AI 100 KV-cache primitives: ctx_scatter / ctx_gather and their continuous-batching
 (`_cb`) forms, each 4-D ([batch, heads, ctx, dim]) or 3-D ([batch, ctx, dim]) by the data's rank.
+The blocked-KV reads (`ctx_gather_blocked_kv`, `ctx_gather_blocked_kv_cb`: one block of the cache,
+no compute-context length) are ctx_gather / ctx_gather_cb with `blocked=True`; a 3-D int32
+ctx_scatter is the compiler's CtxScatter3DInt (index tables). The lowering picks the op from these.
 
 Index conventions (design.md §5), honoured by these references and by the ONNX function bodies:
 - a negative position counts from the end for the plain scatter (so padding at -1 writes the last
@@ -10,12 +13,13 @@ Index conventions (design.md §5), honoured by these references and by the ONNX 
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import numpy as np
 
 from qtrace.dims import DimLike
-from qtrace.errors import DTypeError, ShapeError
+from qtrace.errors import DTypeError, QtraceError, ShapeError
 from qtrace.ir import ShapeDtype
 
 from .common import INT32_MAX, Array, as_array, fmt, primitive, require_integer
@@ -94,7 +98,8 @@ def ctx_scatter(data: Any, position_ids: Any, updates: Any) -> Array:
     """Write `updates` into the cache `data` at `position_ids` (CtxScatter / CtxScatter3D).
 
     data [B,H,C,D] (or [B,C,D]), position_ids [B,S] int, updates [B,H,S,D] (or [B,S,D]).
-    A negative position counts from the end; INT32_MAX writes nothing."""
+    A negative position counts from the end; INT32_MAX writes nothing. A 3-D int32 cache (e.g. a
+    table of token indices being packed) lowers to the compiler's int32 form, CtxScatter3DInt."""
     return ctx_scatter_p.bind(as_array(data), as_array(position_ids), as_array(updates))
 
 
@@ -104,8 +109,10 @@ def ctx_scatter_cb(data: Any, batch_index: Any, position_ids: Any, updates: Any)
     return ctx_scatter_cb_p.bind(as_array(data), as_array(batch_index), as_array(position_ids), as_array(updates))
 
 
-def _gather_checks(data: ShapeDtype, ctx_indices: ShapeDtype, batch: DimLike,
-                   comp_ctx_len: DimLike | None) -> ShapeDtype:
+def _gather_checks(data: ShapeDtype, ctx_indices: ShapeDtype, batch: DimLike, comp_ctx_len: DimLike | None,
+                   blocked: bool) -> ShapeDtype:
+    if blocked and data.ndim != 4:
+        raise ShapeError(f"a blocked-KV read needs a [batch, heads, ctx, dim] cache, got {data}")
     has_heads = _check_rank(data, "data")
     require_integer(ctx_indices, "ctx_indices")
     lead = (batch, data.shape[1]) if has_heads else (batch,)
@@ -119,18 +126,36 @@ def _gather_checks(data: ShapeDtype, ctx_indices: ShapeDtype, batch: DimLike,
     return ShapeDtype(lead + (ctx_indices.shape[-1], data.shape[-1]), data.dtype)
 
 
-def _ctx_gather_rule(data: ShapeDtype, ctx_indices: ShapeDtype, *, comp_ctx_len: DimLike | None) -> ShapeDtype:
-    _check_rank(data, "data")
-    return _gather_checks(data, ctx_indices, data.shape[0], comp_ctx_len)
+@contextlib.contextmanager
+def _errors_named(name: str | None) -> Iterator[None]:
+    """Errors raised inside name `name` as their operation (the function the user called), if given."""
+    try:
+        yield
+    except QtraceError as exc:
+        raise exc.with_context(name, None) from None
+
+
+def _ctx_gather_rule(data: ShapeDtype, ctx_indices: ShapeDtype, *, comp_ctx_len: DimLike | None = None,
+                     blocked: bool = False) -> ShapeDtype:
+    with _errors_named("ctx_gather_blocked_kv" if blocked else None):
+        _check_rank(data, "data")
+        out = _gather_checks(data, ctx_indices, data.shape[0], comp_ctx_len, blocked)
+        if blocked and ctx_indices.shape != out.shape[:3]:
+            # CtxGatherBlockedKV takes one index per (batch, head, key): the compiler does not broadcast them.
+            raise ShapeError(f"ctx_indices must be [{','.join(map(str, out.shape[:3]))}] exactly (broadcast_to "
+                             f"it first): {fmt(data, ctx_indices)}")
+        return out
 
 
 def _ctx_gather_cb_rule(data: ShapeDtype, batch_index: ShapeDtype, ctx_indices: ShapeDtype, *,
-                        comp_ctx_len: DimLike | None) -> ShapeDtype:
-    batch = batch_index.shape[0] if batch_index.ndim else None
-    _check_batch_index(batch_index, batch)
-    if ctx_indices.ndim == 0 or ctx_indices.shape[0] != batch:
-        raise ShapeError(f"ctx_indices must have batch {batch} like batch_index: {fmt(data, batch_index, ctx_indices)}")
-    return _gather_checks(data, ctx_indices, batch, comp_ctx_len)
+                        comp_ctx_len: DimLike | None = None, blocked: bool = False) -> ShapeDtype:
+    with _errors_named("ctx_gather_blocked_kv_cb" if blocked else None):
+        batch = batch_index.shape[0] if batch_index.ndim else None
+        _check_batch_index(batch_index, batch)
+        if ctx_indices.ndim == 0 or ctx_indices.shape[0] != batch:
+            raise ShapeError(f"ctx_indices must have batch {batch} like batch_index: "
+                             f"{fmt(data, batch_index, ctx_indices)}")
+        return _gather_checks(data, ctx_indices, batch, comp_ctx_len, blocked)
 
 
 def _gather(data: np.ndarray, slots: np.ndarray, ctx_indices: np.ndarray) -> np.ndarray:
@@ -148,12 +173,13 @@ def _gather(data: np.ndarray, slots: np.ndarray, ctx_indices: np.ndarray) -> np.
     return data[slots[:, None], index, :]
 
 
-def _ctx_gather_impl(data: np.ndarray, ctx_indices: np.ndarray, *, comp_ctx_len: Any) -> np.ndarray:
+def _ctx_gather_impl(data: np.ndarray, ctx_indices: np.ndarray, *, comp_ctx_len: Any = None,
+                     blocked: bool = False) -> np.ndarray:
     return _gather(data, np.arange(data.shape[0]), ctx_indices)
 
 
 def _ctx_gather_cb_impl(data: np.ndarray, batch_index: np.ndarray, ctx_indices: np.ndarray, *,
-                        comp_ctx_len: Any) -> np.ndarray:
+                        comp_ctx_len: Any = None, blocked: bool = False) -> np.ndarray:
     return _gather(data, batch_index[:, 0].astype(np.int64), ctx_indices)
 
 
@@ -176,3 +202,20 @@ def ctx_gather_cb(data: Any, batch_index: Any, ctx_indices: Any, comp_ctx_len: D
     """Continuous-batching read (CtxGatherCB / CtxGatherCB3D) from cache slot batch_index[b, 0]."""
     return ctx_gather_cb_p.bind(as_array(data), as_array(batch_index), as_array(ctx_indices),
                                 comp_ctx_len=comp_ctx_len)
+
+
+def ctx_gather_blocked_kv(data: Any, ctx_indices: Any) -> Array:
+    """Read one block of the cache for blocked-KV attention (CtxGatherBlockedKV).
+
+    data [B,H,C,D], ctx_indices [B,H,K] int (exactly: one index per batch row, head and key) ->
+    [B,H,K,D] with out[b, h, k, :] = data[b, h, ctx_indices[b, h, k], :]. The block's slots past the
+    live context are set to INT32_MAX by the caller; INT32_MAX reads index 0 (mask those rows). Unlike
+    ctx_gather there is no compute-context length: the block has K slots."""
+    return ctx_gather_p.bind(as_array(data), as_array(ctx_indices), blocked=True)
+
+
+def ctx_gather_blocked_kv_cb(data: Any, batch_index: Any, ctx_indices: Any) -> Array:
+    """Continuous-batching blocked-KV read (CtxGatherBlockedKVCB): data [N,H,C,D], batch_index [B,1],
+    ctx_indices [B, 1 or H, K] -> [B,H,K,D] read from cache slot batch_index[b, 0]; INT32_MAX reads
+    index 0."""
+    return ctx_gather_cb_p.bind(as_array(data), as_array(batch_index), as_array(ctx_indices), blocked=True)

@@ -52,6 +52,7 @@ _TRACER_OPS = {
 
 _UFUNCS = {
     np.add: ew.add, np.subtract: ew.subtract, np.multiply: ew.multiply, np.divide: ew.divide,
+    np.floor_divide: ew.floor_divide, np.remainder: ew.remainder,
     np.power: ew.power, np.maximum: ew.maximum, np.minimum: ew.minimum, np.negative: ew.negative,
     np.positive: ew.positive, np.exp: ew.exp, np.log: ew.log, np.sqrt: ew.sqrt, np.reciprocal: ew.reciprocal,
     np.tanh: ew.tanh, np.sin: ew.sin, np.cos: ew.cos, np.absolute: ew.abs, np.square: ew.square,

@@ -1,4 +1,4 @@
-"""The Cloud AI 100 custom-op functions (lowering/custom_ops.py, design.md section 5).
+"""The Cloud AI 100 custom-op functions (lowering/custom_ops.py, custom_op_bodies.py, design.md section 5).
 
 Each test builds a one-node ONNX model calling the custom op (its FunctionProto in model.functions),
 runs it with onnxruntime and compares with a numpy reference written here as explicit loops over
@@ -7,8 +7,6 @@ batch, head and position, independent of the function bodies.
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
 import subprocess
 import sys
 
@@ -20,23 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import helper
 
-LOWERING_DIR = pathlib.Path(__file__).resolve().parents[1] / "lowering"
-
-
-def _load_custom_ops():
-    """qtrace.lowering.custom_ops when the package is installed, else the file itself."""
-    try:
-        from qtrace.lowering import custom_ops
-    except ImportError:
-        spec = importlib.util.spec_from_file_location("custom_ops", LOWERING_DIR / "custom_ops.py")
-        custom_ops = importlib.util.module_from_spec(spec)
-        # onnxscript resolves names through inspect.getmodule, which needs the sys.modules entry.
-        sys.modules[spec.name] = custom_ops
-        spec.loader.exec_module(custom_ops)
-    return custom_ops
-
-
-custom_ops = _load_custom_ops()
+from qtrace.lowering import custom_ops
 
 INT32_MAX = 2147483647
 QUALCOMM = "com.qualcomm.cloud"
@@ -46,12 +28,15 @@ QTI_AISW = "com.qti.aisw.onnx"
 CONTRACT = {
     "CtxScatter": (QUALCOMM, ["data", "position_ids", "updates"]),
     "CtxScatter3D": (QUALCOMM, ["data", "position_ids", "updates"]),
+    "CtxScatter3DInt": (QUALCOMM, ["data", "position_ids", "updates"]),
     "CtxScatterCB": (QUALCOMM, ["data", "batch_index", "position_ids", "updates"]),
     "CtxScatterCB3D": (QUALCOMM, ["data", "batch_index", "position_ids", "updates"]),
     "CtxGather": (QUALCOMM, ["data", "ctx_indices", "comp_ctx_len"]),
     "CtxGather3D": (QUALCOMM, ["data", "ctx_indices"]),
+    "CtxGatherBlockedKV": (QUALCOMM, ["data", "ctx_indices"]),
     "CtxGatherCB": (QUALCOMM, ["data", "batch_index", "ctx_indices", "comp_ctx_len"]),
     "CtxGatherCB3D": (QUALCOMM, ["data", "batch_index", "ctx_indices"]),
+    "CtxGatherBlockedKVCB": (QUALCOMM, ["data", "batch_index", "ctx_indices"]),
     "CustomRMSNorm": (QTI_AISW, ["hidden", "weight"]),
 }
 
@@ -266,16 +251,11 @@ def test_unsupported_opset_is_an_error(opset):
         custom_ops.custom_op_function("CtxScatter", opset)
 
 
-def test_import_does_not_load_onnxscript():
+def test_importing_custom_ops_does_not_load_onnxscript():
     code = (
-        "import importlib.util, sys\n"
-        f"path = {str(LOWERING_DIR / 'custom_ops.py')!r}\n"
-        "spec = importlib.util.spec_from_file_location('custom_ops', path)\n"
-        "module = sys.modules['custom_ops'] = importlib.util.module_from_spec(spec)\n"
-        "spec.loader.exec_module(module)\n"
+        "import sys\n"
+        "import qtrace.lowering.custom_ops\n"
         "assert 'onnxscript' not in sys.modules, 'onnxscript imported at module import'\n"
-        "module.custom_op_function('CtxScatter')\n"
-        "assert 'onnxscript' in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -388,6 +368,64 @@ def test_ctx_scatter_cb_3d_writes_each_row_to_its_cache_slot(opset, index_dtype,
     np.testing.assert_array_equal(out, reference_ctx_scatter_cb_3d(data, batch_index, position_ids, updates))
 
 
+# ---- CtxScatter3DInt: the int32 3-D scatter (index tables) ------------------------------------
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_ctx_scatter_3d_int_builds_an_index_table(opset, index_dtype):
+    """The use QEfficient makes of it: a [B, C, 1] table of INT32_MAX receives token numbers at packed
+    destinations; tokens not routed here carry destination INT32_MAX and write nothing."""
+    table = np.full((2, 5, 1), INT32_MAX, dtype=np.int32)
+    destinations = np.array([[0, INT32_MAX, 1, INT32_MAX], [INT32_MAX, INT32_MAX, INT32_MAX, 0]], dtype=index_dtype)
+    tokens = np.broadcast_to(np.arange(4, dtype=np.int32)[None, :, None], (2, 4, 1)).copy()
+    inputs = {"data": table, "position_ids": destinations, "updates": tokens}
+    out = check_and_run("CtxScatter3DInt", inputs, opset=opset)
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out[..., 0], [[0, 2, INT32_MAX, INT32_MAX, INT32_MAX],
+                                                [3, INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX]])
+    np.testing.assert_array_equal(out, reference_ctx_scatter_3d(table, destinations, tokens))
+
+
+# ---- invalid positions among valid ones, whole invalid rows, padding next to invalid -----------------
+
+
+SCATTER_CASES = {  # position rows for a cache of 6 slots; each row mixes the conventions differently
+    "invalid-between-valid": [[1, INT32_MAX, 4], [INT32_MAX, 0, INT32_MAX]],
+    "whole-row-invalid": [[INT32_MAX, INT32_MAX, INT32_MAX], [2, 3, 5]],
+    "invalid-and-padding": [[INT32_MAX, -1, 0], [-1, INT32_MAX, INT32_MAX]],
+    "writes-slot-zero-and-invalid": [[0, INT32_MAX, INT32_MAX], [INT32_MAX, INT32_MAX, 0]],
+}
+
+
+@pytest.mark.parametrize("rows", SCATTER_CASES.values(), ids=SCATTER_CASES.keys())
+@pytest.mark.parametrize("op_type", ["CtxScatter", "CtxScatter3D"])
+def test_scatter_writes_exactly_the_valid_positions(op_type, rows):
+    rng = np.random.default_rng(20)
+    position_ids = np.array(rows, dtype=np.int64)
+    heads = (2,) if op_type == "CtxScatter" else ()
+    data = random_data(rng, (2, *heads, 6, 3), np.float32)
+    updates = random_data(rng, (2, *heads, 3, 3), np.float32)
+    out = check_and_run(op_type, {"data": data, "position_ids": position_ids, "updates": updates})
+    reference = reference_ctx_scatter if heads else reference_ctx_scatter_3d
+    np.testing.assert_array_equal(out, reference(data, position_ids, updates))
+
+
+@pytest.mark.parametrize("rows", SCATTER_CASES.values(), ids=SCATTER_CASES.keys())
+@pytest.mark.parametrize("op_type", ["CtxScatterCB", "CtxScatterCB3D"])
+@pytest.mark.parametrize("slots", [[[3], [1]], [[0], [2]]], ids=["descending", "ascending"])
+def test_cb_scatter_writes_exactly_the_valid_positions(op_type, rows, slots):
+    rng = np.random.default_rng(21)
+    position_ids, batch_index = np.array(rows, dtype=np.int32), np.array(slots, dtype=np.int32)
+    heads = (2,) if op_type == "CtxScatterCB" else ()
+    data = random_data(rng, (4, *heads, 6, 3), np.float16)
+    updates = random_data(rng, (2, *heads, 3, 3), np.float16)
+    inputs = {"data": data, "batch_index": batch_index, "position_ids": position_ids, "updates": updates}
+    out = check_and_run(op_type, inputs)
+    reference = reference_ctx_scatter_cb if heads else reference_ctx_scatter_cb_3d
+    np.testing.assert_array_equal(out, reference(data, batch_index, position_ids, updates))
+
+
 # ---- CtxGather / CtxGather3D --------------------------------------------------------------------
 
 
@@ -497,6 +535,50 @@ def test_ctx_gather_cb_3d_reads_from_each_rows_cache_slot(opset, index_dtype, da
     np.testing.assert_array_equal(out, reference_ctx_gather_3d(data, ctx_indices, slots=batch_index[:, 0]))
 
 
+# ---- CtxGatherBlockedKV / CtxGatherBlockedKVCB: one block of the cache ----------------------------
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("data_dtype", DATA_DTYPES)
+def test_ctx_gather_blocked_kv_reads_one_block(opset, index_dtype, data_dtype):
+    """Block [4, 8) of a 10-slot cache with the live context ending at 5: slots past it are INT32_MAX."""
+    rng = np.random.default_rng(17)
+    batch, heads, ctx_len, head_dim = 2, 3, 10, 4
+    data = random_data(rng, (batch, heads, ctx_len, head_dim), data_dtype)
+    block = np.arange(4, 8)
+    ctx_indices = np.broadcast_to(np.where(block > 5, INT32_MAX, block), (batch, heads, 4)).astype(index_dtype)
+    out = check_and_run("CtxGatherBlockedKV", {"data": data, "ctx_indices": ctx_indices}, opset=opset)
+    assert out.dtype == data_dtype
+    np.testing.assert_array_equal(out[:, :, :2], data[:, :, 4:6])
+    np.testing.assert_array_equal(out[:, :, 2:], np.repeat(data[:, :, :1], 2, axis=2))
+    np.testing.assert_array_equal(out, reference_ctx_gather(data, ctx_indices, 4))
+
+
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_ctx_gather_blocked_kv_reads_per_head_indices(index_dtype):
+    rng = np.random.default_rng(18)
+    data = random_data(rng, (2, 3, 8, 4), np.float32)
+    ctx_indices = gather_indices(rng, (2, 3, 5), 8, index_dtype)
+    out = check_and_run("CtxGatherBlockedKV", {"data": data, "ctx_indices": ctx_indices})
+    np.testing.assert_array_equal(out, reference_ctx_gather(data, ctx_indices, 5))
+
+
+@pytest.mark.parametrize("opset", OPSETS)
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+@pytest.mark.parametrize("data_dtype", DATA_DTYPES)
+@pytest.mark.parametrize("index_heads", [1, 3])
+def test_ctx_gather_blocked_kv_cb_reads_each_rows_slot(opset, index_dtype, data_dtype, index_heads):
+    rng = np.random.default_rng(19)
+    data = random_data(rng, (4, 3, 8, 4), data_dtype)
+    batch_index = np.array([[3], [0], [2]], dtype=index_dtype)
+    ctx_indices = gather_indices(rng, (3, index_heads, 5), 8, index_dtype)
+    inputs = {"data": data, "batch_index": batch_index, "ctx_indices": ctx_indices}
+    out = check_and_run("CtxGatherBlockedKVCB", inputs, opset=opset)
+    assert out.shape == (3, 3, 5, 4)
+    np.testing.assert_array_equal(out, reference_ctx_gather(data, ctx_indices, 5, slots=batch_index[:, 0]))
+
+
 # ---- CustomRMSNorm -----------------------------------------------------------------------------
 
 
@@ -535,6 +617,9 @@ def example_inputs(op_type):
     def floats(*shape):
         return random_data(rng, shape, np.float32)
 
+    def ints(*shape):
+        return random_data(rng, shape, np.int32)
+
     positions = np.array([[1, 5], [0, -1]], dtype=np.int64)
     slots = np.array([[2], [0]], dtype=np.int64)
     slots_read = np.arange(5, dtype=np.int64)
@@ -542,15 +627,18 @@ def example_inputs(op_type):
     examples = {
         "CtxScatter": ([floats(2, 3, 8, 4), positions, floats(2, 3, 2, 4)], (2, 3, 8, 4)),
         "CtxScatter3D": ([floats(2, 8, 4), positions, floats(2, 2, 4)], (2, 8, 4)),
+        "CtxScatter3DInt": ([ints(2, 8, 4), positions, ints(2, 2, 4)], (2, 8, 4)),
         "CtxScatterCB": ([floats(3, 3, 8, 4), slots, positions, floats(2, 3, 2, 4)], (3, 3, 8, 4)),
         "CtxScatterCB3D": ([floats(3, 8, 4), slots, positions, floats(2, 2, 4)], (3, 8, 4)),
         "CtxGather": ([floats(2, 3, 8, 4), slots_read[None, None], comp_ctx_len], (2, 3, 5, 4)),
         "CtxGather3D": ([floats(2, 8, 4), slots_read[None]], (2, 5, 4)),
+        "CtxGatherBlockedKV": ([floats(2, 3, 8, 4), np.tile(slots_read, (2, 3, 1))], (2, 3, 5, 4)),
         "CtxGatherCB": (
             [floats(3, 3, 8, 4), slots, np.tile(slots_read, (2, 1, 1)), comp_ctx_len],
             (2, 3, 5, 4),
         ),
         "CtxGatherCB3D": ([floats(3, 8, 4), slots, np.tile(slots_read, (2, 1))], (2, 5, 4)),
+        "CtxGatherBlockedKVCB": ([floats(3, 3, 8, 4), slots, np.tile(slots_read, (2, 1, 1))], (2, 3, 5, 4)),
         "CustomRMSNorm": ([floats(2, 3, 4), floats(4)], (2, 3, 4)),
     }
     arrays, output_shape = examples[op_type]
@@ -586,7 +674,7 @@ def test_shape_inference_gives_the_output_shape(op_type, opset):
 
 
 @pytest.mark.parametrize(
-    "op_type", ["CtxScatter", "CtxScatter3D", "CtxScatterCB", "CtxScatterCB3D", "CustomRMSNorm"]
+    "op_type", ["CtxScatter", "CtxScatter3D", "CtxScatter3DInt", "CtxScatterCB", "CtxScatterCB3D", "CustomRMSNorm"]
 )
 def test_shape_inference_needs_no_data_propagation_for_scatters_and_rms_norm(op_type):
     inputs, expected_shape = example_inputs(op_type)
@@ -637,6 +725,11 @@ def sized_inputs(op_type, rng, batch, ctx_len):
         updates = random_data(rng, (batch, seq_len, head_dim), np.float32)
         feeds = {"data": data, "position_ids": positions, "updates": updates}
         return feeds, reference_ctx_scatter_3d(data, positions, updates)
+    if op_type == "CtxScatter3DInt":
+        data = random_data(rng, (batch, ctx_len, head_dim), np.int32)
+        updates = random_data(rng, (batch, seq_len, head_dim), np.int32)
+        feeds = {"data": data, "position_ids": positions, "updates": updates}
+        return feeds, reference_ctx_scatter_3d(data, positions, updates)
     if op_type == "CtxScatterCB":
         data = random_data(rng, (full_batch, heads, ctx_len, head_dim), np.float32)
         updates = random_data(rng, (batch, heads, seq_len, head_dim), np.float32)
@@ -656,6 +749,15 @@ def sized_inputs(op_type, rng, batch, ctx_len):
         data = random_data(rng, (batch, ctx_len, head_dim), np.float32)
         indices = gather_indices(rng, (batch, num_read), ctx_len, np.int64)
         return {"data": data, "ctx_indices": indices}, reference_ctx_gather_3d(data, indices)
+    if op_type == "CtxGatherBlockedKV":
+        data = random_data(rng, (batch, heads, ctx_len, head_dim), np.float32)
+        indices = gather_indices(rng, (batch, heads, num_read), ctx_len, np.int64)
+        return {"data": data, "ctx_indices": indices}, reference_ctx_gather(data, indices, num_read)
+    if op_type == "CtxGatherBlockedKVCB":
+        data = random_data(rng, (full_batch, heads, ctx_len, head_dim), np.float32)
+        indices = gather_indices(rng, (batch, 1, num_read), ctx_len, np.int64)
+        feeds = {"data": data, "batch_index": slots, "ctx_indices": indices}
+        return feeds, reference_ctx_gather(data, indices, num_read, slots=slots[:, 0])
     if op_type == "CtxGatherCB":
         data = random_data(rng, (full_batch, heads, ctx_len, head_dim), np.float32)
         indices = gather_indices(rng, (batch, heads, num_read), ctx_len, np.int64)
@@ -705,3 +807,104 @@ def test_scatter_then_gather_matches_reference(batch, heads, ctx_len, head_dim, 
     np.testing.assert_array_equal(gathered, reference_ctx_gather(scattered, indices, seq_len))
     written = ~invalid[:, None, :, None] & np.ones(gathered.shape, dtype=bool)
     np.testing.assert_array_equal(gathered[written], updates[written])
+
+
+# ---- property: every ctx op against its reference, with the conventions mixed at random -----------
+
+
+def convention_positions(rng, batch, seq_len, ctx_len, dtype, *, continuous_batching):
+    """Distinct slots per row, some INT32_MAX, some rows wholly invalid, and padding -1: any number of
+    times with continuous batching (it writes nothing), else at most once and only if the last slot is
+    not written otherwise (it writes the last slot)."""
+    positions = distinct_positions(rng, batch, seq_len, ctx_len, np.int64)
+    positions[rng.random(positions.shape) < 0.3] = INT32_MAX
+    positions[rng.random(batch) < 0.2] = INT32_MAX
+    for row in positions:
+        if continuous_batching:
+            row[rng.random(seq_len) < 0.3] = -1
+        elif ctx_len - 1 not in row and rng.random() < 0.5:
+            row[rng.integers(seq_len)] = -1
+    return positions.astype(dtype)
+
+
+def random_case(op_type, rng):
+    """Inputs for op_type with random sizes and index conventions, and the reference output."""
+    batch, heads, ctx_len, head_dim = (int(rng.integers(1, n)) for n in (4, 4, 9, 4))
+    full_batch, seq_len, num_read = batch + int(rng.integers(0, 3)), int(rng.integers(1, ctx_len + 1)), 5
+    index_dtype = INDEX_DTYPES[int(rng.integers(2))]
+    data_dtype = np.int32 if op_type == "CtxScatter3DInt" else DATA_DTYPES[int(rng.integers(3))]
+    cb = "CB" in op_type
+    has_heads = "3D" not in op_type
+    cache_batch = full_batch if cb else batch
+    data = random_data(rng, (cache_batch, heads, ctx_len, head_dim) if has_heads else (cache_batch, ctx_len, head_dim),
+                       data_dtype)
+    slots = rng.permutation(full_batch)[:batch].reshape(batch, 1).astype(index_dtype)
+    feeds = {"data": data}
+    if cb:
+        feeds["batch_index"] = slots
+    if op_type.startswith("CtxScatter"):
+        positions = convention_positions(rng, batch, seq_len, ctx_len, index_dtype, continuous_batching=cb)
+        updates = random_data(rng, (batch, heads, seq_len, head_dim) if has_heads else (batch, seq_len, head_dim),
+                              data_dtype)
+        feeds.update(position_ids=positions, updates=updates)
+        reference = {"CtxScatter": reference_ctx_scatter, "CtxScatterCB": reference_ctx_scatter_cb,
+                     "CtxScatterCB3D": reference_ctx_scatter_cb_3d}.get(op_type, reference_ctx_scatter_3d)
+        return feeds, reference(*feeds.values())
+    index_batch = batch if cb or op_type == "CtxGatherBlockedKV" or rng.random() < 0.5 else 1
+    index_heads = heads if op_type == "CtxGatherBlockedKV" or rng.random() < 0.5 else 1
+    indices = gather_indices(rng, (index_batch, index_heads, num_read) if has_heads else (index_batch, num_read),
+                             ctx_len, index_dtype)
+    indices[rng.random(indices.shape) < 0.3] = INT32_MAX
+    feeds["ctx_indices"] = indices
+    if op_type in ("CtxGather", "CtxGatherCB"):
+        feeds["comp_ctx_len"] = np.array(num_read, dtype=np.int64)
+    reads_from = slots[:, 0] if cb else None
+    if has_heads:
+        return feeds, reference_ctx_gather(data, indices, num_read, slots=reads_from)
+    return feeds, reference_ctx_gather_3d(data, indices, slots=reads_from)
+
+
+CTX_OPS = [op for op in CONTRACT if op.startswith("Ctx")]
+
+
+@pytest.mark.parametrize("op_type", CTX_OPS)
+@settings(max_examples=15, deadline=None, database=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_ctx_op_matches_its_reference_with_mixed_conventions(op_type, seed):
+    feeds, expected = random_case(op_type, np.random.default_rng(seed))
+    out = check_and_run(op_type, feeds)
+    assert out.dtype == expected.dtype
+    np.testing.assert_array_equal(out, expected)
+
+
+# ---- cost: one copy of the cache per write, only the rows read per read ---------------------------
+
+
+def consumers_of_data(function):
+    return [node.op_type for node in function.node if "data" in node.input]
+
+
+@pytest.mark.parametrize("op_type", ["CtxScatter", "CtxScatter3D", "CtxScatter3DInt", "CtxScatterCB", "CtxScatterCB3D"])
+def test_a_scatter_copies_the_cache_once(op_type):
+    """The cache feeds one ScatterND (its one copy) and otherwise only Shape: no scratch slot
+    concatenated and sliced off, no cache rows gathered and written back."""
+    function = custom_ops.custom_op_function(op_type)
+    consumers = consumers_of_data(function)
+    assert consumers.count("ScatterND") == 1 and set(consumers) <= {"ScatterND", "Shape"}, consumers
+    assert not {"Slice", "Expand", "ScatterElements"} & {node.op_type for node in function.node}
+    producers = {output: node.op_type for node in function.node for output in node.output}
+    for node in function.node:  # a Concat may only join shape vectors
+        if node.op_type == "Concat":
+            assert {producers[name] for name in node.input} <= {"Shape", "Constant"}, node
+
+
+@pytest.mark.parametrize("op_type", [op for op in CTX_OPS if op.startswith("CtxGather")])
+def test_a_gather_reads_only_the_rows_it_returns(op_type):
+    """The cache feeds one GatherND, or a Flatten (a view) feeding one Gather: never a Gather of whole
+    cache slots before the read."""
+    function = custom_ops.custom_op_function(op_type)
+    readers = [op for op in consumers_of_data(function) if op != "Shape"]
+    assert readers in (["GatherND"], ["Flatten"]), readers
+    if readers == ["Flatten"]:
+        (flatten,) = [node for node in function.node if node.op_type == "Flatten"]
+        assert [node.op_type for node in function.node if flatten.output[0] in node.input] == ["Gather"]

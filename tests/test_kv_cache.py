@@ -113,15 +113,18 @@ def scatter_inputs(draw, continuous_batching):
 
 
 @st.composite
-def gather_inputs(draw, continuous_batching):
+def gather_inputs(draw, continuous_batching, blocked=False):
+    """A blocked-KV read has heads, and without continuous batching one index per (batch, head, key)."""
     rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    has_heads = draw(st.booleans())
+    has_heads = blocked or draw(st.booleans())
     batch, heads, ctx, dim, keys = (draw(st.integers(1, 3)), draw(st.integers(1, 3)), draw(st.integers(1, 5)),
                                     draw(st.integers(1, 3)), draw(st.integers(1, 6)))
     slots = draw(st.integers(batch, batch + 2)) if continuous_batching else batch
     data_dtype, index_dtype = draw(st.sampled_from(DATA_DTYPES)), draw(st.sampled_from(INDEX_DTYPES))
-    index_batch = batch if continuous_batching else draw(st.sampled_from([1, batch]))
-    index_shape = (index_batch, draw(st.sampled_from([1, heads])), keys) if has_heads else (index_batch, keys)
+    exact = blocked and not continuous_batching
+    index_batch = batch if continuous_batching or exact else draw(st.sampled_from([1, batch]))
+    index_heads = heads if exact else draw(st.sampled_from([1, heads]))
+    index_shape = (index_batch, index_heads, keys) if has_heads else (index_batch, keys)
     indices = rng.integers(0, ctx, size=index_shape)
     indices = np.where(rng.random(index_shape) < 0.25, INT32_MAX, indices).astype(index_dtype)
     data = random_data(rng, (slots, heads, ctx, dim) if has_heads else (slots, ctx, dim), data_dtype)
@@ -135,12 +138,15 @@ def call_scatter(*arrays):
     return qp.ctx_scatter(*arrays) if len(arrays) == 3 else qp.ctx_scatter_cb(*arrays)
 
 
-def call_gather(*arrays):
+def call_gather(*arrays, blocked=False):
+    if blocked:
+        return qp.ctx_gather_blocked_kv(*arrays) if len(arrays) == 2 else qp.ctx_gather_blocked_kv_cb(*arrays)
     return qp.ctx_gather(*arrays) if len(arrays) == 2 else qp.ctx_gather_cb(*arrays)
 
 
 SCATTERS = [pytest.param(False, id="ctx_scatter"), pytest.param(True, id="ctx_scatter_cb")]
-GATHERS = [pytest.param(False, id="ctx_gather"), pytest.param(True, id="ctx_gather_cb")]
+GATHERS = [pytest.param(False, False, id="ctx_gather"), pytest.param(True, False, id="ctx_gather_cb"),
+           pytest.param(False, True, id="ctx_gather_blocked_kv"), pytest.param(True, True, id="ctx_gather_blocked_kv_cb")]
 
 
 # -- reference against the formula --------------------------------------------------------------------
@@ -160,16 +166,16 @@ def test_scatter_reference_matches_the_formula(continuous_batching, data):
     np.testing.assert_array_equal(result, expected)
 
 
-@pytest.mark.parametrize("continuous_batching", GATHERS)
+@pytest.mark.parametrize("continuous_batching, blocked", GATHERS)
 @given(data=st.data())
-def test_gather_reference_matches_the_formula(continuous_batching, data):
-    arrays = data.draw(gather_inputs(continuous_batching))
+def test_gather_reference_matches_the_formula(continuous_batching, blocked, data):
+    arrays = data.draw(gather_inputs(continuous_batching, blocked))
     if continuous_batching:
         cache, batch_index, indices = arrays
         expected = gather_formula(cache, indices, batch_index)
     else:
         expected = gather_formula(*arrays)
-    result = call_gather(*arrays)
+    result = call_gather(*arrays, blocked=blocked)
     assert result.dtype == expected.dtype
     np.testing.assert_array_equal(result, expected)
 
@@ -188,13 +194,13 @@ def test_traced_scatter_has_the_eager_shape_dtype_and_values(continuous_batching
     np.testing.assert_array_equal(graph.eval(*arrays), eager)
 
 
-@pytest.mark.parametrize("continuous_batching", GATHERS)
+@pytest.mark.parametrize("continuous_batching, blocked", GATHERS)
 @settings(max_examples=examples(0.6))
 @given(data=st.data())
-def test_traced_gather_has_the_eager_shape_dtype_and_values(continuous_batching, data):
-    arrays = data.draw(gather_inputs(continuous_batching))
-    eager = call_gather(*arrays)
-    graph = qtrace.trace(call_gather, tuple(ShapeDtype.of(a) for a in arrays))
+def test_traced_gather_has_the_eager_shape_dtype_and_values(continuous_batching, blocked, data):
+    arrays = data.draw(gather_inputs(continuous_batching, blocked))
+    eager = call_gather(*arrays, blocked=blocked)
+    graph = qtrace.trace(lambda *a: call_gather(*a, blocked=blocked), tuple(ShapeDtype.of(a) for a in arrays))
     assert graph.outputs[0].aval == ShapeDtype(eager.shape, eager.dtype)
     np.testing.assert_array_equal(graph.eval(*arrays), eager)
 
@@ -376,6 +382,39 @@ def test_decode_step_reads_back_the_live_context_and_index_zero_past_it(rng):
     np.testing.assert_array_equal(read[:, :, 4:], np.repeat(cache[:, :, :1], 2, axis=2))
 
 
+def test_blocked_kv_read_of_one_block_with_the_live_context_ending_inside_it():
+    """QEfficient's blocked decode: block [2, 4) of the cache; slots past max(position_ids) = 2 are INT32_MAX."""
+    cache = np.arange(2 * 2 * 6, dtype=np.float32).reshape(2, 2, 6, 1)  # 12b + 6h + c
+    block = np.arange(2, 4)
+    indices = np.broadcast_to(np.where(block > 2, INT32_MAX, block), (2, 2, 2))
+    out = qp.ctx_gather_blocked_kv(cache, indices)
+    expected = [[[12 * b + 6 * h + 2, 12 * b + 6 * h] for h in range(2)] for b in range(2)]
+    np.testing.assert_array_equal(out[..., 0], expected)
+
+
+def test_blocked_kv_cb_read_uses_the_slot_of_batch_index():
+    cache = np.arange(3 * 2 * 4, dtype=np.float16).reshape(3, 2, 4, 1)  # 8n + 4h + c
+    out = qp.ctx_gather_blocked_kv_cb(cache, np.array([[2], [0]]), np.array([[[3, INT32_MAX]], [[1, 2]]], np.int32))
+    np.testing.assert_array_equal(out[..., 0], [[[19, 16], [23, 20]], [[1, 2], [5, 6]]])
+
+
+def test_blocked_kv_read_records_a_blocked_ctx_gather():
+    graph = qtrace.trace(qp.ctx_gather_blocked_kv, (ShapeDtype(("batch_size", 2, "ctx_len", 8)),
+                                                    ShapeDtype(("batch_size", 2, "block"), "int32")))
+    (node,) = graph.nodes
+    assert (node.op, node.params) == ("ctx_gather", {"blocked": True})
+    assert graph.outputs[0].aval == ShapeDtype(("batch_size", 2, "block", 8))
+
+
+def test_int32_index_table_scatter_skips_int32_max_destinations():
+    """A 3-D int32 scatter (lowered as CtxScatter3DInt) building a packed -> original token table."""
+    table = np.full((1, 4, 1), INT32_MAX, np.int32)
+    out = qp.ctx_scatter(table, np.array([[INT32_MAX, 0, INT32_MAX, 1]], np.int32),
+                         np.arange(4, dtype=np.int32).reshape(1, 4, 1))
+    np.testing.assert_array_equal(out[0, :, 0], [1, 3, INT32_MAX, INT32_MAX])
+    assert out.dtype == np.int32
+
+
 # -- bad inputs ---------------------------------------------------------------------------------------
 
 
@@ -459,6 +498,43 @@ def test_bad_cb_gather_raises_at_the_users_line(error, specs):
     with pytest.raises(error) as info:
         qtrace.trace(read, specs)
     assert_located(info.value, read, "# bad cb gather")
+
+
+BAD_BLOCKED_GATHERS = [
+    pytest.param((f32(2, 2, 4, 3), i64(1, 2, 4)), "exactly", id="indices-batch-broadcast"),
+    pytest.param((f32(2, 2, 4, 3), i64(2, 1, 4)), "exactly", id="indices-heads-broadcast"),
+    pytest.param((f32(2, 4, 3), i64(2, 4)), "heads", id="data-3d"),
+    pytest.param((f32(2, 2, 4, 3), f32(2, 2, 4)), "integer", id="float-indices"),
+]
+
+
+@pytest.mark.parametrize("specs, message", BAD_BLOCKED_GATHERS)
+def test_bad_blocked_kv_read_raises_at_the_users_line(specs, message):
+    def read(cache, indices):
+        return qp.ctx_gather_blocked_kv(cache, indices)  # bad blocked read
+
+    with pytest.raises(qtrace.QtraceError, match=message) as info:
+        qtrace.trace(read, specs)
+    assert_located(info.value, read, "# bad blocked read")
+    assert info.value.op == "ctx_gather_blocked_kv"
+
+
+BAD_BLOCKED_CB_GATHERS = [
+    pytest.param((f32(3, 2, 4, 2), i64(2, 1), i64(1, 2, 4)), "batch 2", id="indices-batch"),
+    pytest.param((f32(3, 4, 2), i64(2, 1), i64(2, 4)), "heads", id="data-3d"),
+    pytest.param((f32(3, 2, 4, 2), i64(2), i64(2, 2, 4)), "batch_index", id="batch-index-1d"),
+]
+
+
+@pytest.mark.parametrize("specs, message", BAD_BLOCKED_CB_GATHERS)
+def test_bad_blocked_kv_cb_read_raises_at_the_users_line(specs, message):
+    def read(cache, batch_index, indices):
+        return qp.ctx_gather_blocked_kv_cb(cache, batch_index, indices)  # bad blocked cb read
+
+    with pytest.raises(qtrace.QtraceError, match=message) as info:
+        qtrace.trace(read, specs)
+    assert_located(info.value, read, "# bad blocked cb read")
+    assert info.value.op == "ctx_gather_blocked_kv_cb"
 
 
 def test_bad_scatter_raises_eagerly_too():

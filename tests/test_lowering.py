@@ -249,6 +249,10 @@ case("pow", np.power, positive("B", 3), floats("B", 3))
 case("pow_python_scalar", lambda x: x ** 3, floats("B", 3))
 case("pow_int64", np.power, ints("B", 4, low=-3, high=4), ints("B", 4, low=0, high=4))
 case("maximum", np.maximum, small_floats("B", 4), small_floats(4))
+case("floor_divide_int64", lambda x, y: x // y, ints("B", 4, low=-12, high=12),
+     Arg((4,), "int64", lambda rng, s, _: rng.integers(1, 5, s) * rng.choice([-1, 1], s)))
+case("remainder_int32", np.remainder, ints("B", 4, low=-12, high=12, dtype="int32"),
+     ints(4, low=2, high=5, dtype="int32"))
 case("minimum_int64", np.minimum, ints("B", 4), ints("B", 1))
 for _name, _op in [("eq", np.equal), ("ne", np.not_equal), ("lt", np.less), ("le", np.less_equal),
                    ("gt", np.greater), ("ge", np.greater_equal)]:

@@ -12,12 +12,16 @@ from typing import Any
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import numpy_helper
 
 import qtrace
 import qtrace.primitives as qp
 from qtrace import ShapeDtype
 
+from conftest import examples
+from test_kv_cache import gather_inputs, scatter_inputs
 from test_lowering import INT32_MAX, assert_matches, save_and_check
 
 QUALCOMM = "com.qualcomm.cloud"
@@ -94,39 +98,55 @@ def gather_cb(past_key: Any, batch_index: Any, ctx_indices: Any) -> Any:
     return qp.ctx_gather_cb(past_key, batch_index, ctx_indices)
 
 
-def _specs(rank: int, *names: str, index_dtype: str = "int64") -> tuple[ShapeDtype, ...]:
+def gather_blocked(past_key: Any, ctx_indices: Any) -> Any:
+    return qp.ctx_gather_blocked_kv(past_key, ctx_indices)
+
+
+def gather_blocked_cb(past_key: Any, batch_index: Any, ctx_indices: Any) -> Any:
+    return qp.ctx_gather_blocked_kv_cb(past_key, batch_index, ctx_indices)
+
+
+def _specs(rank: int, *names: str, index_dtype: str = "int64", cache_dtype: str = "float32",
+           index_heads: int = 1) -> tuple[ShapeDtype, ...]:
     """Specs for the named arguments; with continuous batching (a batch_index) the cache has N slots."""
     heads = (2,) if rank == 4 else ()
     slots = "N" if "batch_index" in names else "B"
     shapes = {
-        "past_key": ShapeDtype((slots,) + heads + ("C", 4)),
+        "past_key": ShapeDtype((slots,) + heads + ("C", 4), cache_dtype),
         "batch_index": ShapeDtype(("B", 1), index_dtype),
         "position_ids": ShapeDtype(("B", "S"), index_dtype),
-        "updates": ShapeDtype(("B",) + heads + ("S", 4)),
-        "ctx_indices": ShapeDtype(("B",) + ((1,) if rank == 4 else ()) + (6,), index_dtype),
+        "updates": ShapeDtype(("B",) + heads + ("S", 4), cache_dtype),
+        "ctx_indices": ShapeDtype(("B",) + ((index_heads,) if rank == 4 else ()) + (6,), index_dtype),
     }
     return tuple(shapes[n] for n in names)
 
 
-CONTRACT = [  # function, rank, inputs, op_type, ONNX inputs (graph input names; "K" = comp_ctx_len)
-    (scatter, 4, ("past_key", "position_ids", "updates"), "CtxScatter", ["past_key", "position_ids", "updates"]),
-    (scatter, 3, ("past_key", "position_ids", "updates"), "CtxScatter3D", ["past_key", "position_ids", "updates"]),
+CONTRACT = [  # function, rank, inputs, op_type, ONNX inputs (graph input names; "K" = comp_ctx_len), spec options
+    (scatter, 4, ("past_key", "position_ids", "updates"), "CtxScatter", ["past_key", "position_ids", "updates"], {}),
+    (scatter, 3, ("past_key", "position_ids", "updates"), "CtxScatter3D", ["past_key", "position_ids", "updates"], {}),
+    (scatter, 3, ("past_key", "position_ids", "updates"), "CtxScatter3DInt", ["past_key", "position_ids", "updates"],
+     {"cache_dtype": "int32", "index_dtype": "int32"}),
     (scatter_cb, 4, ("past_key", "batch_index", "position_ids", "updates"), "CtxScatterCB",
-     ["past_key", "batch_index", "position_ids", "updates"]),
+     ["past_key", "batch_index", "position_ids", "updates"], {}),
     (scatter_cb, 3, ("past_key", "batch_index", "position_ids", "updates"), "CtxScatterCB3D",
-     ["past_key", "batch_index", "position_ids", "updates"]),
-    (gather, 4, ("past_key", "ctx_indices"), "CtxGather", ["past_key", "ctx_indices", "K"]),
-    (gather, 3, ("past_key", "ctx_indices"), "CtxGather3D", ["past_key", "ctx_indices"]),
+     ["past_key", "batch_index", "position_ids", "updates"], {}),
+    (gather, 4, ("past_key", "ctx_indices"), "CtxGather", ["past_key", "ctx_indices", "K"], {}),
+    (gather, 3, ("past_key", "ctx_indices"), "CtxGather3D", ["past_key", "ctx_indices"], {}),
+    (gather_blocked, 4, ("past_key", "ctx_indices"), "CtxGatherBlockedKV", ["past_key", "ctx_indices"],
+     {"index_heads": 2}),
     (gather_cb, 4, ("past_key", "batch_index", "ctx_indices"), "CtxGatherCB", ["past_key", "batch_index",
-                                                                              "ctx_indices", "K"]),
+                                                                              "ctx_indices", "K"], {}),
     (gather_cb, 3, ("past_key", "batch_index", "ctx_indices"), "CtxGatherCB3D", ["past_key", "batch_index",
-                                                                                "ctx_indices"]),
+                                                                                "ctx_indices"], {}),
+    (gather_blocked_cb, 4, ("past_key", "batch_index", "ctx_indices"), "CtxGatherBlockedKVCB",
+     ["past_key", "batch_index", "ctx_indices"], {}),
 ]
+CONTRACT_IDS = [c[3] for c in CONTRACT]
 
 
-@pytest.mark.parametrize("fn, rank, names, op_type, onnx_inputs", CONTRACT, ids=[c[3] for c in CONTRACT])
-def test_ctx_node_has_the_contract_op_type_domain_and_inputs(fn, rank, names, op_type, onnx_inputs) -> None:
-    lowered = qtrace.lower(fn, _specs(rank, *names))
+@pytest.mark.parametrize("fn, rank, names, op_type, onnx_inputs, options", CONTRACT, ids=CONTRACT_IDS)
+def test_ctx_node_has_the_contract_op_type_domain_and_inputs(fn, rank, names, op_type, onnx_inputs, options) -> None:
+    lowered = qtrace.lower(fn, _specs(rank, *names, **options))
     node = _node(lowered, op_type)
     assert node.domain == QUALCOMM
     assert len(node.input) == len(onnx_inputs)
@@ -138,9 +158,9 @@ def test_ctx_node_has_the_contract_op_type_domain_and_inputs(fn, rank, names, op
             assert got == expected
 
 
-@pytest.mark.parametrize("fn, rank, names, op_type, onnx_inputs", CONTRACT, ids=[c[3] for c in CONTRACT])
-def test_ctx_op_is_a_model_function_in_its_domain(fn, rank, names, op_type, onnx_inputs) -> None:
-    model = qtrace.lower(fn, _specs(rank, *names)).model
+@pytest.mark.parametrize("fn, rank, names, op_type, onnx_inputs, options", CONTRACT, ids=CONTRACT_IDS)
+def test_ctx_op_is_a_model_function_in_its_domain(fn, rank, names, op_type, onnx_inputs, options) -> None:
+    model = qtrace.lower(fn, _specs(rank, *names, **options)).model
     functions = [(f.domain, f.name) for f in model.functions]
     assert (QUALCOMM, op_type) in functions
     assert {(o.domain, o.version) for o in model.opset_import} >= {(QUALCOMM, 1)}
@@ -305,3 +325,88 @@ def test_decode_step_reads_back_what_it_wrote(tmp_path: Any) -> None:
         indices = np.where(indices > positions.max(1)[:, None, None], INT32_MAX, indices)
         assert_matches(got["past_key"], retained)
         assert_matches(got["keys"], reference_gather(retained, np.arange(batch), indices))
+
+
+# -- the blocked-KV reads and the int32 index scatter on onnxruntime, one model at two sizes ----------------
+
+
+TWO_SIZES = [(2, 3, 8), (3, 4, 13)]  # (batch, block length, ctx_len)
+
+
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_blocked_kv_read_runs_at_two_sizes(tmp_path: Any, index_dtype: str) -> None:
+    lowered = qtrace.lower(gather_blocked, (ShapeDtype(("B", 2, "C", 3)), ShapeDtype(("B", 2, "K"), index_dtype)))
+    save_and_check(lowered, tmp_path)
+    rng = np.random.default_rng(9)
+    for batch, block, ctx_len in TWO_SIZES:
+        data = _cache(rng, 4, batch, ctx_len)
+        start, live = ctx_len - block - 1, ctx_len - 3  # a block ending before the cache does
+        indices = np.arange(start, start + block)
+        indices = np.where(indices > live, INT32_MAX, indices)[None, None].repeat(batch, 0).repeat(2, 1)
+        indices[0, 1, 0] = -1  # counts from the end
+        indices = indices.astype(index_dtype)
+        got = lowered.run(data, indices)
+        assert_matches(got, reference_gather(data, np.arange(batch), indices))
+        assert_matches(got, qp.ctx_gather_blocked_kv(data, indices))
+
+
+@pytest.mark.parametrize("index_dtype", INDEX_DTYPES)
+def test_blocked_kv_cb_read_runs_at_two_sizes(tmp_path: Any, index_dtype: str) -> None:
+    specs = (ShapeDtype(("N", 2, "C", 3)), ShapeDtype(("B", 1), index_dtype), ShapeDtype(("B", 1, "K"), index_dtype))
+    lowered = qtrace.lower(gather_blocked_cb, specs)
+    save_and_check(lowered, tmp_path)
+    rng = np.random.default_rng(10)
+    for batch, block, ctx_len in TWO_SIZES:
+        data = _cache(rng, 4, batch + 2, ctx_len)
+        batch_index = rng.permutation(batch + 2)[:batch].reshape(batch, 1).astype(index_dtype)  # out of order
+        indices = rng.integers(-ctx_len, ctx_len, (batch, 1, block))
+        indices[rng.random(indices.shape) < 0.3] = INT32_MAX
+        indices = indices.astype(index_dtype)
+        got = lowered.run(data, batch_index, indices)
+        assert_matches(got, reference_gather(data, batch_index[:, 0], indices))
+        assert_matches(got, qp.ctx_gather_blocked_kv_cb(data, batch_index, indices))
+
+
+def test_int32_index_scatter_runs_at_two_sizes(tmp_path: Any) -> None:
+    specs = (ShapeDtype(("B", "C", 1), "int32"), ShapeDtype(("B", "S"), "int32"), ShapeDtype(("B", "S", 1), "int32"))
+    lowered = qtrace.lower(scatter, specs)
+    assert [n.op_type for n in lowered.model.graph.node] == ["CtxScatter3DInt"]
+    save_and_check(lowered, tmp_path)
+    rng = np.random.default_rng(11)
+    for batch, seq in ((2, 5), (3, 9)):
+        table = np.full((batch, seq, 1), INT32_MAX, np.int32)
+        routed = rng.random((batch, seq)) < 0.5
+        destinations = np.where(routed, np.cumsum(routed, axis=1) - 1, INT32_MAX).astype(np.int32)
+        tokens = np.arange(seq, dtype=np.int32)[None, :, None].repeat(batch, 0)
+        got = lowered.run(table, destinations, tokens)
+        assert_matches(got, reference_scatter(table, np.arange(batch), destinations, tokens, continuous_batching=False))
+        for b in range(batch):  # the packed -> original token table
+            packed = np.flatnonzero(routed[b])
+            np.testing.assert_array_equal(got[b, :len(packed), 0], packed)
+            assert (got[b, len(packed):, 0] == INT32_MAX).all()
+
+
+# -- property: the lowered op (its function body on onnxruntime) equals the primitive's numpy reference -----
+
+
+LOWERED_MODES = [  # (qtrace call, continuous batching, blocked) for every ctx primitive mode
+    pytest.param(qp.ctx_scatter, False, False, id="ctx_scatter"),
+    pytest.param(qp.ctx_scatter_cb, True, False, id="ctx_scatter_cb"),
+    pytest.param(qp.ctx_gather, False, False, id="ctx_gather"),
+    pytest.param(qp.ctx_gather_cb, True, False, id="ctx_gather_cb"),
+    pytest.param(qp.ctx_gather_blocked_kv, False, True, id="ctx_gather_blocked_kv"),
+    pytest.param(qp.ctx_gather_blocked_kv_cb, True, True, id="ctx_gather_blocked_kv_cb"),
+]
+
+
+@pytest.mark.parametrize("call, continuous_batching, blocked", LOWERED_MODES)
+@settings(max_examples=examples(0.4))
+@given(data=st.data())
+def test_lowered_ctx_op_matches_the_numpy_reference(call, continuous_batching, blocked, data) -> None:
+    """Random shapes, dtypes, padding -1, INT32_MAX and out-of-order cache slots (test_kv_cache's inputs)."""
+    if call in (qp.ctx_scatter, qp.ctx_scatter_cb):
+        arrays = data.draw(scatter_inputs(continuous_batching))
+    else:
+        arrays = data.draw(gather_inputs(continuous_batching, blocked))
+    lowered = qtrace.lower(call, tuple(ShapeDtype.of(a) for a in arrays))
+    assert_matches(lowered.run(*arrays), call(*arrays))

@@ -368,6 +368,22 @@ NOT_BOOL = Bad(qtrace.DTypeError, (f32(2, 3),))
 NOT_BROADCASTING = Bad(qtrace.ShapeError, (f32(2, 3), f32(3, 2)))
 BOOL_OPERANDS = Bad(qtrace.DTypeError, (boolean(2), boolean(2)))
 
+NOT_INTEGER = Bad(qtrace.DTypeError, (f32(2), f32(2)))
+
+
+def integer_division_inputs():
+    """Integer operands that broadcast, divisors of both signs and never 0 (Python's // and % are the formula)."""
+    @st.composite
+    def draw_inputs(draw):
+        dtype = draw(st.sampled_from(INTS))
+        shapes = draw(hnp.mutually_broadcastable_shapes(num_shapes=2, max_dims=3, max_side=3)).input_shapes
+        divisor = draw(arrays(dtype, shapes[1], lo=1, hi=5)) * draw(hnp.arrays(dtype, shapes[1],
+                                                                              elements=st.sampled_from([-1, 1])))
+        return (draw(arrays(dtype, shapes[0], lo=-12, hi=12)), divisor.astype(dtype)), {}
+
+    return draw_inputs()
+
+
 CASES: list[Case] = []
 
 
@@ -403,6 +419,10 @@ CASES += [
          binary_formula(lambda u, v: u / v), (NOT_BROADCASTING,)),
     Case("pow", lambda x, y: qp.power(x, y), binary_inputs(FLOATS, lo=0.5, hi=2.0, rhs=dict(lo=-2.0)),
          binary_formula(math.pow), (NOT_BROADCASTING, BOOL_OPERANDS), ulps=4),
+    Case("floor_divide", lambda x, y: qp.floor_divide(x, y), integer_division_inputs(),
+         binary_formula(lambda u, v: u // v), (NOT_INTEGER, Bad(qtrace.ShapeError, (i32(2, 3), i32(3, 2))))),
+    Case("remainder", lambda x, y: qp.remainder(x, y), integer_division_inputs(),
+         binary_formula(lambda u, v: u % v), (NOT_INTEGER,)),
     Case("maximum", lambda x, y: qp.maximum(x, y), binary_inputs(NUMERIC, integral=True),
          binary_formula(lambda u, v: u if u >= v else v), (NOT_BROADCASTING, BOOL_OPERANDS)),
     Case("minimum", lambda x, y: qp.minimum(x, y), binary_inputs(NUMERIC, integral=True),

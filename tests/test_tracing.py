@@ -640,10 +640,17 @@ def test_one_argument_where_is_unsupported():
         qtrace.trace(lambda x: np.where(x > 0), (ShapeDtype((2,)),))
 
 
+@pytest.mark.parametrize("fn, op", [(lambda x: x // 2, "floor_divide"), (lambda x: x % 2, "remainder")],
+                         ids=["floordiv", "mod"])
+def test_floor_division_and_modulo_record_integer_primitives(fn, op):
+    graph = qtrace.trace(fn, (ShapeDtype((2,), "int32"),))
+    assert [n.op for n in graph.nodes] == [op]
+
+
 @pytest.mark.parametrize("fn", [lambda x: x // 2, lambda x: x % 2], ids=["floordiv", "mod"])
-def test_floor_division_and_modulo_operators_are_unsupported(fn):
-    with pytest.raises(qtrace.UnsupportedError):
-        qtrace.trace(fn, (ShapeDtype((2,), "int32"),))
+def test_floor_division_and_modulo_of_floats_name_the_op_and_dtype(fn):
+    with pytest.raises(qtrace.DTypeError, match=r"(floor_divide|remainder).*integer.*f32\[2\]"):
+        qtrace.trace(fn, (ShapeDtype((2,), "float32"),))
 
 
 def test_boolean_mask_indexing_is_unsupported():

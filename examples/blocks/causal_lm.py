@@ -30,7 +30,7 @@ from ..weights import linear_keys
 from .attention import AttentionInputs
 from .layers import linear, norm
 from .masks import cache_indices, score_bias
-from .rope import RopeTables, model_rope_tables, rope_at
+from .rope import RopeTables, model_rope_tables, rope_at, rope_name
 
 
 @dataclass
@@ -108,7 +108,7 @@ def lm_head(h: Any, params: dict[str, Any], cfg: DecoderConfig) -> Any:
 class StepInputs:
     """The per-step arrays layers read, built lazily once per (attention kind, cache length, RoPE)."""
 
-    def __init__(self, cfg: DecoderConfig, tables: dict[Any, RopeTables], position_ids: Any, batch_index: Any,
+    def __init__(self, cfg: DecoderConfig, tables: dict[str, RopeTables], position_ids: Any, batch_index: Any,
                  dtype: Any):
         self.cfg, self.tables, self.position_ids, self.batch_index, self.dtype = cfg, tables, position_ids, batch_index, dtype
         self._made: dict[Any, Any] = {}
@@ -126,19 +126,21 @@ class StepInputs:
         spec = self.cfg.rope_for(kind)
         cos = sin = rotation = None
         if spec is not None:
-            table = self.tables[spec]
-            cos, sin = self._once(("rope", spec), lambda: rope_at(table, self.position_ids))
+            table = self.tables[rope_name(self.cfg, spec)]
+            cos, sin = self._once(("rope", rope_name(self.cfg, spec)), lambda: rope_at(table, self.position_ids))
             rotation = table.rotation
         return AttentionInputs(self.position_ids, indices, bias, self.batch_index, cos, sin, rotation)
 
 
-def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[Any, RopeTables],
+def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[str, RopeTables],
                    input_ids: Any, position_ids: Any, past_key_values: dict[str, Any], batch_index: Any = None, *,
                    layer_functions: bool = True) -> dict[str, Any]:
     """One prefill or decode step: logits [B,1,vocab] at argmax(position_ids) of each row, and the
     updated caches under their input names."""
     h = (arch.embed or token_embedding)(params, input_ids, position_ids, cfg)
     step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype)
+    with qtrace.scope("step"):
+        layer_inputs = [step.for_layer(i, past_key_values[f"past_key.{i}"].shape[2]) for i in range(len(params["layers"]))]
     linear_names = _linear_names(arch, cfg)
     layer = arch.layer if layer_functions else getattr(arch.layer, "__wrapped__", arch.layer)
     outputs: dict[str, Any] = {}
@@ -146,8 +148,7 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
         past_key, past_value = past_key_values[f"past_key.{i}"], past_key_values[f"past_value.{i}"]
         kernels = {k: transpose(v) if k in linear_names else v for k, v in p.items()}
         with qtrace.scope(f"layers.{i}"):
-            h, key_cache, value_cache = layer(h, kernels, step.for_layer(i, past_key.shape[2]), past_key, past_value,
-                                              cfg)
+            h, key_cache, value_cache = layer(h, kernels, layer_inputs[i], past_key, past_value, cfg)
         outputs[f"past_key.{i}"], outputs[f"past_value.{i}"] = key_cache, value_cache
     h = (arch.final_norm or final_rms_norm)(h, params, cfg)
     last = argmax(position_ids, axis=1, keepdims=True)                     # [B,1]

@@ -41,3 +41,21 @@ def pre_norm_layer_weights(cfg: DecoderConfig, index: int, *, o_bias: bool = Fal
         for name, size in (("gate", cfg.intermediate_size), ("up", cfg.intermediate_size), ("down", cfg.hidden_size)):
             weights[f"{name}_bias"] = Weight(f"{prefix}mlp.{name}_proj.bias", (size,), BIAS)
     return weights
+
+
+def sandwich_norm_layer(x: Any, p: dict[str, Any], inputs: AttentionInputs, past_key: Any, past_value: Any,
+                        cfg: DecoderConfig) -> tuple[Any, Any, Any]:
+    """Four norms a layer (Gemma 2 and 3): each sublayer normed before and after.
+
+        h   = x + post_attention_norm(attention(input_norm(x)))
+        out = h + post_feedforward_norm(mlp(pre_feedforward_norm(h)))
+    """
+    attn, key_cache, value_cache = self_attention(norm(x, p["input_layernorm"], cfg.norm_eps), p, inputs,
+                                                  past_key, past_value, cfg)
+    h = x + norm(attn, p["post_attention_layernorm"], cfg.norm_eps)
+    mlp = gated_mlp(norm(h, p["pre_feedforward_layernorm"], cfg.norm_eps), p, cfg.hidden_act)
+    return h + norm(mlp, p["post_feedforward_layernorm"], cfg.norm_eps), key_cache, value_cache
+
+
+SANDWICH_NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                  "post_feedforward_layernorm")

@@ -174,11 +174,17 @@ def apply_rope(x: Any, cos: Any, sin: Any, rotation: Any) -> Any:
     return x * cos + (x @ rotation) * sin
 
 
-def model_rope_tables(cfg: DecoderConfig, positions: int, dtype: Any) -> dict[RopeSpec, RopeTables]:
-    """The tables of every RoPE the model's layers use, keyed by their spec."""
-    tables: dict[RopeSpec, RopeTables] = {}
+def rope_name(cfg: DecoderConfig, spec: RopeSpec) -> str:
+    """The constants' name of a model's RoPE: `rope`, or `rope_local` for the sliding layers' own RoPE."""
+    return "rope_local" if spec == cfg.local_rope and spec != cfg.rope else "rope"
+
+
+def model_rope_tables(cfg: DecoderConfig, positions: int, dtype: Any) -> dict[str, RopeTables]:
+    """The tables of every RoPE the model's layers use, by `rope_name`."""
+    tables: dict[str, RopeTables] = {}
     for layer in range(cfg.num_hidden_layers):
         spec = cfg.rope_for(cfg.layer_type(layer))
-        if spec is not None and spec not in tables:
-            tables[spec] = rope_tables(spec, cfg.head_dim, positions, cfg.max_position_embeddings, dtype)
+        if spec is not None and rope_name(cfg, spec) not in tables:
+            tables[rope_name(cfg, spec)] = rope_tables(spec, cfg.head_dim, positions, cfg.max_position_embeddings,
+                                                       dtype)
     return tables

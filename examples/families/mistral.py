@@ -7,7 +7,7 @@ from __future__ import annotations
 import qtrace
 
 from ..blocks.decoder import pre_norm_layer, pre_norm_layer_weights
-from ..config import FULL, SLIDING, ConfigReader, DecoderConfig, common_fields
+from ..config import ConfigReader, DecoderConfig, common_fields
 from ..registry import Architecture, register
 from ..weights import causal_lm_weights
 
@@ -15,10 +15,7 @@ NAME = "MistralForCausalLM"
 
 
 def read_config(reader: ConfigReader) -> DecoderConfig:
-    window = reader.get("sliding_window", None)
-    layers = reader.require("num_hidden_layers")
-    return DecoderConfig(**common_fields(reader, NAME, sliding_window=window,
-                                         layer_types=((SLIDING if window else FULL),) * layers))
+    return DecoderConfig(**common_fields(reader, NAME, **reader.every_layer_window()))
 
 
 def weights(cfg: DecoderConfig):

@@ -1,0 +1,196 @@
+"""onnxruntime step latency of qtrace's Llama export against the exporter at session start (same run),
+with the memory-bandwidth floor for a decode step, and node counts of every zoo family.
+
+Models (random float32 weights, written once as a safetensors checkpoint and exported by both
+exporters in `--weights reference` mode, so both read the same bytes):
+- tiny: hidden 256, intermediate 688, 2 layers, 8 heads / 4 KV heads, vocab 512, ctx_len 128;
+- 1B-shaped: hidden 2048, intermediate 8192, 16 layers, 32 heads / 8 KV heads, head_dim 64,
+  vocab 32000, ctx_len 1024 (4.9 GB of weights: about 10 GB of disk while it runs).
+
+For each: prefill of 32 tokens and one decode step after it, at 1 and 2 onnxruntime threads, median of
+repeated runs. The decode floor is (bytes of weights a step reads + bytes of cache it reads) / the
+copy bandwidth numpy measures on this machine in the same run (a copy moves each byte twice, so this
+floor is, if anything, optimistic for the exporter).
+
+    python benchmarks/bench_ort.py [--models tiny 1B] [--repeats 20] [--workdir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from baseline import SESSION_START, baseline_tree, run_export  # noqa: E402
+from bench_zoo import fixture_configs, node_counts  # noqa: E402
+
+MODELS = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=8,
+                 num_key_value_heads=4, head_dim=32, vocab_size=512, ctx_len=128),
+    "1B": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+               num_key_value_heads=8, head_dim=64, vocab_size=32000, ctx_len=1024),
+}
+PREFILL = 32
+
+
+def write_checkpoint(directory: str, shape: dict) -> tuple[dict, int]:
+    """A random Llama checkpoint streamed to disk tensor by tensor; returns its config and weight bytes."""
+    from qtrace.examples.checkpoint import random_model, write_safetensors  # noqa: F401  (layout check)
+    from qtrace.examples.families.llama import tiny_config
+    from qtrace.examples.registry import read_config
+    from qtrace.examples.weights import checkpoint_shapes
+
+    config = tiny_config(**{k: v for k, v in shape.items() if k != "ctx_len"}, max_position_embeddings=shape["ctx_len"])
+    arch, cfg = read_config(config)
+    shapes = checkpoint_shapes(arch.weights(cfg))
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(config, f)
+    header, offset = {}, 0
+    for name, weight in shapes.items():
+        nbytes = int(np.prod(weight.shape)) * 4
+        header[name] = {"dtype": "F32", "shape": list(weight.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    rng = np.random.default_rng(0)
+    with open(os.path.join(directory, "model.safetensors"), "wb") as f:
+        f.write(len(blob).to_bytes(8, "little") + blob)
+        for name, weight in shapes.items():
+            fan_in = weight.shape[-1]
+            scale = 0.1 if weight.kind == "norm" else (0.5 if weight.kind == "embedding" else fan_in ** -0.5)
+            base = 1.0 if weight.kind == "norm" else 0.0
+            rows = max(1, (1 << 24) // (4 * fan_in))  # ~16 MiB at a time
+            for start in range(0, weight.shape[0], rows):
+                block = (weight.shape[0] if len(weight.shape) == 1 else min(rows, weight.shape[0] - start),)
+                block += weight.shape[1:]
+                if len(weight.shape) == 1:
+                    f.write((base + scale * rng.standard_normal(block)).astype(np.float32).tobytes())
+                    break
+                f.write((base + scale * rng.standard_normal(block)).astype(np.float32).tobytes())
+    return config, offset
+
+
+def session(model_dir: str, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(os.path.join(model_dir, "model.onnx"), options, providers=["CPUExecutionProvider"])
+
+
+def cache_feeds(sess, ctx_len: int) -> dict[str, np.ndarray]:
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_"):
+            shape = [1 if d == "batch_size" else ctx_len if d == "ctx_len" else d for d in i.shape]
+            feeds[i.name] = np.zeros(shape, np.float32)
+    return feeds
+
+
+def latencies(sess, vocab: int, ctx_len: int, repeats: int) -> tuple[float, float]:
+    """Median seconds of a 32-token prefill and of the decode step after it."""
+    outputs = [o.name for o in sess.get_outputs()]
+    cache = cache_feeds(sess, ctx_len)
+    ids = (np.arange(PREFILL, dtype=np.int64)[None] * 7) % vocab
+    prefill_feeds = {"input_ids": ids, "position_ids": np.arange(PREFILL, dtype=np.int64)[None], **cache}
+    sess.run(None, prefill_feeds)  # warm-up
+    prefill_times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = sess.run(None, prefill_feeds)
+        prefill_times.append(time.perf_counter() - start)
+    state = {name[:-len("_RetainedState")]: value for name, value in zip(outputs, result)
+             if name.endswith("_RetainedState")}
+    decode_feeds = {"input_ids": np.array([[3]], np.int64), "position_ids": np.array([[PREFILL]], np.int64), **state}
+    sess.run(None, decode_feeds)
+    decode_times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, decode_feeds)
+        decode_times.append(time.perf_counter() - start)
+    return statistics.median(prefill_times), statistics.median(decode_times)
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes per second numpy copies one large array to another (best of 5)."""
+    source, target = np.ones(nbytes // 8), np.empty(nbytes // 8)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
+
+
+def decode_bytes(config: dict, weight_bytes: int, ctx_len: int) -> int:
+    """Bytes a decode step must read: every weight but the embedding rows it skips, and the live cache."""
+    embedding = config["vocab_size"] * config["hidden_size"] * 4
+    cache = 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * ctx_len * config["head_dim"] * 4
+    return weight_bytes - embedding + config["hidden_size"] * 4 + cache
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="bench-ort-", dir=args.workdir)
+    try:
+        tree = baseline_tree(SESSION_START, workdir)
+        bandwidth = copy_bandwidth()
+        print(f"baseline: qtrace at {SESSION_START} (session start); copy bandwidth {bandwidth / 1e9:.1f} GB/s")
+        for name in args.models:
+            shape = MODELS[name]
+            ctx_len = shape["ctx_len"]
+            checkpoint = os.path.join(workdir, f"{name}-checkpoint")
+            config, weight_bytes = write_checkpoint(checkpoint, shape)
+            exports = {}
+            for label, source in (("baseline", tree), ("qtrace", None)):
+                out = os.path.join(workdir, f"{name}-{label}")
+                seconds = run_export(source, checkpoint, out, ctx_len=ctx_len, prefill_seq_len=PREFILL,
+                                     weights="reference")
+                exports[label] = (out, seconds)
+            import onnx
+
+            print(f"\n== {name}: {weight_bytes / 2**30:.2f} GiB of float32 weights, ctx_len {ctx_len}")
+            for label, (out, seconds) in exports.items():
+                counts = node_counts(onnx.load(os.path.join(out, "model.onnx"), load_external_data=False))
+                print(f"  {label:<9} export {seconds:6.2f} s   nodes: main {counts[0]}, layers inlined {counts[1]}, "
+                      f"fully inlined {counts[2]}")
+            floor = decode_bytes(config, weight_bytes, ctx_len) / bandwidth
+            for threads in (1, 2):
+                results = {label: latencies(session(out, threads), config["vocab_size"], ctx_len, args.repeats)
+                           for label, (out, _) in exports.items()}
+                (base_prefill, base_decode), (ours_prefill, ours_decode) = results["baseline"], results["qtrace"]
+                print(f"  {threads} thread{'s' if threads > 1 else ' '}: prefill {ours_prefill * 1e3:8.2f} ms "
+                      f"(baseline {base_prefill * 1e3:8.2f} ms, {base_prefill / ours_prefill:4.2f}x faster)   decode "
+                      f"{ours_decode * 1e3:8.2f} ms (baseline {base_decode * 1e3:8.2f} ms, "
+                      f"{base_decode / ours_decode:4.2f}x faster; floor {floor * 1e3:.2f} ms, "
+                      f"{ours_decode / floor:4.2f}x the floor)")
+        print("\nnode counts per family (2 layers, ctx_len 128): main / layers inlined / fully inlined")
+        from qtrace.examples.checkpoint import export_model, random_model
+
+        for arch, config in fixture_configs().items():
+            out = os.path.join(workdir, "family")
+            export_model(random_model(config), out, ctx_len=128, prefill_seq_len=32)
+            counts = node_counts(onnx.load(os.path.join(out, "model.onnx"), load_external_data=False))
+            print(f"  {arch:<26} {counts[0]:5d} {counts[1]:6d} {counts[2]:6d}")
+            shutil.rmtree(out)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The ONNX function bodies of the Cloud AI 100 custom ops, written with onnxscript.
+
+The Qualcomm compiler replaces these nodes with its own kernels; the bodies are the portable
+reference that lets plain onnxruntime run a model (design.md section 5). Each honours the index
+conventions the hardware relies on:
+
+- a non-CB scatter position that is negative counts from the end, so the runtime's padding
+  position -1 writes the last slot; a CB scatter position that is negative writes nothing;
+- INT32_MAX (2**31 - 1) is the invalid index: a scatter at it writes nothing, a gather at it reads
+  index 0 (the caller masks those rows);
+- two writes to one cache row are unspecified (as for any ONNX scatter with duplicate indices).
+
+Cost: a scatter copies the cache once (one ScatterND on the cache itself) and a gather reads only the
+rows it returns. Every body is dtype-polymorphic (float32, float16, integer data; int32 or int64
+indices) and shape-polymorphic (sizes come from Shape ops), and a scatter's output shape is inferred
+without data propagation (it is the cache's own).
+
+This module imports onnxscript and compiles every body when `build_functions` runs, which takes a
+noticeable part of a second. `custom_ops` calls it once per opset and onnxscript version and keeps the
+result on disk (keyed by a hash of this file), so an export normally never imports it.
+"""
+
+from __future__ import annotations
+
+import onnx
+import onnxscript
+from onnx import helper
+from onnxscript import values
+
+QUALCOMM_DOMAIN = "com.qualcomm.cloud"
+QTI_AISW_DOMAIN = "com.qti.aisw.onnx"
+INT32_MAX = 2**31 - 1
+
+
+def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
+    """Every custom op's FunctionProto, its body using default-domain ops valid at `opset`."""
+    # `op` is a closure variable of the bodies below; onnxscript resolves it when compiling them,
+    # so the opset is chosen here, at build time.
+    op = getattr(onnxscript, f"opset{opset}")
+    qualcomm = values.Opset(QUALCOMM_DOMAIN, 1)
+    qti_aisw = values.Opset(QTI_AISW_DOMAIN, 1)
+    INT64 = onnx.TensorProto.INT64  # noqa: N806 - reads as the dtype name inside the bodies
+    ONE = helper.make_tensor("one", INT64, [1], [1])  # noqa: N806
+
+    # ---- scatters: write new KV rows into the cache ---------------------------------------------
+    # One ScatterND on the cache writes every update row at its (cache slot, head, position) tuple.
+    # The tuples are sums of broadcast coordinate columns times unit vectors, e.g. for 4-D
+    #   slot[:, None, None, None] * [1, 0, 0] + head[None, :, None, None] * [0, 1, 0]
+    #   + position[:, None, :, None] * [0, 0, 1]                     -> [B, H, S, 3]
+    # with the slot and head numbers counted by CumSum over ones. Those counts are never unsqueezed:
+    # onnx's data propagation mis-infers Unsqueeze of a ConstantOfShape result (onnx 1.17-1.23).
+    # Rows that must write nothing are dropped (Compress) before the scatter: ONNX scatters have no
+    # "skip", and dropping them costs no copy of the cache. ScatterND reads a negative coordinate from
+    # the end, which is the non-CB padding rule.
+
+    @onnxscript.script(qualcomm, default_opset=op)
+    def CtxScatter(data, position_ids, updates):
+        """data[B,H,C,D], position_ids[B,S], updates[B,H,S,D] -> [B,H,C,D]:
+        a copy of data with out[b,h,position_ids[b,s],:] = updates[b,h,s,:]."""
+        ones = op.ConstantOfShape(op.Concat(op.Shape(data, start=0, end=2), op.Constant(value_ints=[1, 1]), axis=0),
+                                  value=ONE)
+        batch = op.CumSum(ones, op.Constant(value_int=0), exclusive=1)  # [B,H,1,1] holding b
+        heads = op.CumSum(ones, op.Constant(value_int=1), exclusive=1)  # [B,H,1,1] holding h
+        position = op.Cast(position_ids, to=INT64)
+        rows = (batch * op.Constant(value_ints=[1, 0, 0]) + heads * op.Constant(value_ints=[0, 1, 0])
+                + op.Unsqueeze(position, [1, 3]) * op.Constant(value_ints=[0, 0, 1]))
+        rows = op.Flatten(rows, axis=3)
+        keep = op.Gather(rows, 2, axis=1) < op.Constant(value_int=INT32_MAX)
+        out = op.ScatterND(data, op.Compress(rows, keep, axis=0),
+                           op.Compress(op.Flatten(updates, axis=3), keep, axis=0))
+        return out
+
+    @onnxscript.script(qualcomm, default_opset=op)
+    def CtxScatter3D(data, position_ids, updates):
+        """data[B,C,D], position_ids[B,S], updates[B,S,D] -> [B,C,D]:
+        a copy of data with out[b,position_ids[b,s],:] = updates[b,s,:]."""
+        batch = op.CumSum(op.ConstantOfShape(op.Shape(data, start=0, end=1), value=ONE),
+                          op.Constant(value_int=0), exclusive=1)
+        position = op.Cast(position_ids, to=INT64)
+        rows = (op.Reshape(batch, [-1, 1, 1]) * op.Constant(value_ints=[1, 0])
+                + op.Unsqueeze(position, [2]) * op.Constant(value_ints=[0, 1]))
+        rows = op.Flatten(rows, axis=2)
+        keep = op.Gather(rows, 1, axis=1) < op.Constant(value_int=INT32_MAX)
+        out = op.ScatterND(data, op.Compress(rows, keep, axis=0),
+                           op.Compress(op.Flatten(updates, axis=2), keep, axis=0))
+        return out
+
+    # Continuous batching: row b of updates goes to cache slot batch_index[b, 0]; a negative position
+    # writes nothing, like INT32_MAX.
+
+    @onnxscript.script(qualcomm, default_opset=op)
+    def CtxScatterCB(data, batch_index, position_ids, updates):
+        """data[N,H,C,D], batch_index[B,1], position_ids[B,S], updates[B,H,S,D] -> [N,H,C,D]:
+        row b of updates goes to cache slot batch_index[b,0]."""
+        zero = op.Constant(value_int=0)
+        heads = op.CumSum(op.ConstantOfShape(op.Shape(data, start=1, end=2), value=ONE), zero, exclusive=1)
+        slot = op.Cast(batch_index, to=INT64)
+        position = op.Cast(position_ids, to=INT64)
+        rows = (op.Unsqueeze(slot, [2, 3]) * op.Constant(value_ints=[1, 0, 0])
+                + op.Reshape(heads, [-1, 1, 1]) * op.Constant(value_ints=[0, 1, 0])
+                + op.Unsqueeze(position, [1, 3]) * op.Constant(value_ints=[0, 0, 1]))
+        rows = op.Flatten(rows, axis=3)
+        position = op.Gather(rows, 2, axis=1)
+        keep = op.And(position >= zero, position < op.Constant(value_int=INT32_MAX))
+        out = op.ScatterND(data, op.Compress(rows, keep, axis=0),
+                           op.Compress(op.Flatten(updates, axis=3), keep, axis=0))
+        return out
+
+    @onnxscript.script(qualcomm, default_opset=op)
+    def CtxScatterCB3D(data, batch_index, position_ids, updates):
+        """data[N,C,D], batch_index[B,1], position_ids[B,S], updates[B,S,D] -> [N,C,D]:
+        row b of updates goes to cache slot batch_index[b,0]."""
+        slot = op.Cast(batch_index, to=INT64)
+        position = op.Cast(position_ids, to=INT64)
+        rows = (op.Unsqueeze(slot, [2]) * op.Constant(value_ints=[1, 0])
+                + op.Unsqueeze(position, [2]) * op.Constant(value_ints=[0, 1]))
+        rows = op.Flatten(rows, axis=2)
+        position = op.Gather(rows, 1, axis=1)
+        keep = op.And(position >= op.Constant(value_int=0), position < op.Constant(value_int=INT32_MAX))
+        out = op.ScatterND(data, op.Compress(rows, keep, axis=0),
+                           op.Compress(op.Flatten(updates, axis=2), keep, axis=0))
+        return out
+
+    # ---- gathers: read the cache back --------------------------------------------------------
+    # `fmod(index, INT32_MAX)` maps INT32_MAX to 0 and keeps every other index (negative ones too).
+    # A negative index counts from the end.
+    # comp_ctx_len follows QEfficient: CtxGather broadcasts its indices to [B, H, comp_ctx_len] (one
+    # index may be read comp_ctx_len times); the CB gathers read the K indices they are given.
+
+    @onnxscript.script(qualcomm, default_opset=op)
+    def CtxGather(data, ctx_indices, comp_ctx_len):
+        """data[B,H,C,D], ctx_indices[B|1, 1|H, K], comp_ctx_len (= K) -> [B,H,K,D]:
+        out[b,h,k,:] = data[b,h,ctx_indices[b,h,k],:]."""
+        index = op.Mod(op.Cast(ctx_indices, to=INT64), op.Constant(value_int=INT32_MAX), fmod=1)
+        index = op.Expand(index, op.Concat(op.Shape(data, start=0, end=2), op.Reshape(comp_ctx_len, [1]), axis=0))
+        out = op.GatherND(data, op.Unsqueeze(index, [3]), batch_dims=2)
+        return out
+
+    @onnxscript.script(qualcomm, default_opset=op)
+    def CtxGather3D(data, ctx_indices):
+        """data[B,C,D], ctx_indices[B|1, K] -> [B,K,D]: out[b,k,:] = data[b,ctx_indices[b,k],:]."""
+        index = op.Mod(op.Cast(ctx_indices, to=INT64), op.Constant(value_int=INT32_MAX), fmod=1)
+        index = op.Expand(index, op.Concat(op.Shape(data, start=0, end=1), op.Shape(index, start=1), axis=0))
+        out = op.GatherND(data, op.Unsqueeze(index, [2]), batch_dims=1)
+        return out
+
+    @onnxscript.script(qualcomm, default_opset=op)
+    def CtxGatherBlockedKV(data, ctx_indices):
+        """data[B,H,C,D], ctx_indices[B,H,K] -> [B,H,K,D]: one block of the cache,
+        out[b,h,k,:] = data[b,h,ctx_indices[b,h,k],:]."""
+        index = op.Mod(op.Cast(ctx_indices, to=INT64), op.Constant(value_int=INT32_MAX), fmod=1)
+        out = op.GatherND(data, op.Unsqueeze(index, [3]), batch_dims=2)
+        return out
+
+    # Continuous batching: one Gather on the cache seen as rows [N*H*C, D] (a view, no copy), at row
+    # (slot * H + head) * C + index. The index is taken modulo C so that a negative one counts from
+    # the end of its own (slot, head) block.
+
+    @onnxscript.script(qualcomm, default_opset=op)
+    def CtxGatherCB(data, batch_index, ctx_indices, comp_ctx_len):
+        """data[N,H,C,D], batch_index[B,1], ctx_indices[B, 1|H, K], comp_ctx_len (= K) -> [B,H,K,D]:
+        out[b,h,k,:] = data[batch_index[b,0],h,ctx_indices[b,h,k],:]."""
+        num_heads = op.Shape(data, start=1, end=2)
+        ctx_len = op.Shape(data, start=2, end=3)
+        heads = op.CumSum(op.ConstantOfShape(num_heads, value=ONE), op.Constant(value_int=0), exclusive=1)
+        index = op.Mod(op.Mod(op.Cast(ctx_indices, to=INT64), op.Constant(value_int=INT32_MAX), fmod=1), ctx_len)
+        block = (op.Unsqueeze(op.Cast(batch_index, to=INT64), [2]) * num_heads + op.Reshape(heads, [-1, 1])) * ctx_len
+        out = op.Gather(op.Flatten(data, axis=3), block + index, axis=0)
+        return out
+
+    @onnxscript.script(qualcomm, default_opset=op)
+    def CtxGatherCB3D(data, batch_index, ctx_indices):
+        """data[N,C,D], batch_index[B,1], ctx_indices[B,K] -> [B,K,D]:
+        out[b,k,:] = data[batch_index[b,0],ctx_indices[b,k],:]."""
+        ctx_len = op.Shape(data, start=1, end=2)
+        index = op.Mod(op.Mod(op.Cast(ctx_indices, to=INT64), op.Constant(value_int=INT32_MAX), fmod=1), ctx_len)
+        out = op.Gather(op.Flatten(data, axis=2), op.Cast(batch_index, to=INT64) * ctx_len + index, axis=0)
+        return out
+
+    # ---- RMS norm --------------------------------------------------------------------------
+    # ReduceSum (axes an input since opset 13) divided by D instead of ReduceMean, whose axes moved
+    # from attribute to input at opset 18: one body is valid for every supported opset.
+
+    @onnxscript.script(qti_aisw, default_opset=op)
+    def CustomRMSNorm(hidden, weight, epsilon: float):
+        """hidden[...,D], weight[D] -> [...,D]:
+        weight * hidden / sqrt(mean(hidden**2, -1) + epsilon), computed in hidden's dtype."""
+        dim = op.CastLike(op.Shape(hidden, start=-1), hidden)
+        mean_square = op.ReduceSum(hidden * hidden, [-1], keepdims=1) / dim
+        out = weight * hidden / op.Sqrt(mean_square + op.CastLike(epsilon, hidden))
+        return out
+
+    bodies = [
+        CtxScatter, CtxScatter3D, CtxScatterCB, CtxScatterCB3D,
+        CtxGather, CtxGather3D, CtxGatherBlockedKV, CtxGatherCB, CtxGatherCB3D,
+        CustomRMSNorm,
+    ]  # fmt: skip
+    functions = {body.name: body.to_function_proto() for body in bodies}
+    # Two compiler ops share a body: the int32 3-D scatter (index tables) is CtxScatter3D on int32 data,
+    # and the blocked CB read is CtxGatherCB without the (unused) comp_ctx_len input.
+    functions["CtxScatter3DInt"] = _renamed(functions["CtxScatter3D"], "CtxScatter3DInt")
+    functions["CtxGatherBlockedKVCB"] = _renamed(functions["CtxGatherCB"], "CtxGatherBlockedKVCB",
+                                                 drop_input="comp_ctx_len")
+    for function in functions.values():
+        onnx.checker.check_function(function)
+    return functions
+
+
+def _renamed(function: onnx.FunctionProto, name: str, drop_input: str | None = None) -> onnx.FunctionProto:
+    """A copy of `function` called `name`, without the input `drop_input` (which its body must not use)."""
+    copy = onnx.FunctionProto()
+    copy.CopyFrom(function)
+    copy.name = name
+    if drop_input is not None:
+        assert all(drop_input not in node.input for node in copy.node), f"{drop_input} is used"
+        copy.input.remove(drop_input)
+    return copy
