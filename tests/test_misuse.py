@@ -409,13 +409,13 @@ def invert_ints():
     qtrace.trace(lambda x: ~x, (S((3,), "int64"),))  # <-
 
 
-@misuse(qtrace.UnsupportedError, "the // operator")
-def floor_divide():
+@misuse(qtrace.DTypeError, "floor_divide", "integer array, got f32[3]")
+def floor_divide_floats():
     qtrace.trace(lambda x: x // 2, (S((3,)),))  # <-
 
 
-@misuse(qtrace.UnsupportedError, "the % operator")
-def modulo():
+@misuse(qtrace.DTypeError, "remainder", "integer array, got f32[3]")
+def remainder_of_floats():
     qtrace.trace(lambda x: x % 2, (S((3,)),))  # <-
 
 
