@@ -11,9 +11,9 @@ import onnx
 
 from qtrace import dtypes, pytree
 from qtrace.dims import Dim, substitute
-from qtrace.errors import DTypeError, FileError, LoweringError, ShapeError, TraceError, located
+from qtrace.errors import DTypeError, FileError, LoweringError, RunError, ShapeError, TraceError, UsageError, located
 from qtrace.ir import Graph
-from qtrace.tracing import trace
+from qtrace.tracing import argument_leaf_names, trace
 
 from .fp16 import convert_to_float16
 from .model import RETAINED_STATE, ModelParts, attach_weights, build_model, retained_state_source
@@ -31,6 +31,7 @@ class Lowered:
                  pass_report: Any = None, *, converted_float16: bool = False):
         self.fn = fn
         self.converted_float16 = converted_float16  # float32 arguments are fed as float16
+        self.static_leaves: list[tuple[str, Any]] | None = None  # traced non-array arguments (name, value)
         self.graph = graph
         self.parts = parts
         self.output_names = output_names
@@ -58,6 +59,8 @@ class Lowered:
         """Write the model atomically (weights external when asked or past 2 GiB); returns the files.
         reference_weights: weights that are memory maps of a file (a checkpoint) are not copied; the
         external-data entries point into that file, linked next to the model."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise UsageError(f"save needs a file path, got {type(path).__name__} {path!r:.60}")
         try:
             return save_model(self.parts, os.fspath(path), external_data=external_data,
                               size_threshold=size_threshold, reference_weights=reference_weights, progress=progress)
@@ -72,7 +75,23 @@ class Lowered:
         """onnxruntime feeds from the function's own arguments (static leaves are skipped), checked
         against the traced signature."""
         arrays = self.graph.input_arrays(args, kwargs)
+        self._check_static_arguments(args, kwargs)
         return dict(zip(self.input_names, check_feeds(self.graph, arrays, self.converted_float16)))
+
+    def _check_static_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        """Non-array arguments were constants when the model was traced: another value would be ignored."""
+        if self.static_leaves is None or self.graph.in_tree is None:
+            return
+        leaves = pytree.flatten_like(self.graph.in_tree, (tuple(args), dict(kwargs)))
+        given = [leaf for leaf, is_input in zip(leaves, self.graph.input_leaf_mask) if not is_input]
+        for leaf, (path, traced) in zip(given, self.static_leaves):
+            try:
+                same = type(leaf) is type(traced) and bool(leaf == traced)
+            except Exception:  # a value without a plain equality: nothing to compare
+                continue
+            if not same:
+                raise UsageError(f"argument {path} is {leaf!r:.40}, but the model was traced with {traced!r:.40}: "
+                                 "non-array arguments are constants of the model; lower again for another value")
 
     def session(self) -> Any:
         if self._session is None:
@@ -95,7 +114,11 @@ class Lowered:
                              + "; ".join(part for part in (f"missing {missing}" if missing else "",
                                                            f"unknown {unknown}" if unknown else "") if part))
         arrays = check_feeds(self.graph, [feeds[n] for n in names], self.converted_float16)
-        outputs = self.session().run(None, dict(zip(names, arrays)))
+        session = self.session()
+        try:
+            outputs = session.run(None, dict(zip(names, arrays)))
+        except Exception as exc:  # onnxruntime's own exception types; types and shapes were checked above
+            raise RunError(f"onnxruntime could not run the model on these inputs: {str(exc).strip()[:400]}") from None
         return dict(zip(self.output_names, outputs))
 
     @located
@@ -258,7 +281,12 @@ def lower(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwar
         raise FileError(f"writing the IR dumps to {dump_dir} failed: {exc}") from None
     names = _output_names(graph, output_names, retained_state)
     parts = build_model(graph, names, opset=opset, local_domain=local_domain)
-    return Lowered(fn, graph, parts, names, report, converted_float16=dtype is not None)
+    lowered = Lowered(fn, graph, parts, names, report, converted_float16=dtype is not None)
+    leaves, _ = pytree.flatten((tuple(example_args), dict(example_kwargs or {})))
+    names = argument_leaf_names(fn, example_args, dict(example_kwargs or {}))
+    lowered.static_leaves = [(name, leaf) for name, leaf, is_input in zip(names, leaves, graph.input_leaf_mask)
+                             if not is_input]
+    return lowered
 
 
 def _check_lower_arguments(opset: Any, dtype: Any, passes: Any, input_names: Any, output_names: Any,

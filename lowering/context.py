@@ -165,7 +165,10 @@ class LoweringContext:
         if cached is None:
             source = self._dim_sources.get(name)
             if source is None:
-                raise LoweringError(f"symbolic dim {name} is used but no input of {self.graph.name} carries it")
+                node = self.current
+                raise LoweringError(f"symbolic dim {name} is used but no input of {self.graph.name} carries it: a "
+                                    "size must come from an input's shape", op=node.op if node else None,
+                                    location=node.location if node else None)
             value, axis = source
             saved, self.current = self.current, None  # shared by all users: no scope in its name
             cached = self.op("Shape", self.names[value], start=axis, end=axis + 1)

@@ -341,7 +341,20 @@ def take(a: Any, indices: Any, axis: int | None = None, out: Any = None, mode: A
     a, indices = as_array(a), as_array(indices)
     if axis is None:
         a, axis = reshape(a, (-1,)), 0
-    return take_p.bind(a, indices, axis=normalize_axis(axis, a.ndim, op="take"))
+    axis = normalize_axis(axis, a.ndim, op="take")
+    _check_constant_indices(indices, a, axis, "take")
+    return take_p.bind(a, indices, axis=axis)
+
+
+def _check_constant_indices(indices: Any, x: Any, axis: int, op: str) -> None:
+    """Constant (numpy) indices past a static dim fail here, as numpy fails, not when the model runs."""
+    dim = x.shape[axis] if axis < x.ndim else None
+    if isinstance(indices, np.ndarray) and isinstance(dim, int) and indices.size and dtypes.is_integer(indices.dtype):
+        low, high = int(indices.min()), int(indices.max())
+        if low < -dim or high >= dim:
+            bad = high if high >= dim else low
+            raise ShapeError(f"index {bad} is out of bounds for axis {axis} of {ShapeDtype.of(x)}", op=op,
+                             location=user_location())
 
 
 def _gather_rule(x: ShapeDtype, *indices: ShapeDtype, axis: int) -> ShapeDtype:
@@ -361,7 +374,11 @@ gather_p = primitive("gather", _gather_rule,
 def gather(x: Any, indices: Sequence[Any], axis: int = 0) -> Array:
     """`x[:, ..., i0, i1, ...]` with index arrays i0, i1 (broadcast together) on axes axis, axis+1, ..."""
     x = as_array(x)
-    return gather_p.bind(x, *[as_array(i) for i in indices], axis=normalize_axis(axis, x.ndim, op="gather"))
+    axis = normalize_axis(axis, x.ndim, op="gather")
+    arrays = [as_array(i) for i in indices]
+    for k, index in enumerate(arrays):
+        _check_constant_indices(index, x, axis + k, "gather")
+    return gather_p.bind(x, *arrays, axis=axis)
 
 
 # -- numpy indexing -----------------------------------------------------------------------------------

@@ -14,8 +14,8 @@ from . import primitives  # noqa: F401  (fills the Tracer operator tables)
 from .core import Primitive, Tracer, scope
 from .dims import Dim
 from .errors import (CheckError, ConcretizationError, DTypeError, FileError, LoweringError, NonFiniteWeightsWarning,
-                     NumericsError, QtraceError, ShapeError, TraceError, UnsupportedError,
-                     UsageError)
+                     NumericsError, QtraceError, RunError, ShapeError, TraceError,
+                     UnsupportedError, UsageError)
 from .ir import Graph, ShapeDtype
 from .tracing import function, trace
 
@@ -32,4 +32,4 @@ def lower(*args: Any, **kwargs: Any) -> Any:
 __all__ = ["trace", "lower", "function", "scope", "ShapeDtype", "Graph", "Dim", "Primitive", "Tracer",
            "QtraceError", "ShapeError", "DTypeError", "ConcretizationError", "UnsupportedError", "TraceError",
            "LoweringError", "CheckError", "FileError", "NonFiniteWeightsWarning", "UsageError",
-           "NumericsError", "primitives"]
+           "NumericsError", "RunError", "primitives"]

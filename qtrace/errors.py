@@ -144,6 +144,11 @@ class UsageError(QtraceError, ValueError):
     """An argument or command-line flag has a value qtrace cannot use (the message names the flag)."""
 
 
+class RunError(QtraceError, RuntimeError):
+    """onnxruntime could not run a lowered model on these inputs (a data-dependent failure such as an
+    index out of range: the feeds' types and shapes were checked before)."""
+
+
 class NumericsError(QtraceError, ArithmeticError):
     """A model computed NaN or inf where a finite value is needed (logits to pick a token from)."""
 

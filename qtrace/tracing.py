@@ -274,6 +274,13 @@ class _ReadOnlyArrays:
             f"({exc})", location=location)
 
 
+def argument_leaf_names(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
+    """A dotted name per leaf of fn's arguments (parameter names, dict keys), in flatten order."""
+    inner, _, bound_positional = _unwrap(fn)
+    arg_names = _parameter_names(inner, len(args), skip=bound_positional)
+    return _named_leaves(list(zip(arg_names, args)) + list(kwargs.items()))
+
+
 @located
 def trace(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwargs: dict[str, Any] | None = None,
           *, input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
@@ -284,13 +291,13 @@ def trace(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwar
     dict keys, or by `input_names`); other leaves are static Python values. numpy arrays the function
     reaches through partial arguments, its closure or its globals become named constants.
     """
+    if not callable(fn):
+        raise TraceError(f"the function to trace is {type(fn).__name__} {fn!r:.60}, not a callable")
     if not isinstance(example_args, (tuple, list)):
         raise TraceError(f"example_args must be a tuple or list of arguments, got {type(example_args).__name__}")
     example_kwargs = dict(example_kwargs or {})
-    inner, _, bound_positional = _unwrap(fn)
-    arg_names = _parameter_names(inner, len(example_args), skip=bound_positional)
     leaves, in_tree = pytree.flatten((tuple(example_args), example_kwargs))
-    leaf_names = _named_leaves(list(zip(arg_names, example_args)) + list(example_kwargs.items()))
+    leaf_names = argument_leaf_names(fn, example_args, example_kwargs)
     mask = [_is_array_leaf(leaf) for leaf in leaves]
     names = [n for n, m in zip(leaf_names, mask) if m]
     if input_names is not None:
@@ -356,6 +363,9 @@ def function(fn: Callable[..., Any] | None = None, *, name: str | None = None) -
     """
     if fn is None:
         return functools.partial(function, name=name)
+    if not callable(fn):
+        raise TraceError(f"@qtrace.function needs a function, got {type(fn).__name__} {fn!r:.60}",
+                         location=user_location())
     fn_name = name or _function_name(fn)
 
     @functools.wraps(fn)

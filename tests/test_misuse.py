@@ -1135,6 +1135,57 @@ def dump_dir_is_a_file():
     qtrace.lower(lambda x: x + 1, (S((3,)),), dump_dir=blocker)  # <-
 
 
+# -- more API misuse --------------------------------------------------------------------------------------
+misuse = catalogue(CASES, "api")
+
+
+@misuse(qtrace.TraceError, "the function to trace is str 'model'", "not a callable")
+def trace_a_string():
+    qtrace.trace("model", (S((3,)),))  # <-
+
+
+@misuse(qtrace.TraceError, "@qtrace.function needs a function", "int 3")
+def function_of_a_number():
+    qtrace.function(3)  # <-
+
+
+@misuse(qtrace.ShapeError, "a shape must be a tuple of ints and symbolic names", "None")
+def shape_dtype_without_a_shape():
+    S(None)  # <-
+
+
+@misuse(qtrace.UsageError, "save needs a file path", "NoneType None")
+def save_without_a_path():
+    qtrace.lower(lambda x: x + 1, (S((3,)),)).save(None)  # <-
+
+
+@misuse(qtrace.LoweringError, "full", "symbolic dim z is used but no input", "carries it")
+def symbolic_dim_no_input_carries():
+    qtrace.lower(lambda x: qp.zeros(("z", 3), F32) + x, (S((3,)),))  # <-
+
+
+@misuse(qtrace.UsageError, "argument scale is 3.0, but the model was traced with 2.0")
+def run_with_another_static_argument():
+    lowered = qtrace.lower(lambda x, scale: x * scale, (S((3,)), 2.0))
+    lowered.run(np.ones(3, F32), 3.0)  # <-
+
+
+@misuse(qtrace.ShapeError, "take", "index 5 is out of bounds for axis 0 of f32[3]")
+def constant_index_past_the_dim():
+    qtrace.trace(lambda x: x[np.array([0, 5])], (S((3,)),))  # <-
+
+
+@misuse(qtrace.ShapeError, "gather", "index -3 is out of bounds for axis 1 of f32[2,2]")
+def constant_gather_index_past_the_dim():
+    qtrace.trace(lambda x: qp.gather(x, [np.array([0]), np.array([-3])]), (S((2, 2)),))  # <-
+
+
+@misuse(qtrace.RunError, "onnxruntime could not run the model", "Gather")
+def traced_index_past_the_dim_at_run_time():
+    lowered = qtrace.lower(lambda x, i: qp.take(x, i), (S((3,)), S((2,), "int64")))
+    lowered.run(np.ones(3, F32), np.array([0, 7]))  # <-
+
+
 @pytest.mark.parametrize("case", [c for c in CASES], ids=ids)
 def test_misuse(case: Case) -> None:
     check_case(case)
