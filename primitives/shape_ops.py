@@ -5,18 +5,68 @@ expressed with them."""
 from __future__ import annotations
 
 import builtins
+import functools
 import operator
-from typing import Any, Sequence
+import os
+import sys
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from qtrace import dtypes
-from qtrace.core import Tracer
+from qtrace.core import Tracer, current_trace
 from qtrace.dims import Dim, DimLike, canonical_dim, dim_product, exact_divide, shape_str
 from qtrace.errors import DTypeError, ShapeError, UnsupportedError, user_location
 from qtrace.ir import ShapeDtype
 
 from .common import Array, as_array, broadcast_shapes, normalize_axis, primitive, promote, require_integer
+
+# -- numpy views ----------------------------------------------------------------------------------------
+# numpy returns views for basic indexing, reshape, transpose, squeeze, expand_dims and broadcast_to: an
+# assignment into the base changes the view and the other way round. qtrace values never alias, so
+# the trace notes which values numpy would alias (only for calls from the user's code: repeat or
+# flatten use reshape inside, but numpy gives copies for them), and tracing refuses an assignment
+# whose effect through a view would be read afterwards (qtrace.tracing.check_view_writes).
+
+_DISPATCH_FILES = (os.path.join("qtrace", "core.py"), "numpy_api.py", "functools.py", "<__array_function__ internals>")
+_PRIMITIVES_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_NUMPY_DIR = os.path.dirname(os.path.abspath(np.__file__)) + os.sep
+
+
+def _called_by_user(frame: Any) -> bool:
+    """Whether a call comes from outside qtrace.primitives (skipping numpy's and qtrace's dispatch)."""
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(_NUMPY_DIR) or filename.endswith(_DISPATCH_FILES):
+            frame = frame.f_back
+            continue
+        return not os.path.abspath(filename).startswith(_PRIMITIVES_DIR)
+    return True
+
+
+def note_view(result: Any, base: Any, region: Any = None) -> None:
+    """Record that numpy would give `result` as a view of `base` (region: per-axis slices of the base)."""
+    trace = current_trace()
+    if trace is None or not isinstance(result, Tracer) or not isinstance(base, Tracer) or result is base:
+        return
+    if _called_by_user(sys._getframe(2)):
+        trace.views[result.value] = (base.value, region, user_location())
+
+
+def _view(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A function numpy answers with a view of its first argument (the whole of it)."""
+
+    @functools.wraps(fn)
+    def view(x: Any, *args: Any, **kwargs: Any) -> Any:
+        result = fn(x, *args, **kwargs)
+        trace = current_trace()
+        if trace is not None and isinstance(result, Tracer) and isinstance(x, Tracer) and result is not x \
+                and _called_by_user(sys._getframe(1)):
+            trace.views[result.value] = (x.value, None, user_location())
+        return result
+
+    return view
+
 
 # -- reshape ------------------------------------------------------------------------------------------
 
@@ -51,6 +101,7 @@ def _resolve_shape(x: Array, shape: Sequence[Any]) -> tuple[DimLike, ...]:
     return tuple(dims)
 
 
+@_view
 def reshape(x: Any, *shape: Any, order: str = "C") -> Array:
     """`x.reshape(shape)`; dims may be symbolic and one may be -1."""
     if order != "C":
@@ -83,6 +134,7 @@ transpose_p = primitive("transpose", _transpose_rule, lambda x, *, perm: np.tran
                         doc="Permute axes: out.shape[i] = x.shape[perm[i]].")
 
 
+@_view
 def transpose(x: Any, *axes: Any) -> Array:
     """`np.transpose(x, axes)` (reverse the axes when none are given)."""
     if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))):
@@ -92,6 +144,7 @@ def transpose(x: Any, *axes: Any) -> Array:
     return transpose_p.bind(x, perm=perm)
 
 
+@_view
 def swapaxes(x: Any, axis1: int, axis2: int) -> Array:
     x = as_array(x)
     perm = list(range(x.ndim))
@@ -100,6 +153,7 @@ def swapaxes(x: Any, axis1: int, axis2: int) -> Array:
     return transpose(x, perm)
 
 
+@_view
 def moveaxis(x: Any, source: int, destination: int) -> Array:
     x = as_array(x)
     perm = list(range(x.ndim))
@@ -125,6 +179,7 @@ broadcast_to_p = primitive("broadcast_to", _broadcast_to_rule,
                            doc="Repeat size-1 (and missing leading) dims to `shape`.")
 
 
+@_view
 def broadcast_to(x: Any, shape: Sequence[Any]) -> Array:
     """`np.broadcast_to(x, shape)`; dims may be symbolic."""
     shape = (shape,) if isinstance(shape, (int, str, Dim)) else shape
@@ -142,6 +197,7 @@ squeeze_p = primitive("squeeze", _squeeze_rule, lambda x, *, axes: np.squeeze(x,
                       doc="Remove the size-1 dims `axes`.")
 
 
+@_view
 def squeeze(x: Any, axis: int | Sequence[int] | None = None) -> Array:
     x = as_array(x)
     if axis is None:
@@ -163,6 +219,7 @@ expand_dims_p = primitive("expand_dims", _expand_dims_rule, lambda x, *, axes: n
                           doc="Insert size-1 dims at output positions `axes`.")
 
 
+@_view
 def expand_dims(x: Any, axis: int | Sequence[int]) -> Array:
     x = as_array(x)
     axis = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
@@ -460,7 +517,10 @@ def getitem(x: Any, key: Any) -> Array:
             seen_advanced = True
         elif isinstance(k, builtins.slice):
             position += 1
-    return expand_dims(result, new_axes) if new_axes else result
+    result = expand_dims(result, new_axes) if new_axes else result
+    if not has_arrays:  # basic indexing: numpy gives a view of the selected region
+        note_view(result, x, tuple(slices))
+    return result
 
 
 # -- index_put: x[key] = updates, recorded functionally -----------------------------------------------
@@ -551,7 +611,21 @@ def setitem(x: Any, key: Any, value: Any) -> None:
     """`x[key] = value` on a traced value: records index_put and rebinds x to the result."""
     if not isinstance(x, Tracer):
         raise UnsupportedError("setitem on a non-traced array", location=user_location())
-    x.value = index_put(x, key, value).value
+    result = index_put(x, key, value)
+    node = result.value.producer if result is not x else None
+    if node is not None and node.op == "index_put":
+        trace = current_trace()
+        if trace is not None:
+            trace.assignments.append((x.value, node, node.params["spec"]))
+    x.value = result.value
+
+
+def copy(x: Any, order: str = "K") -> Array:
+    """`x.copy()` / `np.copy(x)`: a new array (for traced values, a value no assignment aliases)."""
+    from .elementwise import cast_p
+
+    x = as_array(x)
+    return cast_p.bind(x, dtype=x.dtype) if isinstance(x, Tracer) else x.copy()
 
 
 # -- repeat (GQA's repeat_kv) -------------------------------------------------------------------------

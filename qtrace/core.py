@@ -91,6 +91,10 @@ class Trace:
         self.function_cache: dict[Any, Any] = {} if root is None else root.function_cache
         self.used_constant_names: set[str] = set()
         self.constant_counter = 0
+        # numpy aliasing, for `x[...] = v`: values numpy would give as views (value -> its base, the region
+        # of the base it shows or None for all of it, where it was taken) and the assignments recorded
+        self.views: dict[Value, tuple[Value, Any, Any]] = {}
+        self.assignments: list[tuple[Value, Any, tuple]] = []  # (value written over, index_put node, spec)
 
     @contextlib.contextmanager
     def active(self) -> Iterator["Trace"]:
@@ -337,6 +341,6 @@ for _dunder, _name in {"lt": "less", "le": "less_equal", "gt": "greater", "ge": 
 for _dunder, _name in {"neg": "negative", "pos": "positive", "abs": "abs", "invert": "invert"}.items():
     setattr(Tracer, f"__{_dunder}__", _unary(_name))
 for _name in ("reshape", "transpose", "astype", "sum", "mean", "max", "min", "argmax", "squeeze",
-              "swapaxes", "flatten", "__getitem__", "__setitem__", "take", "clip", "var", "std"):
+              "swapaxes", "flatten", "__getitem__", "__setitem__", "take", "clip", "var", "std", "copy"):
     setattr(Tracer, _name, _method(_name))
 Tracer.T = property(lambda self: _op("transpose")(self))  # type: ignore[attr-defined]

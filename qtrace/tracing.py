@@ -121,6 +121,63 @@ def _output_values(trace: Trace, leaves: Sequence[Any], names: Sequence[str]) ->
     return values
 
 
+def check_view_writes(trace_: Trace, graph: Graph) -> None:
+    """Refuse an assignment `x[...] = v` that numpy would see through a view read afterwards: a view
+    of x taken before (`y = x[:2]`), or the array x is a view of (`x = base[1:]`), or another view of
+    that array. qtrace values do not alias, so the model would compute what numpy does not."""
+    if not trace_.assignments:
+        return
+    children: dict[Any, list[Any]] = {}
+    for view, (base, _, _) in trace_.views.items():
+        children.setdefault(base, []).append(view)
+    for written, node, spec in trace_.assignments:
+        root = written
+        while root in trace_.views:
+            root = trace_.views[root][0]
+        stack = [root]
+        while stack:
+            value = stack.pop()
+            if value is not written and _disjoint_view(trace_, value, written, spec):
+                continue  # a view of another region of the written array, and so are its views
+            stack.extend(children.get(value, []))
+            if value is written:
+                continue
+            reader = _read_after(graph, value, node)
+            if reader is not None:
+                view = trace_.views.get(value)
+                how = (f"a view of it taken at {view[2]}" if value in children.get(written, [])
+                       else f"the array it is a view of" if value is root and root is not written
+                       else f"an array sharing its data (taken at {view[2] if view else 'the start'})")
+                raise TraceError(
+                    f"this assignment changes, in numpy, {how}, which is read afterwards ({reader}); qtrace "
+                    "arrays are values, so the model would not see the change. Copy the view before assigning "
+                    "(`y = x[...].copy()`), or assign before taking it", op="index_put", location=node.location)
+
+
+def _disjoint_view(trace_: Trace, value: Any, written: Any, spec: tuple) -> bool:
+    """Whether `value` is a basic-indexing view of `written` over a region the assignment misses on
+    some static axis."""
+    view = trace_.views.get(value)
+    if view is None or view[0] is not written or view[1] is None:
+        return False
+    for dim, taken, item in zip(written.shape, view[1], spec):
+        if not isinstance(dim, int) or item[0] != "slice":
+            continue
+        if not set(range(*taken.indices(dim))) & set(range(*slice(*item[1:]).indices(dim))):
+            return True
+    return False
+
+
+def _read_after(graph: Graph, value: Any, node: Any) -> str | None:
+    """Where `value` is read after `node` was recorded (a later operation, or a graph output)."""
+    for user, _ in graph.consumers(value):
+        if user.index > node.index:
+            return f"{user.op} at {user.location}" if user.location else user.op
+    if graph.is_output(value):
+        return "returned as an output"
+    return None
+
+
 def _check_has_outputs(fn: Callable[..., Any], out_leaves: list[Any], result: Any) -> None:
     """A model computes something: a function returning None or only empty containers is refused."""
     if out_leaves:
@@ -321,6 +378,7 @@ def trace(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwar
         out_names = pytree.leaf_paths(result, "" if isinstance(result, dict) else "output")
     _check_unique(out_names, "outputs")
     graph.set_outputs(_output_values(tracer_trace, out_leaves, out_names), out_names)
+    check_view_writes(tracer_trace, graph)
     graph.in_tree, graph.input_leaf_mask, graph.out_tree = in_tree, mask, out_tree
     return graph
 
@@ -413,6 +471,7 @@ def _trace_body(outer: Trace, fn: Callable[..., Any], fn_name: str, args: Sequen
     _check_has_outputs(fn, out_leaves, result)
     out_names = pytree.leaf_paths(result, "" if isinstance(result, dict) else "output")
     body.set_outputs(_output_values(body_trace, out_leaves, out_names), out_names)
+    check_view_writes(body_trace, body)
     # Named once the body is traced: a body that calls this function with another signature (bounded
     # recursion) registers its callee first, under the first free name.
     unique, suffix = fn_name, 1

@@ -8,11 +8,12 @@ whether the value is *exact*: a copy or selection of input data, free of roundin
 argmax and float-to-int casts of it give the same answer in numpy and in onnxruntime.
 
 Families:
-- `random`: 1..8 steps drawn from elementwise math, broadcasting binaries, comparisons and where,
+- `random`: 1..10 steps drawn from elementwise math, broadcasting binaries, comparisons and where,
   reductions, argmax, nn primitives, the written-out forms the fusion pass rewrites (and near misses
   of their constants), matmuls (with the transposes onnxruntime's optimizer mishandles), reshapes,
   transposes, squeeze/expand/broadcast, concatenate/stack/split, slices and integer indexing, take,
-  assignments, casts, creation ops (constant-folded or symbolic), and @qtrace.function calls;
+  assignments (also next to views, in the orders where numpy and qtrace agree), casts, creation ops
+  (constant-folded or symbolic), and @qtrace.function calls;
 - `ctx`: a KV-cache step: ctx_scatter / ctx_scatter_cb (3-D or 4-D) with position -1 and INT32_MAX,
   then ctx_gather / ctx_gather_cb with INT32_MAX (and -1) indices.
 Inputs have static or symbolic dims, float32 or float16.
@@ -746,6 +747,37 @@ def gen_setitem(b: Builder) -> bool:
     return True
 
 
+def gen_view_assign(b: Builder) -> bool:
+    """Views and assignments in the orders numpy and qtrace agree on: a copied view, a view taken after
+    the assignment, or a view of a region the assignment misses."""
+    i = b.pick(lambda v: v.is_float and v.ndim >= 1 and v.static(-1) and v.shape[-1] >= 2)
+    if i is None:
+        return False
+    v = b.values[i]
+    order = b.draw(st.sampled_from(["copy_view", "assign_first", "disjoint"]))
+    cut = b.draw(st.integers(1, v.shape[-1] - 1))
+
+    def apply(x, order=order, cut=cut):
+        y = x + 0.0  # a new array: the assignment must not touch the argument
+        if order == "copy_view":
+            view = y[..., :cut].copy()
+            y[..., :cut] = -1.0
+        elif order == "assign_first":
+            y[..., cut:] = 2.0
+            view = y[..., :cut + 1]
+        else:
+            view = y[..., :cut]
+            y[..., cut:] = 0.5
+        return np.concatenate([view.reshape(-1), y.reshape(-1)])
+
+    size = 1
+    for d in v.shape:
+        size = size * d
+    view_size = size // v.shape[-1] * (cut + 1 if order == "assign_first" else cut)
+    b.add("view_assign", f"{order}(v{i}, cut={cut})", (i,), apply, Val((view_size + size,), v.dtype))
+    return True
+
+
 def gen_cast(b: Builder) -> bool:
     i = b.pick(lambda v: v.is_float)
     if i is None:
@@ -850,7 +882,7 @@ GENERATORS: dict[str, Callable[[Builder], bool]] = {
     "nn": gen_nn, "pattern": gen_pattern, "matmul": gen_matmul, "reshape": gen_reshape,
     "transpose": gen_transpose, "expand_squeeze": gen_expand_squeeze, "broadcast": gen_broadcast,
     "concat": gen_concat, "split": gen_split, "slice": gen_slice, "take": gen_take, "setitem": gen_setitem,
-    "cast": gen_cast, "creation": gen_creation, "function": gen_function,
+    "cast": gen_cast, "creation": gen_creation, "function": gen_function, "view_assign": gen_view_assign,
 }
 
 

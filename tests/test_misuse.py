@@ -1186,6 +1186,29 @@ def traced_index_past_the_dim_at_run_time():
     lowered.run(np.ones(3, F32), np.array([0, 7]))  # <-
 
 
+def _assign_after_view(x):
+    head = x[:2]
+    x[0] = 0.0  # <-
+    return head + 1
+
+
+@misuse(qtrace.TraceError, "index_put", "changes, in numpy, a view of it taken at", "read afterwards",
+        ".copy()", at=_assign_after_view)
+def assignment_seen_through_an_earlier_view():
+    qtrace.trace(_assign_after_view, (S((3,)),))
+
+
+def _assign_into_view(x):
+    rows = x.reshape(2, 2)
+    rows[0] = 1.0  # <-
+    return x
+
+
+@misuse(qtrace.TraceError, "index_put", "the array it is a view of", "returned as an output", at=_assign_into_view)
+def assignment_into_a_reshaped_view():
+    qtrace.trace(_assign_into_view, (S((4,)),))
+
+
 @pytest.mark.parametrize("case", [c for c in CASES], ids=ids)
 def test_misuse(case: Case) -> None:
     check_case(case)

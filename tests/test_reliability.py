@@ -511,3 +511,62 @@ def test_export_removes_scratch_directories_of_killed_exports(tmp_path):
     fixture = os.path.join(os.path.dirname(__file__), "fixtures", "llama")
     assert cli.main(["export", fixture, "-o", str(tmp_path / "out"), "--ctx-len", "16", "--prefill-seq-len", "4"]) == 0
     assert sorted(os.listdir(tmp_path)) == sorted(["out", running.name])
+
+
+# -- numpy views and assignments ---------------------------------------------------------------------
+
+
+def view_then_assign(x):
+    first_columns = x[:, :2]
+    x[:, 0] = 0.0  # marker: assignment seen through the view
+    return first_columns * 1.0
+
+
+def assign_through_a_view(x):
+    tail = x[1:]
+    tail[0] = 5.0  # marker: assignment into a view
+    return x * 1.0
+
+
+def transpose_then_assign(x):
+    flipped = x.T
+    x[0] = 9.0  # marker: assignment seen through the transpose
+    return flipped + 1.0
+
+
+@pytest.mark.parametrize("fn, marker", [(view_then_assign, "marker: assignment seen through the view"),
+                                        (assign_through_a_view, "marker: assignment into a view"),
+                                        (transpose_then_assign, "marker: assignment seen through the transpose")])
+def test_assignment_numpy_would_see_through_a_view_is_refused(fn, marker):
+    with pytest.raises(qtrace.TraceError, match="changes, in numpy,.*read afterwards") as info:
+        qtrace.lower(fn, (ShapeDtype((2, 3)),))
+    assert_located(info.value, fn, marker)
+
+
+@pytest.mark.parametrize("body", ["copy", "after", "disjoint", "repeat", "flatten", "read_before"])
+def test_views_and_assignments_numpy_agrees_with_lower_and_run(body):
+    def fn(x):
+        if body == "copy":
+            kept = x[:, :2].copy()
+            x[:, 0] = 0.0
+        elif body == "after":
+            x[:, 0] = 0.0
+            kept = x[:, :2]
+        elif body == "disjoint":
+            kept = x[:, :2]
+            x[:, 2] = 0.0
+        elif body == "repeat":  # numpy copies here, whatever qtrace records inside
+            kept = np.repeat(x, 2, axis=1)
+            x[0] = 9.0
+        elif body == "flatten":
+            kept = x.flatten()
+            x[0] = 9.0
+        else:
+            kept = x[:, :2].sum()
+            x[:, 0] = 0.0
+        return kept * 1.0, x * 1.0
+
+    x = np.arange(6, dtype=F32).reshape(2, 3)
+    lowered = qtrace.lower(fn, (ShapeDtype((2, 3)),))
+    for got, want in zip(lowered.run(x.copy()), fn(x.copy())):
+        np.testing.assert_array_equal(got, want)
