@@ -179,8 +179,18 @@ def main() -> None:
                       f"{ours_decode * 1e3:8.2f} ms (baseline {base_decode * 1e3:8.2f} ms, "
                       f"{base_decode / ours_decode:4.2f}x faster; floor {floor * 1e3:.2f} ms, "
                       f"{ours_decode / floor:4.2f}x the floor)")
+        print("\nblocked attention (tiny Llama, ctx_len 128): main / layers inlined / fully inlined nodes")
+        from qtrace.examples.checkpoint import export_model, load_checkpoint
+
+        for blocks in (0, 4, 16):
+            out = os.path.join(workdir, "blocked")
+            export_model(load_checkpoint(os.path.join(workdir, "tiny-checkpoint")), out, ctx_len=128, prefill_seq_len=32,
+                         kv_blocks=blocks, weights="reference")
+            counts = node_counts(onnx.load(os.path.join(out, "model.onnx"), load_external_data=False))
+            print(f"  --kv-blocks {blocks:<3} {counts[0]:5d} {counts[1]:6d} {counts[2]:6d}")
+            shutil.rmtree(out)
         print("\nnode counts per family (2 layers, ctx_len 128): main / layers inlined / fully inlined")
-        from qtrace.examples.checkpoint import export_model, random_model
+        from qtrace.examples.checkpoint import random_model
 
         for arch, config in fixture_configs().items():
             out = os.path.join(workdir, "family")

@@ -60,7 +60,8 @@ def child(config_json: str, layers: int) -> None:
     from qtrace.examples.checkpoint import export_model, random_model
 
     config = {**json.loads(config_json), "num_hidden_layers": layers}
-    config.pop("layer_types", None)  # re-derived for the new layer count where the family has a default
+    for per_layer in ("layer_types", "no_rope_layers", "moe_layers"):
+        config.pop(per_layer, None)  # re-derived for the new layer count where the family has a default
     if config["architectures"][0] == "Gemma3ForCausalLM":
         config["layer_types"] = ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(layers)]
     model = random_model(config)

@@ -132,11 +132,15 @@ def random_model(config: dict[str, Any], seed: int = 0, dtype: Any = np.float32)
 def checkpoint_tensors(model: Model) -> dict[str, np.ndarray]:
     """The model's params as checkpoint tensors under the family's names, in float32 (fused tensors
     rebuilt from their row blocks, load-time offsets undone): what `save_pretrained` would write."""
+    weight_map = model.arch.weights(model.cfg)
     flat = {k: v for k, v in model.params.items() if k != "layers"}
     for i, layer in enumerate(model.params.get("layers", [])):
-        flat.update({f"layers.{i}.{k}": v for k, v in layer.items()})
+        for key, value in layer.items():
+            per_expert = f"layers.{i}.{key}.0" in weight_map  # a list, or their stack
+            items = enumerate(value) if per_expert else [(None, value)]
+            flat.update({f"layers.{i}.{key}" + ("" if j is None else f".{j}"): v for j, v in items})
     blocks: dict[str, dict[int, np.ndarray]] = {}
-    for path, weight in model.arch.weights(model.cfg).items():
+    for path, weight in weight_map.items():
         array = np.asarray(flat[path], np.float32) - np.float32(weight.offset)
         blocks.setdefault(weight.name, {})[weight.rows[0] if weight.rows else 0] = array
     return {name: np.concatenate([parts[k] for k in sorted(parts)]) for name, parts in blocks.items()}
@@ -196,12 +200,13 @@ def _warn_nonfinite_params(model: Model) -> None:
 
 def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_len: int = 32, batch_size: int = 1,
                  full_batch_size: int | None = None, dtype: str = "float32", weights: str = "copy",
-                 layer_functions: bool = True, compile_options: CompileOptions = CompileOptions(),
+                 layer_functions: bool = True, kv_blocks: int = 0, compile_options: CompileOptions = CompileOptions(),
                  progress: Callable[[str], None] | None = None,
                  bytes_progress: Callable[[int, int], None] | None = None) -> ExportReport:
     """Lower the model and write model.onnx (+ external data), specializations.json, custom_io.yaml and
     compile.sh into out_dir. Everything is written in a scratch directory first: a failure leaves
-    out_dir as it was. progress(stage) names each stage; bytes_progress(done, total) follows the weights."""
+    out_dir as it was. progress(stage) names each stage; bytes_progress(done, total) follows the weights.
+    kv_blocks > 0: blocked attention, the cache read in that many blocks (long contexts)."""
     if weights not in ("copy", "reference"):
         raise CheckpointError(f"--weights must be copy or reference, got {weights!r}")
     check_export_options(ctx_len, prefill_seq_len, batch_size, full_batch_size, compile_options)
@@ -212,7 +217,7 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
     # The cache has the weights' dtype (float16 weights, as `qtrace export --dtype float16` loads them,
     # make float16 keys and values); lowering to float16 converts whatever is still float32.
     fn, args = model.signature(full_batch_size="full_batch_size" if full_batch_size else None, ctx_len="ctx_len",
-                               layer_functions=layer_functions, max_ctx_len=ctx_len)
+                               layer_functions=layer_functions, max_ctx_len=ctx_len, kv_blocks=kv_blocks)
     lowered = qtrace.lower(fn, args, dtype=np.float16 if dtype == "float16" else None)
     stages["lower"] = time.perf_counter() - start
     scratch = _atomic_directory(out_dir)
@@ -226,7 +231,8 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
         if weights == "copy":  # the weights were just read: naming NaN/inf ones costs one more pass in memory
             _warn_nonfinite_params(model)
         with open(os.path.join(scratch, "specializations.json"), "w") as f:
-            json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size), f, indent=2)
+            json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size,
+                                      model.cache_sizes(ctx_len, prefill_seq_len)), f, indent=2)
         with open(os.path.join(scratch, "custom_io.yaml"), "w") as f:
             f.write(custom_io_yaml(kv_state_names(model.cfg.num_hidden_layers), compile_options.kv_cache_precision))
         with open(os.path.join(scratch, "compile.sh"), "w") as f:

@@ -20,6 +20,7 @@ import qtrace
 FULL, SLIDING, CHUNKED = "full_attention", "sliding_attention", "chunked_attention"
 ATTENTION_KINDS = (FULL, SLIDING, CHUNKED)
 ROPE_KINDS = ("default", "linear", "llama3", "yarn", "longrope")
+ACTIVATION_NAMES = ("silu", "gelu_pytorch_tanh", "gelu", "gelu_new")  # the MLP activations blocks/layers.py has
 
 
 class ConfigError(qtrace.QtraceError, ValueError):
@@ -82,6 +83,10 @@ class DecoderConfig:
     residual_multiplier: float = 1.0
     logits_divisor: float = 1.0
     hidden_act: str = "silu"
+    qkv_shards: int = 1                           # a fused qkv_proj: blocks of heads (blocks/attention.py)
+    qkv_order: str = "qkv"                        # the order of q, k and v inside each block
+    clip_qkv: float | None = None                 # q, k, v clipped to [-clip_qkv, clip_qkv] (MPT)
+    alibi_slopes: tuple[float, ...] | None = None  # per-head ALiBi slopes added to the scores (MPT)
 
     @property
     def query_groups(self) -> int:
@@ -96,6 +101,11 @@ class DecoderConfig:
 
     def rope_for(self, layer_type: str) -> RopeSpec | None:
         return self.local_rope if layer_type == SLIDING and self.local_rope is not None else self.rope
+
+    def rope_for_layer(self, index: int) -> RopeSpec | None:
+        """The RoPE of layer `index` (None: the layer has no rotary embedding, e.g. Llama 4's NoPE
+        layers, which a family states by overriding this)."""
+        return self.rope_for(self.layer_type(index))
 
 
 class ConfigReader:
@@ -271,7 +281,39 @@ def common_fields(reader: ConfigReader, architecture: str, **overrides: Any) -> 
         max_position_embeddings=reader.get("max_position_embeddings", 2048),
         tie_word_embeddings=reader.get("tie_word_embeddings", False, bool),
         attention_bias=reader.get("attention_bias", False, bool),
-        hidden_act=reader.choice("hidden_act", "silu", ("silu", "gelu_pytorch_tanh", "gelu")),
+        hidden_act=reader.choice("hidden_act", "silu", ACTIVATION_NAMES),
+    )
+    fields.update(overrides)
+    return fields
+
+
+def gpt2_style_fields(reader: ConfigReader, architecture: str, *, default_act: str = "gelu_new",
+                      rotary: bool = False, **overrides: Any) -> dict[str, Any]:
+    """DecoderConfig keywords from the GPT-2 lineage's spellings (n_embd, n_head, n_layer, n_positions,
+    n_inner, layer_norm_epsilon, activation_function, scale_attn_weights; GPT-2, GPTBigCode, GPT-J,
+    CodeGen): multi-head attention (any `num_key_value_heads` is ignored, as transformers ignores it),
+    unscaled scores without scale_attn_weights, and no RoPE, or with `rotary` GPT-J's: theta 10000 on
+    the first `rotary_dim` dims of each head, rotated in interleaved pairs."""
+    hidden = reader.first(("n_embd", "hidden_size"))
+    heads = reader.first(("n_head", "num_attention_heads"))
+    if hidden % heads:
+        raise reader.error("n_embd", f"= {hidden} is not a multiple of n_head = {heads}")
+    head_dim = hidden // heads
+    rope = None
+    if rotary:
+        dim = reader.require("rotary_dim")  # transformers' null rotary_dim rotates hidden_size dims: unusable
+        if dim > head_dim or dim % 2 or int(head_dim * (dim / head_dim)) != dim:
+            raise reader.error("rotary_dim", f"= {dim} must be even and at most the head dim {head_dim}")
+        rope = RopeSpec(theta=10000.0, partial_rotary_factor=dim / head_dim, interleaved=True)
+    fields: dict[str, Any] = dict(
+        architecture=architecture, vocab_size=reader.require("vocab_size"), hidden_size=hidden,
+        intermediate_size=reader.get("n_inner", 4 * hidden),
+        num_hidden_layers=reader.first(("n_layer", "num_hidden_layers")),
+        num_attention_heads=heads, num_key_value_heads=heads, head_dim=head_dim,
+        norm_eps=reader.get("layer_norm_epsilon", 1e-5, float), rope=rope,
+        attention_scale=None if reader.get("scale_attn_weights", True, bool) else 1.0,
+        max_position_embeddings=reader.first(("n_positions", "max_position_embeddings"), default=1024),
+        hidden_act=reader.choice("activation_function", default_act, ACTIVATION_NAMES),
     )
     fields.update(overrides)
     return fields
@@ -282,4 +324,4 @@ def replace(cfg: DecoderConfig, **changes: Any) -> DecoderConfig:
 
 
 __all__ = ["ConfigError", "ConfigReader", "DecoderConfig", "RopeSpec", "FULL", "SLIDING", "CHUNKED",
-           "common_fields", "load_config_json", "replace"]
+           "common_fields", "gpt2_style_fields", "load_config_json", "replace"]

@@ -107,9 +107,11 @@ def pick(logits: np.ndarray, row: int, what: str) -> int:
 
 
 def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefill_len: int, ctx_len: int,
-             layout: CacheLayout, full_batch_size: int | None = None) -> list[list[int]]:
+             layout: CacheLayout, full_batch_size: int | None = None,
+             sizes: dict[str, int] | None = None) -> list[list[int]]:
     """Greedy tokens for each prompt. Without continuous batching each prompt runs alone (batch 1);
-    with it, every prompt is prefilled into its own cache slot and all decode together."""
+    with it, every prompt is prefilled into its own cache slot and all decode together. `sizes`: the
+    caches' other symbolic dims (ring caches' lengths, as specializations.json gives them)."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be an integer of at least 1, got {max_new_tokens!r}")
     if prefill_len < 1 or ctx_len < prefill_len:
@@ -124,7 +126,7 @@ def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefi
     if full_batch_size is None:
         results = []
         for prompt in prompts:
-            token, cache = prefill(step, prompt, new_cache(layout, 1, ctx_len), prefill_len)
+            token, cache = prefill(step, prompt, new_cache(layout, 1, ctx_len, sizes), prefill_len)
             tokens = [token]
             for position in range(len(prompt), len(prompt) + max_new_tokens - 1):
                 logits, cache = step(np.array([[tokens[-1]]]), np.array([[position]]), cache, None)
@@ -135,7 +137,7 @@ def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefi
         raise UsageError(f"--prompt-ids: {len(prompts)} prompts do not fit the {full_batch_size} cache slots of the "
                          "export (--full-batch-size)")
     slots = list(range(len(prompts)))[::-1]  # fill slots in reverse order: batch_index is not the row order
-    cache = new_cache(layout, full_batch_size, ctx_len)
+    cache = new_cache(layout, full_batch_size, ctx_len, sizes)
     results = [[] for _ in prompts]
     positions = [0] * full_batch_size
     last = [0] * full_batch_size

@@ -26,6 +26,7 @@ class Architecture:
     embed: Callable[..., Any] | None = None                # (params, input_ids, position_ids, cfg) -> h
     final_norm: Callable[..., Any] | None = None           # (h, params, cfg) -> h
     head: Callable[..., Any] | None = None                 # (h_last, params, cfg) -> logits
+    layer_config: Callable[..., Any] | None = None         # (cfg, layer index) -> that layer's cfg
     notes: str = ""                                        # one line for `qtrace export --list-architectures`
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -19,13 +19,17 @@ import numpy as np
 from .config import DecoderConfig
 
 LINEAR, NORM, BIAS, EMBEDDING = "linear", "norm", "bias", "embedding"
+CONV1D = "conv1d"  # a linear weight stored [in_features, out_features] (GPT-2's Conv1D): used as it is
+# Expert matrices: never transposed (the MoE block multiplies them as stored), [.., out, in] like
+# nn.Linear rows, or [.., in, out] (stacks that gpt-oss and Llama 4 store as kernels).
+EXPERTS, EXPERTS_IN_OUT = "experts", "experts_in_out"
 
 
 @dataclass(frozen=True)
 class Weight:
     name: str                            # the checkpoint tensor
     shape: tuple[int, ...]               # the checkpoint tensor's shape
-    kind: str = LINEAR                   # linear ([out, in]), norm, bias or embedding
+    kind: str = LINEAR                   # linear ([out, in]), conv1d ([in, out]), norm, bias, embedding, experts
     rows: tuple[int, int] | None = None  # the param is rows [start, stop) of the tensor
     offset: float = 0.0                  # added to the tensor at load
 
@@ -122,8 +126,12 @@ def random_tensors(weights: WeightMap, seed: int = 0, dtype: Any = np.float32) -
     tensors = {}
     for name, weight in checkpoint_shapes(weights).items():
         noise = rng.standard_normal(weight.shape)
-        if weight.kind == LINEAR:
+        if weight.kind in (LINEAR, EXPERTS):
             value = noise / math.sqrt(weight.shape[-1])
+        elif weight.kind == CONV1D:
+            value = noise / math.sqrt(weight.shape[0])
+        elif weight.kind == EXPERTS_IN_OUT:
+            value = noise / math.sqrt(weight.shape[-2])
         elif weight.kind == EMBEDDING:
             value = 0.5 * noise
         elif weight.kind == NORM:
@@ -144,16 +152,28 @@ def take_rows(array: np.ndarray, start: int, stop: int) -> np.ndarray:
     return array[start:stop]
 
 
+def _put(items: list[Any], index: int, value: Any, empty: Any) -> None:
+    while len(items) <= index:
+        items.append(empty())
+    items[index] = value
+
+
 def nest(flat: dict[str, Any]) -> dict[str, Any]:
-    """{"layers.0.q_proj": a, "norm": b} -> {"layers": [{"q_proj": a}], "norm": b}."""
+    """{"layers.0.q_proj": a, "layers.0.experts_up.1": b, "norm": c} ->
+    {"layers": [{"q_proj": a, "experts_up": [.., b]}], "norm": c} (a key ending in .j is a list:
+    one tensor per expert)."""
     params: dict[str, Any] = {}
     for path, value in flat.items():
         if path.startswith("layers."):
             _, index, key = path.split(".", 2)
             layers = params.setdefault("layers", [])
-            while len(layers) <= int(index):
-                layers.append({})
-            layers[int(index)][key] = value
+            if len(layers) <= int(index):
+                _put(layers, int(index), {}, dict)
+            name, _, item = key.rpartition(".")
+            if item.isdigit():
+                _put(layers[int(index)].setdefault(name, []), int(item), value, lambda: None)
+            else:
+                layers[int(index)][key] = value
         else:
             params[path] = value
     return params
@@ -176,7 +196,18 @@ def params_from_tensors(weights: WeightMap, tensors: dict[str, np.ndarray], dtyp
                 array = (np.asarray(array, np.float32) + np.float32(weight.offset)).astype(dtype)
             made[key] = array if array.dtype == np.dtype(dtype) else convert(array, dtype)
         flat[path] = made[key]
-    return nest(flat)
+    return _stack_in_memory(nest(flat))
+
+
+def _stack_in_memory(params: dict[str, Any]) -> dict[str, Any]:
+    """Per-expert tensors held in memory (converted or random) become one stacked array now, so that
+    the export never holds them twice (a stack folded from them beside the originals). Memory maps
+    stay a list: the graph stacks them, and exports by reference point at the file's own bytes."""
+    for layer in params.get("layers", []):
+        for key, value in layer.items():
+            if isinstance(value, list) and not any(isinstance(v, np.memmap) for v in value):
+                layer[key] = np.stack(value)
+    return params
 
 
 def linear_keys(weights: WeightMap) -> frozenset[str]:

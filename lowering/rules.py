@@ -130,6 +130,12 @@ def lower_argmax(ctx: LoweringContext, node: Node, x: str) -> str:
     return ctx.op("ArgMax", x, axis=node.params["axis"], keepdims=int(node.params["keepdims"]))
 
 
+@lowering("top_k")
+def lower_top_k(ctx: LoweringContext, node: Node, x: str) -> list[str]:
+    return ctx.op("TopK", x, ctx.ints([node.params["k"]]), axis=node.params["axis"], largest=1, sorted=1,
+                  n_outputs=2)
+
+
 # -- shapes -------------------------------------------------------------------------------------------
 
 
@@ -369,6 +375,12 @@ def lower_gelu(ctx: LoweringContext, node: Node, x: str) -> str:
 @lowering("rms_norm")
 def lower_rms_norm(ctx: LoweringContext, node: Node, x: str, weight: str) -> str:
     return custom_op(ctx, "CustomRMSNorm", x, weight, epsilon=float(node.params["eps"]))
+
+
+@lowering("layer_norm")
+def lower_layer_norm(ctx: LoweringContext, node: Node, x: str, weight: str, *bias: str) -> str:
+    # Statistics in float32 (stash_type 1, the default) whatever the input dtype, as the reference computes them.
+    return ctx.op("LayerNormalization", x, weight, *bias, axis=-1, epsilon=float(node.params["eps"]))
 
 
 # -- Cloud AI 100 KV-cache ops --------------------------------------------------------------------------

@@ -14,10 +14,15 @@ from dataclasses import dataclass
 from typing import Sequence
 
 
-def specializations(ctx_len: int, prefill_seq_len: int, batch_size: int, full_batch_size: int | None) -> dict:
+def specializations(ctx_len: int, prefill_seq_len: int, batch_size: int, full_batch_size: int | None,
+                    cache_sizes: dict[str, int] | None = None) -> dict:
+    """`cache_sizes`: other symbolic cache dims (a ring cache's length), the same in every entry,
+    since prefill and decode share the retained buffers."""
     prefill = {"batch_size": str(batch_size), "ctx_len": str(ctx_len), "seq_len": str(prefill_seq_len)}
     decode = {"batch_size": str(batch_size if full_batch_size is None else full_batch_size),
               "ctx_len": str(ctx_len), "seq_len": "1"}
+    for symbol, size in (cache_sizes or {}).items():
+        prefill[symbol] = decode[symbol] = str(size)
     if full_batch_size is not None:
         prefill.update(full_batch_size=str(full_batch_size), full_batch_exec_size="1")
         decode["full_batch_size"] = str(full_batch_size)

@@ -21,8 +21,9 @@ from .elementwise import (abs, absolute, add, cast, clip, cos, divide, equal, er
 from .kv_cache import (ctx_gather, ctx_gather_blocked_kv, ctx_gather_blocked_kv_cb, ctx_gather_cb, ctx_scatter,
                        ctx_scatter_cb)
 from .linalg import matmul
-from .nn import gelu, rms_norm, silu, softmax
+from .nn import gelu, layer_norm, rms_norm, silu, softmax
 from .reductions import amax, amin, argmax, max, mean, min, std, sum, var
+from .sorting import top_k
 from .shape_ops import (broadcast_to, concatenate, expand_dims, flatten, gather, getitem, index_put, moveaxis,
                         repeat, reshape, slice, split, squeeze, stack, swapaxes, take, transpose)
 

@@ -1,4 +1,5 @@
-"""Neural-network primitives the accelerator runs as single ops: softmax, silu, gelu, rms_norm.
+"""Neural-network primitives the accelerator runs as single ops: softmax, silu, gelu, rms_norm,
+layer_norm.
 
 Fusion rewrites the written-out forms of these (e.g. `x * sigmoid(x)`) into these primitives."""
 
@@ -106,3 +107,39 @@ def rms_norm(x: Any, weight: Any, eps: float = 1e-6) -> Array:
     """RMS normalization over the last dim, scaled by `weight`."""
     x_, weight_ = promote(x, weight, op="rms_norm")
     return rms_norm_p.bind(x_, weight_, eps=float(eps))
+
+
+def _layer_norm_impl(x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None, *, eps: float) -> np.ndarray:
+    # Statistics in float64: at least as exact as ONNX LayerNormalization's float32 (stash_type 1) and torch's.
+    wide = x.astype(np.float64)
+    centered = wide - np.mean(wide, axis=-1, keepdims=True)
+    variance = np.mean(centered * centered, axis=-1, keepdims=True)
+    normed = (centered / np.sqrt(variance + np.asarray(eps, wide.dtype))).astype(x.dtype)
+    out = normed * weight
+    return (out if bias is None else out + bias).astype(x.dtype)
+
+
+def _layer_norm_rule(x: ShapeDtype, weight: ShapeDtype, bias: ShapeDtype | None = None, *, eps: float) -> ShapeDtype:
+    _float_rule(x)
+    for name, param in (("weight", weight), ("bias", bias)):
+        if param is None:
+            continue
+        if param.dtype != x.dtype:
+            raise DTypeError(f"{name} {param} must have the dtype of the input {x}")
+        if x.ndim == 0 or param.shape != x.shape[-1:]:
+            raise ShapeError(f"{name} {param} must be 1-D with the size of the last dim of {x}")
+    if not isinstance(eps, float) or not eps >= 0:
+        raise ShapeError(f"eps must be a non-negative float, got {eps!r}")
+    return x
+
+
+layer_norm_p = primitive("layer_norm", _layer_norm_rule, _layer_norm_impl,
+                         doc="(x - mean) / sqrt(var + eps) * weight (+ bias) over the last dim "
+                             "(ONNX LayerNormalization).")
+
+
+def layer_norm(x: Any, weight: Any, bias: Any = None, eps: float = 1e-5) -> Array:
+    """Layer normalization over the last dim: (x - mean(x)) / sqrt(var(x) + eps) * weight + bias, with
+    the biased variance (as torch.nn.LayerNorm); `bias` may be None."""
+    operands = promote(x, weight) if bias is None else promote(x, weight, bias)
+    return layer_norm_p.bind(*operands, eps=float(eps))

@@ -45,8 +45,9 @@ _TRACER_OPS = {
     "equal": ew.equal, "not_equal": ew.not_equal, "negative": ew.negative, "positive": ew.positive,
     "abs": ew.abs, "invert": ew.invert,
     "reshape": _reshape_method, "transpose": _transpose_method, "astype": _astype,
-    "sum": red.sum, "mean": red.mean, "max": red.max, "min": red.min, "argmax": red.argmax,
-    "var": red.var, "std": red.std, "copy": sh.copy, "squeeze": sh.squeeze, "swapaxes": sh.swapaxes, "flatten": sh.flatten,
+    "sum": red.sum, "mean": red.mean, "var": red.var, "std": red.std, "max": red.max, "min": red.min,
+    "argmax": red.argmax,
+    "copy": sh.copy, "squeeze": sh.squeeze, "swapaxes": sh.swapaxes, "flatten": sh.flatten,
     "__getitem__": sh.getitem, "__setitem__": sh.setitem, "take": sh.take, "clip": ew.clip,
 }
 
@@ -67,8 +68,9 @@ _FUNCTIONS = {
     np.transpose: _np_transpose, np.swapaxes: sh.swapaxes, np.moveaxis: sh.moveaxis,
     np.expand_dims: sh.expand_dims, np.squeeze: sh.squeeze, np.broadcast_to: sh.broadcast_to,
     np.split: sh.split, np.array_split: sh.array_split, np.take: sh.take, np.repeat: sh.repeat,
-    np.sum: red.sum, np.mean: red.mean, np.max: red.max, np.min: red.min, np.amax: red.max,
-    np.amin: red.min, np.argmax: red.argmax, np.var: red.var, np.std: red.std, np.copy: sh.copy, np.clip: ew.clip, np.matmul: linalg.matmul,
+    np.sum: red.sum, np.mean: red.mean, np.var: red.var, np.std: red.std, np.max: red.max, np.min: red.min,
+    np.amax: red.max,
+    np.amin: red.min, np.argmax: red.argmax, np.clip: ew.clip, np.matmul: linalg.matmul, np.copy: sh.copy,
     np.zeros_like: creation.zeros_like, np.ones_like: creation.ones_like, np.full_like: creation.full_like,
     np.astype: _astype,
 }

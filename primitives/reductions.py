@@ -1,4 +1,4 @@
-"""Reductions over axes: sum, mean, max, min (with keepdims) and argmax."""
+"""Reductions over axes: sum, mean, max, min (with keepdims), argmax, and var and std written with them."""
 
 from __future__ import annotations
 
@@ -84,6 +84,44 @@ sum, mean, max, min = (_reduction(n) for n in _REDUCTIONS)
 amax, amin = max, min
 
 
+def var(x: Any, axis: int | tuple[int, ...] | None = None, dtype: Any = None, out: Any = None, ddof: int = 0,
+        keepdims: bool = False, **unsupported: Any) -> Array:
+    """numpy `var`: mean((x - mean(x))**2) over `axis`, times n / (n - ddof). Written with mean, subtract
+    and multiply (no primitive of its own), so the fuse pass sees a LayerNorm written with it."""
+    if out is not None or unsupported:
+        raise UnsupportedError(f"unsupported arguments {['out'] * (out is not None) + list(unsupported)}",
+                               op="var", location=user_location())
+    x = as_array(x)
+    if dtype is not None:
+        from .elementwise import cast
+
+        x = cast(x, dtype)
+    axes = normalize_axes(axis, x.ndim, op="var")
+    centered = x - mean(x, axis=axes, keepdims=True)
+    result = mean(centered * centered, axis=axes, keepdims=keepdims)
+    if ddof:
+        count = 1
+        for a in axes:
+            if not isinstance(x.shape[a], int):
+                raise UnsupportedError(f"var with ddof={ddof} over the symbolic dim {x.shape[a]} of {x.shape}: "
+                                       "the correction n / (n - ddof) needs a concrete n", op="var",
+                                       location=user_location())
+            count *= x.shape[a]
+        if count - ddof <= 0:
+            raise ShapeError(f"var with ddof={ddof} over {count} elements divides by {count - ddof}",
+                             location=user_location())
+        result = result * (count / (count - ddof))
+    return result
+
+
+def std(x: Any, axis: int | tuple[int, ...] | None = None, dtype: Any = None, out: Any = None, ddof: int = 0,
+        keepdims: bool = False, **unsupported: Any) -> Array:
+    """numpy `std`: sqrt(var(x, axis, ddof))."""
+    from .elementwise import sqrt
+
+    return sqrt(var(x, axis, dtype, out, ddof, keepdims, **unsupported))
+
+
 def _argmax_rule(x: ShapeDtype, *, axis: int, keepdims: bool) -> ShapeDtype:
     if dtypes.is_bool(x.dtype):
         raise DTypeError(f"argmax of a bool array is not supported: {x}")
@@ -105,45 +143,3 @@ def argmax(x: Any, axis: int | None = None, out: Any = None, *, keepdims: bool =
         return reshape(flat, (1,) * x.ndim) if keepdims else flat  # numpy keeps every dim, as 1
     return argmax_p.bind(x, axis=normalize_axis(axis, x.ndim, op="argmax"), keepdims=bool(keepdims))
 
-
-def var(x: Any, axis: int | tuple[int, ...] | None = None, dtype: Any = None, out: Any = None, ddof: int = 0,
-        keepdims: bool = False, **unsupported: Any) -> Array:
-    """numpy `var`: the mean of squared deviations from the mean, over (size - ddof) elements.
-
-    Written out as mean and square (no primitive of its own); ddof needs static sizes on the axes."""
-    from .elementwise import cast, multiply, subtract
-
-    if out is not None or unsupported:
-        raise UnsupportedError(f"unsupported arguments {['out'] * (out is not None) + list(unsupported)}",
-                               op="var", location=user_location())
-    x = as_array(x)
-    if dtype is not None:
-        x = cast(x, dtype)
-    elif not dtypes.is_float(x.dtype):
-        x = cast(x, np.float64)  # numpy: the variance of integers is float64
-    axes = normalize_axes(axis, x.ndim, op="var")
-    deviation = subtract(x, mean(x, axes, keepdims=True))
-    result = mean(multiply(deviation, deviation), axes, keepdims=keepdims)
-    if ddof == 0:
-        return result
-    count = 1
-    for a in axes:
-        if not isinstance(x.shape[a], int):
-            raise UnsupportedError(f"ddof={ddof} over symbolic dim {x.shape[a]} of {ShapeDtype.of(x)}: the "
-                                   "correction n / (n - ddof) needs a static size", op="var", location=user_location())
-        count *= x.shape[a]
-    if count - ddof <= 0:
-        raise ShapeError(f"ddof={ddof} leaves {count - ddof} degrees of freedom over axes {axes} of "
-                         f"{ShapeDtype.of(x)}", op="var", location=user_location())
-    return multiply(result, count / (count - ddof))
-
-
-def std(x: Any, axis: int | tuple[int, ...] | None = None, dtype: Any = None, out: Any = None, ddof: int = 0,
-        keepdims: bool = False, **unsupported: Any) -> Array:
-    """numpy `std`: the square root of `var`."""
-    from .elementwise import sqrt
-
-    if out is not None or unsupported:  # named as std, not var, in the error
-        raise UnsupportedError(f"unsupported arguments {['out'] * (out is not None) + list(unsupported)}",
-                               op="std", location=user_location())
-    return sqrt(var(x, axis, dtype, ddof=ddof, keepdims=keepdims))

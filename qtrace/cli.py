@@ -121,16 +121,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     compile_options = CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
                                      args.kv_cache_precision)
     check_export_options(args.ctx_len, args.prefill_seq_len, args.batch_size, args.full_batch_size, compile_options)
+    if not 0 <= args.kv_blocks <= args.ctx_len:
+        raise UsageError(f"--kv-blocks {args.kv_blocks} must be between 1 and --ctx-len {args.ctx_len} (0: unblocked)")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UsageError(f"-o {args.output} is a file; give a directory (created when missing)")
     start = time.perf_counter()
     dtype = np.float16 if args.dtype == "float16" else np.float32
+    from .examples.blocks.causal_lm import Model, with_sliding_cache
+    from .examples.blocks.moe import with_moe_strategy
+    from .examples.checkpoint import read_checkpoint_config
+
+    # refuse a flag that cannot apply before reading any weights
+    configured = Model(*read_checkpoint_config(args.checkpoint), params={})
+    if args.moe_strategy is not None:
+        with_moe_strategy(configured, args.moe_strategy)
+    with_sliding_cache(configured, args.sliding_cache)
     model = load_checkpoint(args.checkpoint, dtype=dtype)
+    if args.moe_strategy is not None:
+        model = with_moe_strategy(model, args.moe_strategy)
+    model = with_sliding_cache(model, args.sliding_cache)
     load_seconds = time.perf_counter() - start
     report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size, dtype=args.dtype,
                           weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
-                          compile_options=compile_options,
+                          kv_blocks=args.kv_blocks, compile_options=compile_options,
                           bytes_progress=_ProgressBar())
     print(f"{model.cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
     print(_summary(report.lowered, {"load": load_seconds, **report.stage_seconds}))
@@ -147,14 +161,16 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _read_specializations(model_dir: str) -> tuple[int, int, int | None]:
-    """(ctx_len, prefill seq_len, full_batch_size or None) from an export's specializations.json."""
+def _read_specializations(model_dir: str) -> tuple[int, int, int | None, dict[str, int]]:
+    """(ctx_len, prefill seq_len, full_batch_size or None, every Prefill symbol) from an export's
+    specializations.json."""
     path = os.path.join(model_dir, "specializations.json")
     try:
         with open(path) as f:
             specs = {s["name"]: s["symbols"] for s in json.load(f)["specializations"]}
         prefill, decode = specs["Prefill"], specs["Decode"]
-        ctx_len, prefill_len = int(prefill["ctx_len"]), int(prefill["seq_len"])
+        symbols = {name: int(value) for name, value in prefill.items()}
+        ctx_len, prefill_len = symbols["ctx_len"], symbols["seq_len"]
         full_batch = int(decode["full_batch_size"]) if "full_batch_size" in decode else None
     except FileNotFoundError:
         raise FileError(f"{model_dir}: no specializations.json (is it the output directory of `qtrace export`?)") \
@@ -165,7 +181,7 @@ def _read_specializations(model_dir: str) -> tuple[int, int, int | None]:
     if prefill_len < 1 or ctx_len < prefill_len or (full_batch is not None and full_batch < 1):
         raise FileError(f"{path}: Prefill seq_len {prefill_len}, ctx_len {ctx_len}, full_batch_size {full_batch} "
                         "cannot run (1 <= seq_len <= ctx_len, full_batch_size >= 1)")
-    return ctx_len, prefill_len, full_batch
+    return ctx_len, prefill_len, full_batch, symbols
 
 
 def _check_token_ids(prompts: list[list[int]], session: Any) -> None:
@@ -186,7 +202,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     prompts = [_parse_ids(p) for p in args.prompt_ids]
-    ctx_len, prefill_len, full_batch = _read_specializations(args.model_dir)
+    ctx_len, prefill_len, full_batch, prefill_symbols = _read_specializations(args.model_dir)
     for prompt in prompts:
         if len(prompt) + args.max_new_tokens > ctx_len:
             raise UsageError(f"--prompt-ids: a prompt of {len(prompt)} tokens plus --max-new-tokens "
@@ -196,8 +212,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
                          "(--full-batch-size)")
     session = onnx_session(args.model_dir)
     _check_token_ids(prompts, session)
+    layout = cache_layout(session)
+    cache_dims = {d for dims, _ in layout.values() for d in dims if isinstance(d, str)}
+    sizes = {symbol: value for symbol, value in prefill_symbols.items() if symbol in cache_dims}  # ring lengths
     tokens = generate(onnx_step(session), prompts, args.max_new_tokens, prefill_len=prefill_len, ctx_len=ctx_len,
-                      layout=cache_layout(session), full_batch_size=full_batch)
+                      layout=layout, full_batch_size=full_batch, sizes=sizes)
     for row in tokens:
         print(",".join(map(str, row)))
     return 0
@@ -295,6 +314,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dtype", choices=("float32", "float16"), default="float32")
     export.add_argument("--weights", choices=("copy", "reference"), default="copy")
     export.add_argument("--no-layer-functions", action="store_true")
+    export.add_argument("--kv-blocks", type=int, default=0, metavar="N",
+                        help="blocked attention: read each layer's cache in N blocks (CtxGatherBlockedKV) with an "
+                             "exact online softmax, for long contexts (default: one whole read)")
+    export.add_argument("--sliding-cache", choices=("full", "ring"), default="full",
+                        help="sliding-window and chunked layers: a full ctx_len cache (default), or a ring of "
+                             "window + prefill-seq-len - 1 slots with its own symbolic dim")
+    export.add_argument("--moe-strategy", choices=("gather", "dense"), default=None,
+                        help="mixture-of-experts execution: gather the chosen experts per token, or run every "
+                             "expert on every token with routing weights 0 where not chosen (default: gather)")
     export.add_argument("--num-cores", type=int, default=16, help="qaic-compile -aic-num-cores")
     export.add_argument("--mxfp6-matmul", action="store_true", help="qaic-compile -mxfp6-matmul")
     export.add_argument("--mos", type=int, default=None, help="qaic-compile -mos")

@@ -340,7 +340,7 @@ for _dunder, _name in {"lt": "less", "le": "less_equal", "gt": "greater", "ge": 
     setattr(Tracer, f"__{_dunder}__", _binary(_name))
 for _dunder, _name in {"neg": "negative", "pos": "positive", "abs": "abs", "invert": "invert"}.items():
     setattr(Tracer, f"__{_dunder}__", _unary(_name))
-for _name in ("reshape", "transpose", "astype", "sum", "mean", "max", "min", "argmax", "squeeze",
-              "swapaxes", "flatten", "__getitem__", "__setitem__", "take", "clip", "var", "std", "copy"):
+for _name in ("reshape", "transpose", "astype", "sum", "mean", "var", "std", "max", "min", "argmax", "squeeze",
+              "swapaxes", "flatten", "__getitem__", "__setitem__", "take", "clip", "copy"):
     setattr(Tracer, _name, _method(_name))
 Tracer.T = property(lambda self: _op("transpose")(self))  # type: ignore[attr-defined]

@@ -1,7 +1,8 @@
-"""fuse (design.md §4): every written-out spelling of RMSNorm, softmax, sigmoid/silu, GELU and the
-KV-cache index assignments becomes one node, computing what it computed before; near-misses (another
-axis, eps used differently, an intermediate with a second consumer, indices that are not the cache
-grid) stay as written. Also: a Llama-style decoder written in plain numpy lowers to single nodes."""
+"""fuse (design.md §4): every written-out spelling of RMSNorm, LayerNorm, softmax, sigmoid/silu, GELU
+and the KV-cache index assignments becomes one node, computing what it computed before; near-misses
+(another axis, eps used differently, an intermediate with a second consumer, indices that are not the
+cache grid) stay as written; LayerNorm and RMSNorm never take each other's forms. Also: a Llama-style
+decoder and a GPT-2 block written in plain numpy lower to single nodes."""
 
 from __future__ import annotations
 
@@ -149,6 +150,131 @@ def test_rms_norm_whose_inverse_rms_has_a_second_consumer_does_not_fuse():
 
     graph = fuse(fn, HIDDEN)
     assert "rms_norm" not in ops(graph)
+
+
+# -- LayerNorm ------------------------------------------------------------------------------------------
+
+B = (0.1 * np.random.default_rng(2).standard_normal(D)).astype(np.float32)
+
+
+def centred(x):
+    return x - x.mean(-1, keepdims=True)
+
+
+LAYER_NORM_SPELLINGS = {  # name: (spelling, has weight, has bias)
+    "np_var": (lambda x: (x - np.mean(x, -1, keepdims=True)) / np.sqrt(np.var(x, -1, keepdims=True) + EPS) * W + B,
+               True, True),
+    "method_var_rsqrt": (lambda x: (x - x.mean(-1, keepdims=True)) * qp.rsqrt(x.var(-1, keepdims=True) + EPS) * W + B,
+                         True, True),
+    "centred_square_computed_once": (lambda x: (lambda d: d / np.sqrt((d * d).mean(-1, keepdims=True) + EPS) * W + B)(
+        centred(x)), True, True),
+    "one_mean_subtracted_twice_pow": (lambda x: (lambda m: (x - m) / np.sqrt(np.mean((x - m) ** 2, -1, keepdims=True)
+                                                                           + EPS) * W + B)(x.mean(-1, keepdims=True)),
+                                      True, True),
+    "reciprocal_of_sqrt": (lambda x: centred(x) * np.reciprocal(np.sqrt(x.var(-1, keepdims=True) + EPS)) * W + B,
+                           True, True),
+    "one_over_sqrt_np_square": (lambda x: (lambda d: d * (1 / np.sqrt(np.mean(np.square(d), -1, keepdims=True) + EPS)))(
+        centred(x)) * W + B, True, True),
+    "weight_and_bias_first_eps_first": (lambda x: B + W * (centred(x) / np.sqrt(EPS + x.var(-1, keepdims=True))),
+                                        True, True),
+    "no_affine": (lambda x: centred(x) / np.sqrt(x.var(-1, keepdims=True) + EPS), False, False),
+    "weight_only": (lambda x: centred(x) / np.sqrt(x.var(-1, keepdims=True) + EPS) * W, True, False),
+    "bias_only": (lambda x: centred(x) / np.sqrt(x.var(-1, keepdims=True) + EPS) + B, False, True),
+    "axis_2_of_rank_3": (lambda x: (x - x.mean(2, keepdims=True)) / np.sqrt(x.var(2, keepdims=True) + EPS) * W + B,
+                         True, True),
+}
+
+
+@pytest.mark.parametrize("spelling", sorted(LAYER_NORM_SPELLINGS))
+def test_layer_norm_spelling_fuses_to_one_node(spelling):
+    fn, has_weight, has_bias = LAYER_NORM_SPELLINGS[spelling]
+    graph = fuse(fn, HIDDEN, passes=("canonicalize", "fuse", "simplify"))
+    assert ops(graph) == {"layer_norm": 1}
+    (node,) = graph.nodes
+    assert node.params["eps"] == pytest.approx(EPS, rel=1e-6)
+    np.testing.assert_array_equal(node.inputs[1].const, W if has_weight else np.ones(D, np.float32))
+    assert len(node.inputs) == 2 + has_bias
+    if has_bias:
+        np.testing.assert_array_equal(node.inputs[2].const, B)
+
+
+def test_layer_norm_with_weight_and_bias_as_graph_inputs_fuses():
+    graph = fuse(lambda x, w, b: centred(x) / np.sqrt(x.var(-1, keepdims=True) + EPS) * w + b, HIDDEN,
+                 ShapeDtype((D,)), ShapeDtype((D,)))
+    assert ops(graph) == {"layer_norm": 1}
+
+
+def test_layer_norm_fused_matches_torch_style_formula():
+    graph = fuse(LAYER_NORM_SPELLINGS["np_var"][0], ShapeDtype(("batch", D)),
+                 passes=("canonicalize", "fuse", "simplify"))
+    x = np.random.default_rng(4).standard_normal((3, D)).astype(np.float32) * 3 + 1
+    mean = x.astype(np.float64).mean(-1, keepdims=True)
+    expected = (x - mean) / np.sqrt(((x - mean) ** 2).mean(-1, keepdims=True) + EPS) * W + B
+    np.testing.assert_allclose(graph.eval(x), expected, rtol=1e-5, atol=1e-6)
+
+
+LAYER_NORM_NEAR_MISSES = {
+    "eps_outside_the_sqrt": lambda x: centred(x) / (np.sqrt(x.var(-1, keepdims=True)) + EPS) * W + B,
+    "eps_added_to_the_std": lambda x: centred(x) / (x.std(-1, keepdims=True) + EPS) * W + B,
+    "no_mean_subtraction": lambda x: x / np.sqrt(x.var(-1, keepdims=True) + EPS) * W + B,
+    "variance_over_another_axis": lambda x: centred(x) / np.sqrt(x.var(1, keepdims=True) + EPS) * W + B,
+    "mean_over_another_axis": lambda x: (x - x.mean(1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + EPS) * W,
+    "unbiased_variance": lambda x: centred(x) / np.sqrt(x.var(-1, keepdims=True, ddof=1) + EPS) * W + B,
+    "centred_on_another_mean": lambda x: (x - (x + 1).mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True)
+                                                                                          + EPS),
+}
+
+
+@pytest.mark.parametrize("near_miss", sorted(LAYER_NORM_NEAR_MISSES))
+def test_layer_norm_near_miss_does_not_fuse(near_miss):
+    graph = fuse(LAYER_NORM_NEAR_MISSES[near_miss], HIDDEN)
+    assert not {"layer_norm", "rms_norm"} & set(ops(graph))
+
+
+def test_layer_norm_weight_that_is_not_one_dimensional_stays_a_multiplication():
+    graph = fuse(lambda x: centred(x) / np.sqrt(x.var(-1, keepdims=True) + EPS) * W[None, :], HIDDEN)
+    assert ops(graph)["layer_norm"] == 1 and ops(graph)["mul"] == 1
+
+
+def test_layer_norm_whose_variance_is_also_returned_does_not_fuse():
+    def fn(x):
+        variance = x.var(-1, keepdims=True)
+        return centred(x) / np.sqrt(variance + EPS) * W, variance
+
+    graph = fuse(fn, HIDDEN)
+    assert not {"layer_norm", "rms_norm"} & set(ops(graph))
+
+
+def test_centred_rms_norm_is_a_layer_norm_not_an_rms_norm():
+    """(x - mean) normalized by its own RMS matches the RMSNorm patterns too (with x - mean for x): the
+    LayerNorm fusion has priority."""
+    graph = fuse(LAYER_NORM_SPELLINGS["centred_square_computed_once"][0], HIDDEN)
+    assert ops(graph) == {"layer_norm": 1}
+
+
+def test_rms_norm_declines_a_centred_input_that_layer_norm_cannot_take():
+    """The centred value is also returned, so LayerNorm cannot replace it; RMSNorm does not take it
+    either (LayerNorm's priority holds whatever order the nodes are visited in)."""
+    def fn(x):
+        d = centred(x)
+        return d / np.sqrt((d * d).mean(-1, keepdims=True) + EPS) * W, d
+
+    graph = fuse(fn, HIDDEN)
+    assert not {"layer_norm", "rms_norm"} & set(ops(graph))
+
+
+@pytest.mark.parametrize("spelling", sorted(RMS_NORM_SPELLINGS))
+def test_rms_norm_spelling_is_never_a_layer_norm(spelling):
+    assert "layer_norm" not in ops(fuse(RMS_NORM_SPELLINGS[spelling], HIDDEN))
+
+
+def test_layer_norm_fusions_are_tried_before_rms_norm_at_a_shared_root():
+    from qtrace.passes.fuse import FUSIONS, fusion_rules
+
+    order = [rule.name for rule in fusion_rules().by_root()["mul"]]
+    first_rms = min(i for i, name in enumerate(order) if name.startswith("fuse_rms_norm"))
+    assert all(i < first_rms for i, name in enumerate(order) if name.startswith("fuse_layer_norm"))
+    assert {f.priority for f in FUSIONS if f.name.startswith("layer_norm")} == {1}
 
 
 # -- softmax --------------------------------------------------------------------------------------------
@@ -443,3 +569,46 @@ def test_numpy_decoder_after_all_passes_matches_eager_numpy(decoder):
     assert set(got) == set(expected)
     for name in expected:
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+# -- a GPT-2 block written in plain numpy -----------------------------------------------------------------
+
+GPT2_HEADS, GPT2_HEAD_DIM = 2, 4
+_gpt2_rng = np.random.default_rng(9)
+GPT2 = {name: (_gpt2_rng.standard_normal(shape) * scale).astype(np.float32) for name, shape, scale in [
+    ("ln_1.w", (D,), 0.1), ("ln_1.b", (D,), 0.1), ("c_attn", (D, 3 * D), D ** -0.5), ("c_attn.b", (3 * D,), 0.1),
+    ("c_proj", (D, D), D ** -0.5), ("c_proj.b", (D,), 0.1), ("ln_2.w", (D,), 0.1), ("ln_2.b", (D,), 0.1),
+    ("c_fc", (D, 4 * D), D ** -0.5), ("c_fc.b", (4 * D,), 0.1), ("mlp.c_proj", (4 * D, D), (4 * D) ** -0.5),
+    ("mlp.c_proj.b", (D,), 0.1)]}
+for _name in ("ln_1.w", "ln_2.w"):
+    GPT2[_name] += 1
+
+
+def gpt2_block(x):
+    """GPT-2's block as its paper code writes it: LayerNorms, Conv1D ([in, out]) projections, causal
+    softmax attention and the tanh GELU, all spelled out."""
+    def layer_norm(h, w, b):
+        mean = h.mean(-1, keepdims=True)
+        return (h - mean) / np.sqrt(np.mean((h - mean) ** 2, -1, keepdims=True) + EPS) * w + b
+
+    batch, seq = x.shape[0], x.shape[1]
+    q, k, v = np.split(layer_norm(x, GPT2["ln_1.w"], GPT2["ln_1.b"]) @ GPT2["c_attn"] + GPT2["c_attn.b"], 3, axis=-1)
+    q, k, v = (t.reshape(batch, seq, GPT2_HEADS, GPT2_HEAD_DIM).transpose(0, 2, 1, 3) for t in (q, k, v))
+    positions = qp.arange(seq)
+    scores = np.where(positions[None, :] > positions[:, None], -np.inf,
+                      q @ k.transpose(0, 1, 3, 2) / math.sqrt(GPT2_HEAD_DIM))
+    e = np.exp(scores - scores.max(-1, keepdims=True))
+    attn = ((e / e.sum(-1, keepdims=True)) @ v).transpose(0, 2, 1, 3).reshape(batch, seq, D)
+    h = x + attn @ GPT2["c_proj"] + GPT2["c_proj.b"]
+    up = layer_norm(h, GPT2["ln_2.w"], GPT2["ln_2.b"]) @ GPT2["c_fc"] + GPT2["c_fc.b"]
+    gelu = 0.5 * up * (1 + np.tanh(math.sqrt(2 / math.pi) * (up + 0.044715 * up ** 3)))
+    return h + gelu @ GPT2["mlp.c_proj"] + GPT2["mlp.c_proj.b"]
+
+
+def test_gpt2_block_lowers_each_written_out_layer_norm_to_one_layer_normalization_node():
+    lowered = qtrace.lower(gpt2_block, (ShapeDtype(("batch", "seq", D)),))
+    node_types = collections.Counter(node.op_type for node in lowered.model.graph.node)
+    assert node_types["LayerNormalization"] == 2
+    assert not {"ReduceMean", "Sqrt", "Pow", "Reciprocal"} & set(node_types)
+    x = np.random.default_rng(10).standard_normal((2, 5, D)).astype(np.float32)
+    np.testing.assert_allclose(lowered.run(x), gpt2_block(x), rtol=1e-4, atol=1e-5)

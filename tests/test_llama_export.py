@@ -449,8 +449,8 @@ def wrong_shape(d: str) -> list[str]:
 
 
 def unknown_architecture(d: str) -> list[str]:
-    _rewrite_config(d, lambda c: c.update(architectures=["GPT2LMHeadModel"], model_type="gpt2"))
-    return ["config.json", "GPT2LMHeadModel", "LlamaForCausalLM"]
+    _rewrite_config(d, lambda c: c.update(architectures=["BloomForCausalLM"], model_type="bloom"))
+    return ["config.json", "BloomForCausalLM", "LlamaForCausalLM"]
 
 
 def bad_json(d: str) -> list[str]:

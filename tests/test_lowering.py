@@ -209,6 +209,7 @@ _weights = np.random.default_rng(1234)
 W_8x4 = _weights.standard_normal((8, 4)).astype(np.float32)
 W_EMBED = _weights.standard_normal((10, 4)).astype(np.float32)
 W_NORM = _weights.uniform(0.5, 1.5, 8).astype(np.float32)
+B_NORM = _weights.uniform(-0.5, 0.5, 8).astype(np.float32)
 
 
 def small_floats(*shape: Any) -> Arg:
@@ -290,6 +291,10 @@ case("min_all", lambda x: np.min(x), floats("B", 3))
 case("argmax_axis", lambda x: np.argmax(x, axis=1), floats("B", 5))
 case("argmax_ties_pick_first", lambda x: np.argmax(x, axis=-1, keepdims=True), ints("B", 6, low=0, high=3))
 case("argmax_flat", lambda x: np.argmax(x), floats("B", 3))
+case("top_k_last_axis", lambda x: qp.top_k(x, 3), floats("B", 7))
+case("top_k_ties_pick_lower_index", lambda x: qp.top_k(x, 4, axis=1), ints("B", 6, 2, low=0, high=3))
+case("top_k_float16_axis_0", lambda x: qp.top_k(x, 2, axis=0), floats(5, "B", dtype="float16"))
+case("top_k_of_the_whole_axis", lambda x: qp.top_k(x, 4), ints("B", 4, low=-9, high=9, dtype="int32"))
 
 # -- shapes -------------------------------------------------------------------------------------------
 case("reshape_static", lambda x: x.reshape(6, 4), floats(2, 3, 4), sizes=({},))
@@ -378,6 +383,9 @@ case("silu", qp.silu, floats("B", 7, low=-6, high=6))
 case("gelu_erf", qp.gelu, floats("B", 7, low=-4, high=4))
 case("gelu_tanh", lambda x: qp.gelu(x, approximate="tanh"), floats("B", 7, low=-4, high=4))
 case("rms_norm", lambda x: qp.rms_norm(x, W_NORM, eps=1e-5), floats("B", "S", 8), sizes=BS)
+case("layer_norm_with_bias", lambda x: qp.layer_norm(x, W_NORM, B_NORM, eps=1e-5), floats("B", "S", 8, low=-1, high=3),
+     sizes=BS)
+case("layer_norm_without_bias", lambda x, w: qp.layer_norm(x, w, eps=0.25), floats("B", 8), floats(8))
 
 # -- Cloud AI 100 KV-cache ops (conventions are tested in depth in test_lowering_ctx.py) -----------------
 KV = ({"B": 2, "S": 3, "C": 8}, {"B": 3, "S": 1, "C": 5})

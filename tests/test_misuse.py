@@ -364,12 +364,12 @@ def argmax_axis_out_of_range():
     qtrace.trace(lambda x: x.argmax(axis=1), (S((3,)),))  # <-
 
 
-@misuse(qtrace.UnsupportedError, "var", "ddof=1 over symbolic dim n")
+@misuse(qtrace.UnsupportedError, "var", "ddof=1 over the symbolic dim n")
 def var_ddof_over_symbolic_dim():
     qtrace.trace(lambda x: x.var(ddof=1), (S(("n",)),))  # <-
 
 
-@misuse(qtrace.ShapeError, "var", "ddof=3 leaves 0 degrees of freedom", "f32[3]")
+@misuse(qtrace.ShapeError, "var with ddof=3 over 3 elements divides by 0")
 def var_ddof_too_large():
     qtrace.trace(lambda x: np.var(x, ddof=3), (S((3,)),))  # <-
 

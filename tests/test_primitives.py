@@ -197,6 +197,18 @@ def rms_norm_formula(x, weight, *, eps):
     return along_axis(x, x.ndim - 1, line, x.dtype)
 
 
+def layer_norm_formula(x, weight, bias=None, *, eps):
+    w = [v.item() for v in weight]
+    b = [0.0] * len(w) if bias is None else [v.item() for v in bias]
+
+    def line(values):
+        mean = sum(values) / len(values)
+        variance = sum((v - mean) ** 2 for v in values) / len(values)
+        return [(values[i] - mean) / math.sqrt(variance + eps) * w[i] + b[i] for i in range(len(values))]
+
+    return along_axis(x, x.ndim - 1, line, x.dtype)
+
+
 def cast_value(v, dtype):
     dtype = np.dtype(dtype)
     if dtype == BOOL:
@@ -551,6 +563,38 @@ CASES += [
 
 
 @st.composite
+def top_k_inputs(draw):
+    dtype = draw(st.sampled_from(NUMERIC))
+    x = draw(arrays(dtype, draw(NONSCALAR_SHAPES), integral=True))  # small ints: many ties
+    axis = draw(st.integers(-x.ndim, x.ndim - 1))
+    return (x,), {"k": draw(st.integers(1, x.shape[axis])), "axis": axis}
+
+
+def top_k_formula(x, *, k, axis):
+    """Per line: positions sorted by (value descending, position ascending), the first k."""
+    def first_k(values):
+        return sorted(range(len(values)), key=lambda i: (-values[i], i))[:k]
+
+    axis %= x.ndim
+    shape = x.shape[:axis] + (k,) + x.shape[axis + 1:]
+    values, indices = np.empty(shape, x.dtype), np.empty(shape, np.int64)
+    for rest in np.ndindex(*(d for i, d in enumerate(x.shape) if i != axis)):
+        line = [x[rest[:axis] + (j,) + rest[axis:]].item() for j in range(x.shape[axis])]
+        for position, index in enumerate(first_k(line)):
+            values[rest[:axis] + (position,) + rest[axis:]] = line[index]
+            indices[rest[:axis] + (position,) + rest[axis:]] = index
+    return values, indices
+
+
+CASES.append(Case("top_k", lambda x, **p: qp.top_k(x, p["k"], axis=p["axis"]), top_k_inputs(), top_k_formula,
+                  (Bad(qtrace.ShapeError, (f32(2, 3),), {"k": 4, "axis": 1}),
+                   Bad(qtrace.ShapeError, (f32(2, 3),), {"k": 0, "axis": 1}),
+                   Bad(qtrace.ShapeError, (f32(2, 3),), {"k": 1, "axis": 2}),
+                   Bad(qtrace.DTypeError, (boolean(2, 3),), {"k": 1, "axis": 1})),
+                  symbolic=False))  # k entries of a symbolic axis: see the test below
+
+
+@st.composite
 def matmul_inputs(draw):
     dtype = draw(st.sampled_from(NUMERIC))
     batch = draw(hnp.mutually_broadcastable_shapes(num_shapes=2, max_dims=2, max_side=3)).input_shapes
@@ -588,6 +632,16 @@ def rms_norm_inputs(draw):
     return (x, weight), {"eps": draw(st.sampled_from([1e-6, 1e-5, 0.5]))}
 
 
+@st.composite
+def layer_norm_inputs(draw):
+    dtype = draw(st.sampled_from(FLOATS))
+    shape = draw(NONSCALAR_SHAPES)
+    x = draw(arrays(dtype, shape))
+    weight = draw(arrays(dtype, shape[-1:], lo=-2.0, hi=2.0))
+    bias = (draw(arrays(dtype, shape[-1:], lo=-2.0, hi=2.0)),) if draw(st.booleans()) else ()
+    return (x, weight, *bias), {"eps": draw(st.sampled_from([1e-6, 1e-5, 0.5]))}
+
+
 CASES += [
     Case("softmax", lambda x, **p: qp.softmax(x, axis=p["axis"]), softmax_inputs(),
          lambda x, *, axis: along_axis(x, axis % x.ndim, softmax_line, x.dtype),
@@ -601,6 +655,13 @@ CASES += [
     Case("rms_norm", lambda x, w, **p: qp.rms_norm(x, w, eps=p["eps"]), rms_norm_inputs(), rms_norm_formula,
          (Bad(qtrace.ShapeError, (f32(2, 4), f32(3)), {"eps": 1e-6}),
           Bad(qtrace.DTypeError, (i32(2, 4), i32(4)), {"eps": 1e-6})), ulps=8),
+    Case("layer_norm", lambda x, w, *b, **p: qp.layer_norm(x, w, *b, eps=p["eps"]), layer_norm_inputs(),
+         layer_norm_formula,
+         (Bad(qtrace.ShapeError, (f32(2, 4), f32(3)), {"eps": 1e-5}),
+          Bad(qtrace.ShapeError, (f32(2, 4), f32(4), f32(4, 1)), {"eps": 1e-5}),
+          Bad(qtrace.ShapeError, (f32(), f32(1)), {"eps": 1e-5}),
+          Bad(qtrace.DTypeError, (i32(2, 4), i32(4)), {"eps": 1e-5}),
+          Bad(qtrace.ShapeError, (f32(2, 4), f32(4)), {"eps": -1.0})), ulps=4),
 ]
 
 
@@ -941,3 +1002,57 @@ def test_reduction_with_out_argument_is_unsupported():
 
 def test_squeeze_accepts_a_numpy_integer_axis():
     assert qp.squeeze(np.zeros((1, 2)), np.int64(0)).shape == (2,)
+
+
+# How a user spells var / std (numpy functions and methods, which trace to qtrace's), and the same call
+# through qtrace.primitives, which runs qtrace's reference on numpy arrays.
+VAR_STD_CALLS = {
+    "np.var_keepdims": (lambda x: np.var(x, axis=-1, keepdims=True), lambda x: qp.var(x, axis=-1, keepdims=True)),
+    "method_var": (lambda x: x.var(1), lambda x: qp.var(x, 1)),
+    "np.std_ddof_1": (lambda x: np.std(x, axis=(0, 2), ddof=1), lambda x: qp.std(x, axis=(0, 2), ddof=1)),
+    "method_std_all_axes": (lambda x: x.std(), qp.std),
+    "var_of_ints": (lambda x: np.var(x.astype(np.int32), axis=0), lambda x: qp.var(x.astype(np.int32), axis=0)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(VAR_STD_CALLS))
+def test_var_and_std_traced_and_eager_equal_numpy(name):
+    spelling, qtrace_call = VAR_STD_CALLS[name]
+    x = np.random.default_rng(5).uniform(-3, 3, (3, 4, 5)).astype(np.float32)
+    expected = spelling(x)  # numpy's own var / std: x is a numpy array
+    traced = qtrace.trace(spelling, (ShapeDtype(x.shape, x.dtype),)).eval(x)
+    for got in (qtrace_call(x), traced):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        np.testing.assert_allclose(got, expected, rtol=1e-5)
+
+
+def test_var_is_written_with_mean_subtract_and_multiply():
+    graph = qtrace.trace(lambda x: x.var(-1), (ShapeDtype(("B", 4)),))
+    assert sorted(node.op for node in graph.nodes) == ["mul", "reduce_mean", "reduce_mean", "sub"]
+
+
+def test_var_with_ddof_over_a_symbolic_dim_raises_at_the_users_line():
+    def fn(x):
+        return x.var(0, ddof=1)
+
+    with pytest.raises(qtrace.UnsupportedError) as info:
+        qtrace.trace(fn, (ShapeDtype(("B", 4)),))
+    assert info.value.location.line == fn.__code__.co_firstlineno + 1
+    assert "ddof" in str(info.value)
+
+
+def test_top_k_on_symbolic_dims():
+    """Other axes may be symbolic; k > 1 entries of a symbolic axis are refused (they exist only
+    when the dim is large enough), k = 1 is always there."""
+    graph = qtrace.trace(lambda x: qp.top_k(x, 2), (ShapeDtype(("tokens", 8)),))
+    assert [str(v.aval) for v in graph.outputs] == ["f32[tokens,2]", "i64[tokens,2]"]
+    assert qtrace.trace(lambda x: qp.top_k(x, 1), (ShapeDtype((2, "n")),)).outputs[1].shape == (2, 1)
+    with pytest.raises(qtrace.ShapeError, match="symbolic dim n"):
+        qtrace.trace(lambda x: qp.top_k(x, 2), (ShapeDtype((2, "n")),))
+
+
+def test_top_k_breaks_ties_by_position_and_handles_the_smallest_int():
+    x = np.array([np.iinfo(np.int64).min, 7, 7, np.iinfo(np.int64).min, 7], np.int64)
+    values, indices = qp.top_k(x, 5)
+    np.testing.assert_array_equal(indices, [1, 2, 4, 0, 3])
+    np.testing.assert_array_equal(values, x[[1, 2, 4, 0, 3]])

@@ -360,7 +360,7 @@ def test_var_and_std_match_numpy(fn):
 
 
 def test_var_with_ddof_over_a_symbolic_dim_is_refused():
-    with pytest.raises(qtrace.UnsupportedError, match="ddof=1 over symbolic dim n"):
+    with pytest.raises(qtrace.UnsupportedError, match="ddof=1 over the symbolic dim n"):
         qtrace.trace(lambda x: x.var(ddof=1), (ShapeDtype(("n",)),))
 
 

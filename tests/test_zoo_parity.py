@@ -165,6 +165,14 @@ SWITCHED_OFF = {
     "granite": {"residual_multiplier": 1.0},
     "llama_yarn": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
     "llama3_rope": {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}},
+    "gpt2": {"scale_attn_by_inverse_layer_idx": False},
+    "starcoder2": {"sliding_window": None},
+    "gptj": {"rotary_dim": 16},
+    "codegen": {"rotary_dim": 8},
+    "phi": {"qk_layernorm": False},
+    "phi#partial_rotary": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                               "partial_rotary_factor": 1.0}},
+    "mpt": {"attn_config": {"clip_qkv": None}},
 }
 
 

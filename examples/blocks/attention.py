@@ -3,6 +3,11 @@
 Grouped-query (and multi-query) attention never repeats K/V: the G query heads that share a KV head
 are stacked along the sequence axis, so one [B, KV, G*S, D] x [B, KV, D, C] MatMul scores them all
 against the KV head's cache rows.
+
+Blocked attention (long contexts) reads the cache one block at a time (CtxGatherBlockedKV) and
+combines the blocks with an exact online softmax: a running maximum, a running denominator and a
+running weighted sum, rescaled whenever the maximum grows. The per-block step is one traced function
+shared by every block of every layer, so N blocks cost N call nodes, not N copies of the body.
 """
 
 from __future__ import annotations
@@ -10,10 +15,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from qtrace.primitives import softmax, tanh
+import numpy as np
+
+import qtrace
+from qtrace.primitives import clip, exp, layer_norm, log, maximum, sigmoid, softmax, tanh, where
 
 from ..config import DecoderConfig
-from .cache import read_cache, write_cache
+from .cache import read_cache, read_cache_block, write_cache
 from .layers import linear, norm
 from .rope import apply_rope
 
@@ -22,45 +30,129 @@ from .rope import apply_rope
 class AttentionInputs:
     """What a layer's attention reads from the step, computed once per step at model level."""
 
-    position_ids: Any        # [B,S] where the new keys/values are written
+    position_ids: Any        # [B,S] the tokens' positions (where the new keys/values are written)
     ctx_indices: Any         # [B,1,C] CtxGather indices (INT32_MAX past the live context)
     bias: Any                # [B,1 or KV,G*S,C] additive score bias (masks, ALiBi)
     batch_index: Any = None  # [B,1] cache slot of each row (continuous batching)
     cos: Any = None          # [B,S,1,D] RoPE tables at the positions (None: no rotary)
     sin: Any = None
     rotation: Any = None     # [D,D] the RoPE pairing
+    blocks: tuple = ()       # blocked attention: ((indices [B,KV,L], bias [B,1,G*S,L]), ...), one per KV block
+    write_positions: Any = None  # [B,S] cache slots of the new keys/values when not position_ids (rings)
 
 
 def cached_attention(q: Any, k: Any, v: Any, inputs: AttentionInputs, past_key: Any, past_value: Any, *,
-                     scale: float, softcap: float | None = None) -> tuple[Any, Any, Any]:
-    """q [B,S,H,D], k/v [B,S,KV,D] -> (out [B,S,H*D], key cache, value cache)."""
+                     scale: float, softcap: float | None = None, sinks: Any = None) -> tuple[Any, Any, Any]:
+    """q [B,S,H,D], k/v [B,S,KV,D] -> (out [B,S,H*D], key cache, value cache). `sinks` [H] (gpt-oss):
+    one learned logit per head that joins each query's softmax denominator and attends to nothing."""
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[2]
     groups = heads // kv_heads
-    key_cache = write_cache(past_key, inputs.position_ids, k.transpose(0, 2, 1, 3), inputs.batch_index)
-    value_cache = write_cache(past_value, inputs.position_ids, v.transpose(0, 2, 1, 3), inputs.batch_index)
-    keys = read_cache(key_cache, inputs.ctx_indices, inputs.batch_index)        # [B,KV,C,D]
-    values = read_cache(value_cache, inputs.ctx_indices, inputs.batch_index)
+    slots = inputs.position_ids if inputs.write_positions is None else inputs.write_positions
+    key_cache = write_cache(past_key, slots, k.transpose(0, 2, 1, 3), inputs.batch_index)
+    value_cache = write_cache(past_value, slots, v.transpose(0, 2, 1, 3), inputs.batch_index)
     grouped = (q * scale).transpose(0, 2, 1, 3).reshape(batch, kv_heads, groups * seq, head_dim)
-    scores = grouped @ keys.transpose(0, 1, 3, 2)                              # [B,KV,G*S,C]
-    if softcap is not None:
-        scores = tanh(scores / softcap) * softcap
-    probs = softmax(scores + inputs.bias, axis=-1)
-    out = (probs @ values).reshape(batch, heads, seq, head_dim).transpose(0, 2, 1, 3)
+    if inputs.blocks:
+        out = blocked_attention(grouped, key_cache, value_cache, inputs.blocks, inputs.batch_index, softcap,
+                                with_logsumexp=sinks is not None)
+        if sinks is not None:
+            out, total = out
+    else:
+        keys = read_cache(key_cache, inputs.ctx_indices, inputs.batch_index)    # [B,KV,C,D]
+        values = read_cache(value_cache, inputs.ctx_indices, inputs.batch_index)
+        biased = capped_scores(grouped, keys, softcap) + inputs.bias
+        out = softmax(biased, axis=-1) @ values                                # [B,KV,G*S,D]
+        if sinks is not None:
+            row_max = biased.max(axis=-1, keepdims=True)
+            total = row_max + log(exp(biased - row_max).sum(axis=-1, keepdims=True))   # [B,KV,G*S,1]
+    out = out.reshape(batch, heads, seq, head_dim)
+    if sinks is not None:
+        # A sink logit t joins the denominator: exp(s_i) / (sum_j exp(s_j) + exp(t)) is the softmax
+        # times sigmoid(logsumexp(s) - t), applied per head once the heads are apart again.
+        out = out * sigmoid(total.reshape(batch, heads, seq, 1) - sinks[:, None, None])
+    out = out.transpose(0, 2, 1, 3)
     return out.reshape(batch, seq, heads * head_dim), key_cache, value_cache
+
+
+def capped_scores(grouped_q: Any, keys: Any, softcap: float | None) -> Any:
+    """q . k for the grouped queries [B,KV,G*S,D] and keys [B,KV,C,D], softcapped (c * tanh(s / c))."""
+    scores = grouped_q @ keys.transpose(0, 1, 3, 2)                           # [B,KV,G*S,C]
+    return scores if softcap is None else tanh(scores / softcap) * softcap
+
+
+def _online_softmax_terms(scores: Any, running_max: Any) -> tuple[Any, Any, Any]:
+    """(new maximum, exp(scores - new maximum), exp(running maximum - new maximum)); a row that has
+    seen no visible slot yet keeps a maximum of -inf and gets zeros, never NaN."""
+    new_max = scores.max(axis=-1, keepdims=True)
+    if running_max is not None:
+        new_max = maximum(running_max, new_max)
+    safe = where(new_max == -np.inf, np.zeros((), scores.dtype), new_max)
+    correction = None if running_max is None else exp(running_max - safe)
+    return new_max, exp(scores - safe), correction
+
+
+@qtrace.function(name="attention_kv_block")
+def attention_kv_block(grouped_q: Any, key_cache: Any, value_cache: Any, block: tuple[Any, Any], batch_index: Any,
+                       running: tuple[Any, Any, Any], softcap: float | None) -> tuple[Any, Any, Any]:
+    """Fold one KV block into the running (maximum, denominator, weighted sum)."""
+    indices, bias = block
+    keys, values = read_cache_block(key_cache, indices, batch_index), read_cache_block(value_cache, indices, batch_index)
+    running_max, denominator, total = running
+    new_max, weights, correction = _online_softmax_terms(capped_scores(grouped_q, keys, softcap) + bias, running_max)
+    return new_max, denominator * correction + weights.sum(axis=-1, keepdims=True), total * correction + weights @ values
+
+
+def blocked_attention(grouped_q: Any, key_cache: Any, value_cache: Any, blocks: tuple, batch_index: Any,
+                      softcap: float | None, with_logsumexp: bool = False) -> Any:
+    """softmax(scores + bias) @ values over the whole cache, read block by block: [B,KV,G*S,D]; with
+    with_logsumexp, also log(sum(exp(scores + bias))) per row [B,KV,G*S,1] (for attention sinks)."""
+    (indices, bias), rest = blocks[0], blocks[1:]
+    keys = read_cache_block(key_cache, indices, batch_index)
+    new_max, weights, _ = _online_softmax_terms(capped_scores(grouped_q, keys, softcap) + bias, None)
+    running = (new_max, weights.sum(axis=-1, keepdims=True), weights @ read_cache_block(value_cache, indices, batch_index))
+    for block in rest:
+        running = attention_kv_block(grouped_q, key_cache, value_cache, block, batch_index, running, softcap)
+    if with_logsumexp:
+        return running[2] / running[1], running[0] + log(running[1])
+    return running[2] / running[1]
 
 
 def split_heads(x: Any, heads: int, head_dim: int) -> Any:
     return x.reshape(x.shape[0], x.shape[1], heads, head_dim)
 
 
+def split_fused_qkv(qkv: Any, cfg: DecoderConfig) -> tuple[Any, Any, Any]:
+    """q [B,S,H*D], k and v [B,S,KV*D] from one fused projection [B,S,(H+2*KV)*D]. The fused output is
+    `cfg.qkv_shards` equal blocks, each holding its share of the q, k and v heads in `cfg.qkv_order`:
+
+        1 shard, "qkv"    q | k | v                       GPT-2, MPT, GPTBigCode's and Falcon-7B's multi-query
+        KV shards, "qkv"  per KV head: its G q heads, k, v  Falcon's new decoder architecture (G = 1: per head
+                                                            q, k, v, as GPTBigCode's and Falcon's multi-head)
+        4 shards, "qvk"   CodeGen's mp_num = 4 model-parallel shards
+    """
+    shards, head_dim = cfg.qkv_shards, cfg.head_dim
+    sizes = {"q": cfg.num_attention_heads // shards * head_dim, "k": cfg.num_key_value_heads // shards * head_dim}
+    sizes["v"] = sizes["k"]
+    batch, seq = qkv.shape[0], qkv.shape[1]
+    blocks = qkv if shards == 1 else qkv.reshape(batch, seq, shards, qkv.shape[-1] // shards)
+    parts, start = {}, 0
+    for name in cfg.qkv_order:
+        part = blocks[..., start:start + sizes[name]]
+        parts[name] = part if shards == 1 else part.reshape(batch, seq, shards * sizes[name])
+        start += sizes[name]
+    return parts["q"], parts["k"], parts["v"]
+
+
 def project_qkv(x: Any, p: dict[str, Any], cfg: DecoderConfig) -> tuple[Any, Any, Any]:
-    """q [B,S,H,D], k and v [B,S,KV,D] from q/k/v_proj (+ q/k/v_bias), with the optional q/k RMSNorms:
-    over each head when `q_norm` has head_dim entries (Qwen3, Gemma 3), over the whole projection
-    when it has heads*head_dim (OLMo 2)."""
-    q = linear(x, p["q_proj"], p.get("q_bias"))
-    k = linear(x, p["k_proj"], p.get("k_bias"))
-    v = linear(x, p["v_proj"], p.get("v_bias"))
+    """q [B,S,H,D], k and v [B,S,KV,D] from q/k/v_proj (+ q/k/v_bias) or a fused qkv_proj (+ qkv_bias),
+    clipped to ±clip_qkv when the config says so (MPT), with the optional q/k RMSNorms: over each head
+    when `q_norm` has head_dim entries (Qwen3, Gemma 3), over the whole projection when it has
+    heads*head_dim (OLMo 2); or LayerNorms over each head (`q_layernorm`, Phi)."""
+    def projected(name: str) -> Any:
+        y = linear(x, p[f"{name}_proj"], p.get(f"{name}_bias"))
+        return y if cfg.clip_qkv is None else clip(y, -cfg.clip_qkv, cfg.clip_qkv)
+
+    q, k, v = split_fused_qkv(projected("qkv"), cfg) if "qkv_proj" in p else (projected(n) for n in "qkv")
     per_head = "q_norm" in p and p["q_norm"].shape[0] == cfg.head_dim
     if "q_norm" in p and not per_head:
         q, k = norm(q, p["q_norm"], cfg.norm_eps), norm(k, p["k_norm"], cfg.norm_eps)
@@ -68,16 +160,20 @@ def project_qkv(x: Any, p: dict[str, Any], cfg: DecoderConfig) -> tuple[Any, Any
     k = split_heads(k, cfg.num_key_value_heads, cfg.head_dim)
     if per_head:
         q, k = norm(q, p["q_norm"], cfg.norm_eps), norm(k, p["k_norm"], cfg.norm_eps)
+    if "q_layernorm" in p:
+        q = layer_norm(q, p["q_layernorm"], p.get("q_layernorm_bias"), cfg.norm_eps)
+        k = layer_norm(k, p["k_layernorm"], p.get("k_layernorm_bias"), cfg.norm_eps)
     return q, k, split_heads(v, cfg.num_key_value_heads, cfg.head_dim)
 
 
 def self_attention(x: Any, p: dict[str, Any], inputs: AttentionInputs, past_key: Any, past_value: Any,
                    cfg: DecoderConfig) -> tuple[Any, Any, Any]:
-    """The standard attention sublayer: projections, RoPE, cached attention, o_proj (+ o_bias)."""
+    """The standard attention sublayer: projections, RoPE, cached attention (with the layer's
+    attention sinks when it has them), o_proj (+ o_bias)."""
     q, k, v = project_qkv(x, p, cfg)
     if inputs.cos is not None:
         q = apply_rope(q, inputs.cos, inputs.sin, inputs.rotation)
         k = apply_rope(k, inputs.cos, inputs.sin, inputs.rotation)
     out, key_cache, value_cache = cached_attention(q, k, v, inputs, past_key, past_value, scale=cfg.scale,
-                                                   softcap=cfg.attn_logit_softcap)
+                                                   softcap=cfg.attn_logit_softcap, sinks=p.get("sinks"))
     return linear(out, p["o_proj"], p.get("o_bias")), key_cache, value_cache

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from qtrace.primitives import ctx_gather, ctx_gather_cb, ctx_scatter, ctx_scatter_cb
+from qtrace.primitives import (ctx_gather, ctx_gather_blocked_kv, ctx_gather_blocked_kv_cb, ctx_gather_cb, ctx_scatter,
+                               ctx_scatter_cb)
 
 
 def write_cache(cache: Any, position_ids: Any, new: Any, batch_index: Any = None) -> Any:
@@ -24,3 +25,10 @@ def read_cache(cache: Any, ctx_indices: Any, batch_index: Any = None) -> Any:
     if batch_index is None:
         return ctx_gather(cache, ctx_indices)
     return ctx_gather_cb(cache, batch_index, ctx_indices)
+
+
+def read_cache_block(cache: Any, block_indices: Any, batch_index: Any = None) -> Any:
+    """One block of the cache for blocked attention (CtxGatherBlockedKV), block_indices [B,H,L]."""
+    if batch_index is None:
+        return ctx_gather_blocked_kv(cache, block_indices)
+    return ctx_gather_blocked_kv_cb(cache, batch_index, block_indices)

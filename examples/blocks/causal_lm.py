@@ -15,6 +15,7 @@ full_batch_size), kv_heads, ctx_len, head_dim], optional `batch_index` [batch_si
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Any
@@ -22,60 +23,108 @@ from typing import Any
 import numpy as np
 
 import qtrace
-from qtrace.primitives import arange, argmax, gather, take, tanh, transpose
+from qtrace.primitives import arange, argmax, broadcast_to, gather, stack, take, tanh, transpose
 
-from ..config import DecoderConfig
+from ..config import CHUNKED, SLIDING, ConfigError, DecoderConfig
 from ..registry import Architecture
 from ..weights import linear_keys
 from .attention import AttentionInputs
 from .layers import linear, norm
-from .masks import cache_indices, score_bias
+from .masks import (cache_indices, kv_block_slots, ring_held_positions, ring_indices, ring_length,
+                    ring_write_positions, score_bias)
 from .rope import RopeTables, model_rope_tables, rope_at, rope_name
+
+
+SLIDING_CACHES = ("full", "ring")
+RING_DIMS = {SLIDING: "sliding_ctx_len", CHUNKED: "chunked_ctx_len"}  # the symbolic length of each kind's ring
 
 
 @dataclass
 class Model:
-    """An architecture, its config and its params (memory maps of a checkpoint, or random)."""
+    """An architecture, its config and its params (memory maps of a checkpoint, or random).
+    `sliding_cache="ring"` gives sliding-window and chunked layers a ring cache of their own length
+    (masks.py) instead of a full ctx_len cache."""
 
     arch: Architecture
     cfg: DecoderConfig
     params: dict[str, Any]
+    sliding_cache: str = "full"
 
     @property
     def dtype(self) -> np.dtype:
         return np.asarray(self.params["embed_tokens"][:0]).dtype
 
-    def cache_shape(self, layer: int, batch: Any, ctx_len: Any) -> tuple[Any, ...]:
-        return (batch, self.cfg.num_key_value_heads, ctx_len, self.cfg.head_dim)
+    def ring_kind(self, layer: int) -> str | None:
+        """The attention kind of a layer with a ring cache, or None (a full cache)."""
+        kind = self.cfg.layer_type(layer)
+        return kind if self.sliding_cache == "ring" and kind in RING_DIMS else None
 
-    def empty_cache(self, batch: int, ctx_len: int, dtype: Any = None) -> dict[str, np.ndarray]:
+    def cache_sizes(self, ctx_len: int, prefill_seq_len: int) -> dict[str, int]:
+        """The lengths of the ring dims (none with full caches), by symbol."""
+        kinds = {self.ring_kind(i) for i in range(self.cfg.num_hidden_layers)} - {None}
+        return {RING_DIMS[k]: ring_length(k, self.cfg, ctx_len, prefill_seq_len) for k in sorted(kinds)}
+
+    def cache_shape(self, layer: int, batch: Any, ctx_len: Any, prefill_seq_len: int | None = None) -> tuple[Any, ...]:
+        """A layer's cache; a ring's length is its symbol when ctx_len is symbolic, else computed
+        from ctx_len and prefill_seq_len."""
+        length, kind = ctx_len, self.ring_kind(layer)
+        if kind is not None:
+            if not isinstance(ctx_len, int):
+                length = RING_DIMS[kind]
+            elif prefill_seq_len is None:
+                raise ValueError(f"the ring cache of layer {layer} needs the prefill length to size it")
+            else:
+                length = ring_length(kind, self.cfg, ctx_len, prefill_seq_len)
+        return (batch, self.cfg.num_key_value_heads, length, self.cfg.head_dim)
+
+    def empty_cache(self, batch: int, ctx_len: int, dtype: Any = None,
+                    prefill_seq_len: int | None = None) -> dict[str, np.ndarray]:
         dtype = dtype or self.dtype
         cache = {}
         for i in range(self.cfg.num_hidden_layers):
-            cache[f"past_key.{i}"] = np.zeros(self.cache_shape(i, batch, ctx_len), dtype)
-            cache[f"past_value.{i}"] = np.zeros(self.cache_shape(i, batch, ctx_len), dtype)
+            shape = self.cache_shape(i, batch, ctx_len, prefill_seq_len)
+            cache[f"past_key.{i}"] = np.zeros(shape, dtype)
+            cache[f"past_value.{i}"] = np.zeros(shape, dtype)
         return cache
 
     def signature(self, *, ctx_len: int | str = "ctx_len", batch_size: int | str = "batch_size",
                   seq_len: int | str = "seq_len", full_batch_size: int | str | None = None,
-                  layer_functions: bool = True, max_ctx_len: int = 0) -> tuple[Any, tuple]:
+                  layer_functions: bool = True, max_ctx_len: int = 0, kv_blocks: int = 0) -> tuple[Any, tuple]:
         """The step function to lower (or run eagerly) and its example specs. RoPE tables cover the
         largest context the export will be specialized to (an int ctx_len, or max_ctx_len) and, failing
-        that, max_position_embeddings."""
-        positions = max(ctx_len if isinstance(ctx_len, int) else 0, max_ctx_len) or self.cfg.max_position_embeddings
+        that, max_position_embeddings. kv_blocks > 0: blocked attention over that many equal blocks of
+        the exported context (max_ctx_len or an int ctx_len), which the compiler is specialized to."""
+        exported = max(ctx_len if isinstance(ctx_len, int) else 0, max_ctx_len)
+        positions = exported or self.cfg.max_position_embeddings
+        if kv_blocks and not 1 <= kv_blocks <= exported:
+            raise ValueError(f"kv_blocks {kv_blocks} needs an exported context of at least that many slots "
+                             f"(ctx_len {exported or 'not given'})")
         tables = model_rope_tables(self.cfg, positions, self.dtype)
         cache_batch = batch_size if full_batch_size is None else full_batch_size
+        prefill = seq_len if isinstance(seq_len, int) else None
         past = {}
         for i in range(self.cfg.num_hidden_layers):
-            spec = qtrace.ShapeDtype(self.cache_shape(i, cache_batch, ctx_len), self.dtype)
+            spec = qtrace.ShapeDtype(self.cache_shape(i, cache_batch, ctx_len, prefill), self.dtype)
             past[f"past_key.{i}"], past[f"past_value.{i}"] = spec, spec
         ids = qtrace.ShapeDtype((batch_size, seq_len), np.int64)
         args: tuple = (ids, ids, past)
         if full_batch_size is not None:
             args += (qtrace.ShapeDtype((batch_size, 1), np.int64),)
         fn = functools.partial(causal_lm_step, self.arch, self.cfg, self.params, tables,
-                               layer_functions=layer_functions)
+                               layer_functions=layer_functions, sliding_cache=self.sliding_cache,
+                               blocks=tuple(kv_block_slots(exported, kv_blocks)) if kv_blocks else ())
         return fn, args
+
+
+def with_sliding_cache(model: Model, mode: str) -> Model:
+    """The model with full (default) or ring caches on its sliding-window and chunked layers; rings
+    for a model without such layers are refused, since they would change nothing."""
+    if mode not in SLIDING_CACHES:
+        raise ConfigError(f"--sliding-cache must be one of {', '.join(SLIDING_CACHES)}, got {mode!r}")
+    kinds = {model.cfg.layer_type(i) for i in range(model.cfg.num_hidden_layers)}
+    if mode == "ring" and not kinds & set(RING_DIMS):
+        raise ConfigError(f"--sliding-cache ring: {model.cfg.architecture} has no sliding-window or chunked layers")
+    return dataclasses.replace(model, sliding_cache=mode)
 
 
 # -- default hooks (a family's Architecture may replace each) -------------------------------------------
@@ -109,8 +158,10 @@ class StepInputs:
     """The per-step arrays layers read, built lazily once per (attention kind, cache length, RoPE)."""
 
     def __init__(self, cfg: DecoderConfig, tables: dict[str, RopeTables], position_ids: Any, batch_index: Any,
-                 dtype: Any):
+                 dtype: Any, blocks: tuple = (), sliding_cache: str = "full"):
         self.cfg, self.tables, self.position_ids, self.batch_index, self.dtype = cfg, tables, position_ids, batch_index, dtype
+        self.blocks = blocks  # the slot numbers of each KV block (blocked attention), or ()
+        self.sliding_cache = sliding_cache
         self._made: dict[Any, Any] = {}
 
     def _once(self, key: Any, make: Any) -> Any:
@@ -118,27 +169,47 @@ class StepInputs:
             self._made[key] = make()
         return self._made[key]
 
+    def _block_inputs(self, kind: str) -> tuple:
+        """(indices [B,KV,L], bias [B,1,G*S,L]) of every KV block, for layers of this kind."""
+        shape = (self.position_ids.shape[0], self.cfg.num_key_value_heads, len(self.blocks[0]))
+        return tuple((broadcast_to(cache_indices(self.position_ids, slots), shape),
+                      score_bias(self.position_ids, slots, kind, self.cfg, self.dtype)) for slots in self.blocks)
+
     def for_layer(self, layer: int, ctx_len: Any) -> AttentionInputs:
+        """The inputs of layer `layer`, whose cache has ctx_len slots (a ring's own length for a ring)."""
         kind = self.cfg.layer_type(layer)
-        indices = self._once(("indices", ctx_len), lambda: cache_indices(self.position_ids, ctx_len))
-        bias = self._once(("bias", kind, ctx_len),
-                          lambda: score_bias(self.position_ids, ctx_len, kind, self.cfg, self.dtype))
-        spec = self.cfg.rope_for(kind)
+        blocks = indices = bias = write = None
+        if self.sliding_cache == "ring" and kind in RING_DIMS:  # a ring is short: read whole, never in blocks
+            held = self._once(("held", ctx_len), lambda: ring_held_positions(self.position_ids, ctx_len))
+            indices = self._once(("ring indices", ctx_len), lambda: ring_indices(held, ctx_len))
+            write = self._once(("ring writes", ctx_len), lambda: ring_write_positions(self.position_ids, ctx_len))
+            bias = self._once(("ring bias", kind, ctx_len),
+                              lambda: score_bias(self.position_ids, ctx_len, kind, self.cfg, self.dtype, held))
+        elif self.blocks:
+            blocks = self._once(("blocks", kind), lambda: self._block_inputs(kind))
+        else:
+            slots = self._once(("slots", ctx_len), lambda: arange(ctx_len))
+            indices = self._once(("indices", ctx_len), lambda: cache_indices(self.position_ids, slots))
+            bias = self._once(("bias", kind, ctx_len),
+                              lambda: score_bias(self.position_ids, slots, kind, self.cfg, self.dtype))
+        spec = self.cfg.rope_for_layer(layer)
         cos = sin = rotation = None
         if spec is not None:
             table = self.tables[rope_name(self.cfg, spec)]
             cos, sin = self._once(("rope", rope_name(self.cfg, spec)), lambda: rope_at(table, self.position_ids))
             rotation = table.rotation
-        return AttentionInputs(self.position_ids, indices, bias, self.batch_index, cos, sin, rotation)
+        return AttentionInputs(self.position_ids, indices, bias, self.batch_index, cos, sin, rotation, blocks or (),
+                               write)
 
 
 def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[str, RopeTables],
                    input_ids: Any, position_ids: Any, past_key_values: dict[str, Any], batch_index: Any = None, *,
-                   layer_functions: bool = True) -> dict[str, Any]:
+                   layer_functions: bool = True, blocks: tuple = (), sliding_cache: str = "full") -> dict[str, Any]:
     """One prefill or decode step: logits [B,1,vocab] at argmax(position_ids) of each row, and the
-    updated caches under their input names."""
+    updated caches under their input names. With sliding_cache="ring" the caches of sliding and
+    chunked layers are rings (Model.cache_shape)."""
     h = (arch.embed or token_embedding)(params, input_ids, position_ids, cfg)
-    step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype)
+    step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, blocks, sliding_cache)
     with qtrace.scope("step"):
         layer_inputs = [step.for_layer(i, past_key_values[f"past_key.{i}"].shape[2]) for i in range(len(params["layers"]))]
     linear_names = _linear_names(arch, cfg)
@@ -146,9 +217,11 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
     outputs: dict[str, Any] = {}
     for i, p in enumerate(params["layers"]):
         past_key, past_value = past_key_values[f"past_key.{i}"], past_key_values[f"past_value.{i}"]
-        kernels = {k: transpose(v) if k in linear_names else v for k, v in p.items()}
+        kernels = {k: transpose(v) if k in linear_names else stack(v) if isinstance(v, list) else v
+                   for k, v in p.items()}  # a list: one tensor per expert, stacked here (outside the layer)
         with qtrace.scope(f"layers.{i}"):
-            h, key_cache, value_cache = layer(h, kernels, layer_inputs[i], past_key, past_value, cfg)
+            layer_cfg = arch.layer_config(cfg, i) if arch.layer_config else cfg
+            h, key_cache, value_cache = layer(h, kernels, layer_inputs[i], past_key, past_value, layer_cfg)
         outputs[f"past_key.{i}"], outputs[f"past_value.{i}"] = key_cache, value_cache
     h = (arch.final_norm or final_rms_norm)(h, params, cfg)
     last = argmax(position_ids, axis=1, keepdims=True)                     # [B,1]

@@ -3,8 +3,9 @@
     h   = x + m * attention(norm(x))
     out = h + m * mlp(norm(h))
 
-with m = residual_multiplier (Granite; 1 elsewhere). Families with another ordering (post-norms,
-four norms, parallel blocks) write their own layer from the same blocks.
+with m = residual_multiplier (Granite; 1 elsewhere) and mlp the MoE block on a layer that has a
+router (blocks/moe.py), the gated MLP otherwise. Families with another ordering (post-norms, four
+norms, parallel blocks) write their own layer from the same blocks.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from ..config import DecoderConfig
 from ..weights import BIAS, Weight, attention_weights, gated_mlp_weights, norms
 from .attention import AttentionInputs, self_attention
 from .layers import gated_mlp, norm, scaled
+from .moe import feed_forward
 
 
 def pre_norm_layer(x: Any, p: dict[str, Any], inputs: AttentionInputs, past_key: Any, past_value: Any,
@@ -22,7 +24,7 @@ def pre_norm_layer(x: Any, p: dict[str, Any], inputs: AttentionInputs, past_key:
     attn, key_cache, value_cache = self_attention(norm(x, p["input_layernorm"], cfg.norm_eps), p, inputs,
                                                   past_key, past_value, cfg)
     h = x + scaled(attn, cfg.residual_multiplier)
-    mlp = gated_mlp(norm(h, p["post_attention_layernorm"], cfg.norm_eps), p, cfg.hidden_act)
+    mlp = feed_forward(norm(h, p["post_attention_layernorm"], cfg.norm_eps), p, cfg)
     return h + scaled(mlp, cfg.residual_multiplier), key_cache, value_cache
 
 

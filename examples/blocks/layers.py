@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from qtrace.primitives import gelu, rms_norm, silu
 
 ACTIVATIONS = {
@@ -37,6 +39,11 @@ def gated_mlp(x: Any, p: dict[str, Any], act: str = "silu") -> Any:
     return linear(gate * linear(x, p["up_proj"], p.get("up_bias")), p["down_proj"], p.get("down_bias"))
 
 
+def mlp(x: Any, p: dict[str, Any], act: str) -> Any:
+    """down(act(up(x))), the non-gated MLP of the GPT-2 lineage, with biases when the params have them."""
+    return linear(ACTIVATIONS[act](linear(x, p["up_proj"], p.get("up_bias"))), p["down_proj"], p.get("down_bias"))
+
+
 def scaled(x: Any, multiplier: float) -> Any:
     return x if multiplier == 1.0 else x * multiplier
 
@@ -44,3 +51,8 @@ def scaled(x: Any, multiplier: float) -> Any:
 def norm(x: Any, weight: Any, eps: float) -> Any:
     """RMSNorm (one CustomRMSNorm). Gemma's x * (1 + w) form is this with 1 added to w at load."""
     return rms_norm(x, weight, eps)
+
+
+def unit_norm(x: Any, eps: float) -> Any:
+    """RMSNorm without a weight, x / sqrt(mean(x^2) + eps) (Llama 4's "L2" q/k norm)."""
+    return rms_norm(x, np.ones(x.shape[-1], x.dtype), eps)

@@ -183,7 +183,7 @@ def model_rope_tables(cfg: DecoderConfig, positions: int, dtype: Any) -> dict[st
     """The tables of every RoPE the model's layers use, by `rope_name`."""
     tables: dict[str, RopeTables] = {}
     for layer in range(cfg.num_hidden_layers):
-        spec = cfg.rope_for(cfg.layer_type(layer))
+        spec = cfg.rope_for_layer(layer)
         if spec is not None and rope_name(cfg, spec) not in tables:
             tables[rope_name(cfg, spec)] = rope_tables(spec, cfg.head_dim, positions, cfg.max_position_embeddings,
                                                        dtype)

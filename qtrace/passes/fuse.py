@@ -1,8 +1,13 @@
 """fuse: rewrite written-out forms into the primitives the accelerator runs as one op.
 
-Each fusion is a `Fusion`: a pattern (see pattern.py) and a builder that returns the replacement
-value, or None when a constraint the pattern cannot express fails. Adding one is a few lines at
-the bottom of this file.
+Each fusion is a `Fusion`: a pattern (see pattern.py), a builder that returns the replacement
+value, or None when a constraint the pattern cannot express fails, and a priority. Adding one is a
+few lines at the bottom of this file.
+
+Priorities: fusions whose written forms overlap declare which one wins. At a node where several
+fusions could start, the higher priority is tried first; a lower-priority builder that could take
+part of a higher-priority form declines it explicitly (RMSNorm declines a centred input: that is
+LayerNorm's), so the outcome does not depend on the order nodes are visited in.
 """
 
 from __future__ import annotations
@@ -52,15 +57,20 @@ class Fusion:
     name: str
     pattern: CompiledPattern
     build: Callable[[Graph, Node, Match], Value | None]
+    priority: int = 0
 
 
 FUSIONS: list[Fusion] = []
 
+# LayerNorm over RMSNorm: (x - mean) normalized by its own root mean square is a LayerNorm, which the
+# RMSNorm patterns would otherwise fuse into an rms_norm of the centred value.
+RMS_NORM_PRIORITY, LAYER_NORM_PRIORITY = 0, 1
 
-def fusion(name: str, *patterns: Pat) -> Callable:
+
+def fusion(name: str, *patterns: Pat, priority: int = 0) -> Callable:
     def register(build: Callable[[Graph, Node, Match], Value | None]) -> Callable:
         for i, pat in enumerate(patterns):
-            FUSIONS.append(Fusion(f"{name}[{i}]", CompiledPattern(pat), build))
+            FUSIONS.append(Fusion(f"{name}[{i}]", CompiledPattern(pat), build, priority))
         return build
 
     return register
@@ -79,15 +89,23 @@ def _cast_to(graph: Graph, root: Node, value: Value, dtype: np.dtype) -> Value:
 # pow(x, 2) for the square, the weight on either side, and an upcast to float32 around it.
 
 
+def _normalized(x: Var | Pat, variance: Pat) -> list[Pat]:
+    """x / sqrt(variance) spelled x * rsqrt(v), x / sqrt(v), x * reciprocal(sqrt(v)) or x * (1 / sqrt(v))."""
+    return [Pat("mul", x, Pat("rsqrt", variance)), Pat("div", x, Pat("sqrt", variance)),
+            Pat("mul", x, Pat("reciprocal", Pat("sqrt", variance))),
+            Pat("mul", x, Pat("div", Var("one", constant_near(1.0)), Pat("sqrt", variance)))]
+
+
+def _squares(x: Var | Pat) -> list[Pat]:
+    return [Pat("mul", x, x), Pat("pow", x, Var("two", constant_near(2.0)))]
+
+
 def _rms_patterns(x: Var | Pat, x_in_norm: Var | Pat) -> list[Pat]:
     eps, w = Var("eps", scalar_constant), Var("w")
     patterns = []
-    for square in (Pat("mul", x, x), Pat("pow", x, Var("two", constant_near(2.0)))):
+    for square in _squares(x):
         variance = Pat("add", Pat("reduce_mean", square, axes=last_axis, keepdims=True), eps)
-        for normed in (Pat("mul", x_in_norm, Pat("rsqrt", variance)),
-                       Pat("div", x_in_norm, Pat("sqrt", variance)),
-                       Pat("mul", x_in_norm, Pat("reciprocal", Pat("sqrt", variance))),
-                       Pat("mul", x_in_norm, Pat("div", Var("one", constant_near(1.0)), Pat("sqrt", variance)))):
+        for normed in _normalized(x_in_norm, variance):
             patterns.append(Pat("mul", normed, w))
             patterns.append(Pat("mul", Pat("cast", normed, name="downcast"), w))
     return patterns
@@ -97,13 +115,13 @@ _x = Var("x")
 _upcast = Pat("cast", Var("h"), dtype=float32_dtype, name="upcast")
 
 
-@fusion("rms_norm", *_rms_patterns(_x, _x), *_rms_patterns(_upcast, _upcast))
+@fusion("rms_norm", *_rms_patterns(_x, _x), *_rms_patterns(_upcast, _upcast), priority=RMS_NORM_PRIORITY)
 def fuse_rms_norm(graph: Graph, root: Node, m: Match) -> Value | None:
     # Normalize in the dtype the written-out form computes its statistics in (float32 when it upcasts
     # float16, whose squares overflow past 256), or in the output's dtype when that is wider.
     x = m["upcast"].outputs[0] if "upcast" in m else m["x"]
     weight = m["w"]
-    if weight.ndim != 1 or weight.shape[0] != x.shape[-1]:
+    if weight.ndim != 1 or weight.shape[0] != x.shape[-1] or _is_centered(m["x"]):
         return None
     out_dtype = root.outputs[0].dtype
     dtype = np.promote_types(x.dtype, out_dtype)
@@ -112,6 +130,78 @@ def fuse_rms_norm(graph: Graph, root: Node, m: Match) -> Value | None:
                     eps=eps)
     normed = _cast_to(graph, root, normed, out_dtype)
     return normed if normed.aval == root.outputs[0].aval else None
+
+
+# -- LayerNorm ------------------------------------------------------------------------------------------
+# (x - mean(x)) / sqrt(var + eps) with var = mean((x - mean(x))**2), all over the last axis: the
+# normalization and the square in the spellings RMSNorm accepts, the centred value computed once, or
+# only its mean, or neither (np.var computes its own). It fuses with a weight of ones; a following
+# "* w" and "+ b" then fold into it (layer_norm_scale, layer_norm_shift).
+
+
+def _mean(x: Var | Pat, name: str | None = None) -> Pat:
+    return Pat("reduce_mean", x, axes=last_axis, keepdims=True, name=name)
+
+
+def _layer_norm_patterns() -> list[Pat]:
+    x, eps = Var("x"), Var("eps", scalar_constant)
+    patterns = []
+    for sharing in ("centred value", "mean", "nothing"):
+        mean = _mean(x)
+        centered = Pat("sub", x, mean)
+        in_variance = {"centred value": centered, "mean": Pat("sub", x, mean),
+                       "nothing": Pat("sub", x, _mean(x))}[sharing]
+        for square in _squares(in_variance):
+            patterns += _normalized(centered, Pat("add", _mean(square), eps))
+    return patterns
+
+
+def _is_centered(value: Value) -> bool:
+    """Is `value` x - mean(x) over the last axis (x minus its own mean)?"""
+    node = value.producer
+    if node is None or node.op != "sub":
+        return False
+    mean = node.inputs[1].producer
+    return mean is not None and mean.op == "reduce_mean" and mean.inputs[0] is node.inputs[0] and \
+        mean.params["keepdims"] and last_axis(mean.params["axes"], mean)
+
+
+def _is_ones(value: Value) -> bool:
+    if value.is_constant:
+        return bool(np.all(value.const == 1))
+    node = value.producer
+    return node is not None and node.op == "full" and node.params["fill_value"] == 1
+
+
+def _norm_param(value: Value, x: Value) -> bool:
+    """A weight or bias that LayerNormalization takes: 1-D, the size of x's last dim, x's dtype."""
+    return value.shape == x.shape[-1:] and value.dtype == x.dtype
+
+
+@fusion("layer_norm", *_layer_norm_patterns(), priority=LAYER_NORM_PRIORITY)
+def fuse_layer_norm(graph: Graph, root: Node, m: Match) -> Value | None:
+    x = m["x"]
+    if x.ndim == 0 or not np.issubdtype(x.dtype, np.floating):
+        return None
+    ones = _apply(graph, root, "full", shape=x.shape[-1:], fill_value=1.0, dtype=x.dtype)
+    out = _apply(graph, root, "layer_norm", x, ones, eps=float(m["eps"].const.reshape(-1)[0]))
+    return out if out.aval == root.outputs[0].aval else None
+
+
+@fusion("layer_norm_scale", Pat("mul", Pat("layer_norm", Var("x"), Var("ones", _is_ones), name="norm"), Var("w")),
+        priority=LAYER_NORM_PRIORITY)
+def fuse_layer_norm_scale(graph: Graph, root: Node, m: Match) -> Value | None:
+    if not _norm_param(m["w"], m["x"]):
+        return None
+    return _apply(graph, root, "layer_norm", m["x"], m["w"], eps=m["norm"].params["eps"])
+
+
+@fusion("layer_norm_shift", Pat("add", Pat("layer_norm", Var("x"), Var("w"), name="norm"), Var("b")),
+        priority=LAYER_NORM_PRIORITY)
+def fuse_layer_norm_shift(graph: Graph, root: Node, m: Match) -> Value | None:
+    if not _norm_param(m["b"], m["x"]):
+        return None
+    return _apply(graph, root, "layer_norm", m["x"], m["w"], m["b"], eps=m["norm"].params["eps"])
 
 
 # -- softmax, silu, gelu --------------------------------------------------------------------------------
@@ -254,8 +344,9 @@ def fuse_ctx_gather(graph: Graph, root: Node, m: Match) -> Value | None:
 
 
 def fusion_rules() -> RuleSet:
+    """One rule per pattern; at a shared root, higher priorities first (then in definition order)."""
     rules = RuleSet()
-    for item in FUSIONS:
+    for item in sorted(FUSIONS, key=lambda f: -f.priority):
         def fn(graph: Graph, node: Node, _f: Fusion = item) -> Value | None:
             match = _f.pattern.match(graph, node)
             return None if match is None else _f.build(graph, node, match)
@@ -270,4 +361,4 @@ def fuse(graph: Graph) -> bool:
     return on_every_graph(lambda g: bool(rewrite(g, rules)))(graph)
 
 
-__all__ = ["FUSIONS", "Fusion", "fusion", "fuse"]
+__all__ = ["FUSIONS", "Fusion", "LAYER_NORM_PRIORITY", "RMS_NORM_PRIORITY", "fusion", "fuse"]

@@ -1,0 +1,118 @@
+"""Blocked-KV attention (`qtrace export --kv-blocks N`) against the unblocked export of the same checkpoint.
+
+The cache is read one block at a time (CtxGatherBlockedKV, or its continuous-batching form) and the
+blocks are combined with an online softmax, which is exact up to float rounding: logits within 1e-5
+(relative to the largest logit) and the same greedy tokens, for N in {1, 2, 4, 7} blocks of a 31-slot
+context that no N > 1 divides, on families with plain, windowed + softcapped (Gemma 2) and ALiBi or
+learned-position attention, chunked and padded prefill, decode, and continuous batching.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+
+from qtrace.examples.checkpoint import export_model, load_checkpoint
+from qtrace.examples.generation import cache_layout, generate, new_cache, onnx_session, onnx_step, prefill
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
+# Llama, Gemma 2 (softcap + sliding window) and MPT (ALiBi, a per-head score bias per block).
+FAMILIES = ["llama", "gemma2", "mpt"]
+CTX_LEN = 31
+BLOCKS = [1, 2, 4, 7]
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory: Any) -> Any:
+    made: dict[tuple, str] = {}
+
+    def get(name: str, blocks: int, prefill_len: int = 8, full_batch_size: int | None = None) -> str:
+        key = (name, blocks, prefill_len, full_batch_size)
+        if key not in made:
+            out = str(tmp_path_factory.mktemp(f"{name}-{blocks}"))
+            export_model(load_checkpoint(os.path.join(FIXTURES, name)), out, ctx_len=CTX_LEN, prefill_seq_len=prefill_len,
+                         full_batch_size=full_batch_size, kv_blocks=blocks)
+            made[key] = out
+        return made[key]
+
+    return get
+
+
+def steps(model_dir: str, prompt: list[int], prefill_len: int, decode_steps: int = 8) -> tuple[np.ndarray, list[int]]:
+    session = onnx_session(model_dir)
+    step = onnx_step(session)
+    seen = []
+
+    def recording(*args: Any) -> Any:
+        logits, cache = step(*args)
+        seen.append(logits[0, -1])
+        return logits, cache
+
+    token, cache = prefill(recording, prompt, new_cache(cache_layout(session), 1, CTX_LEN), prefill_len)
+    logits, tokens = [seen[-1]], [token]
+    for position in range(len(prompt), len(prompt) + decode_steps):
+        out, cache = step(np.array([[tokens[-1]]]), np.array([[position]]), cache, None)
+        logits.append(out[0, -1])
+        tokens.append(int(np.argmax(out[0, -1])))
+    return np.stack(logits), tokens
+
+
+def prompt_of(name: str) -> list[int]:
+    with np.load(os.path.join(FIXTURES, name, "reference.npz")) as reference:
+        return reference["prompt"].tolist()
+
+
+@pytest.mark.parametrize("prefill_len", [8, 16], ids=["chunked", "padded"])
+@pytest.mark.parametrize("blocks", BLOCKS)
+@pytest.mark.parametrize("name", FAMILIES)
+def test_blocked_attention_equals_unblocked(name: str, blocks: int, prefill_len: int, exports: Any) -> None:
+    prompt = prompt_of(name)
+    expected_logits, expected_tokens = steps(exports(name, 0, prefill_len), prompt, prefill_len)
+    logits, tokens = steps(exports(name, blocks, prefill_len), prompt, prefill_len)
+    assert tokens == expected_tokens
+    assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
+
+
+@pytest.mark.parametrize("blocks", [2, 7])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_blocked_attention_with_continuous_batching(name: str, blocks: int, exports: Any) -> None:
+    prompts = [prompt_of(name), [5, 9, 2], [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]]
+    results = []
+    for kv_blocks in (0, blocks):
+        session = onnx_session(exports(name, kv_blocks, 8, 3))
+        results.append(generate(onnx_step(session), prompts, 8, prefill_len=8, ctx_len=CTX_LEN,
+                                layout=cache_layout(session), full_batch_size=3))
+    assert results[1] == results[0]
+
+
+def op_counts(model_dir: str) -> tuple[collections.Counter, dict[str, collections.Counter]]:
+    model = onnx.load(os.path.join(model_dir, "model.onnx"), load_external_data=False)
+    functions = {f.name: collections.Counter(n.op_type for n in f.node) for f in model.functions
+                 if f.domain == "qtrace.local"}
+    return collections.Counter(n.op_type for n in model.graph.node), functions
+
+
+def test_blocked_graph_reads_blocks_through_one_shared_block_function(exports: Any) -> None:
+    main, functions = op_counts(exports("llama", 7))
+    layer = functions["llama_layer"]
+    assert layer["CtxGather"] == 0 and layer["CtxGatherBlockedKV"] == 2   # the first block, K and V
+    assert layer["attention_kv_block"] == 6                               # the other 6 blocks: calls
+    assert functions["attention_kv_block"]["CtxGatherBlockedKV"] == 2
+    _, cb_functions = op_counts(exports("llama", 7, 8, 3))
+    assert cb_functions["attention_kv_block"]["CtxGatherBlockedKVCB"] == 2
+
+
+def test_blocks_past_the_context_read_nothing(exports: Any) -> None:
+    """31 slots in 4 blocks of 8: the last slot of block 4 lies past the cache; its index is
+    INT32_MAX like every slot past the live context (the accelerator skips those reads)."""
+    from qtrace.examples.blocks.masks import cache_indices, kv_block_slots
+
+    blocks = kv_block_slots(CTX_LEN, 4)
+    assert [len(b) for b in blocks] == [8] * 4 and blocks[-1][-1] == 31
+    indices = cache_indices(np.array([[30]]), blocks[-1])
+    assert indices[0, 0, -1] == 2147483647 and indices[0, 0, -2] == 30
