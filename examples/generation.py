@@ -92,18 +92,24 @@ def prefill(step: Step, prompt: list[int], cache: dict[str, np.ndarray], prefill
         ids[0, :len(tokens)] = tokens
         positions[0, :len(tokens)] = np.arange(c * prefill_len, c * prefill_len + len(tokens))
         logits, cache = step(ids, positions, cache, batch_index)
-    return pick(logits, 0, f"prefill of a prompt of {len(prompt)} tokens"), cache
+    return int(np.argmax(logits[0, -1])), cache
 
 
-def pick(logits: np.ndarray, row: int, what: str) -> int:
-    """The greedy token of one row of logits; NaN or inf logits stop generation (argmax would pick
-    token 0 forever)."""
-    last = logits[row, -1]
-    if not np.isfinite(last).all():
-        bad = int((~np.isfinite(last)).sum())
-        raise NumericsError(f"the logits of the {what} hold NaN or inf ({bad} of {last.size}); check the weights "
-                            "for NaN or inf (qtrace.lowering.nonfinite_weights names them)")
-    return int(np.argmax(last))
+def finite_logits(step: Step) -> Step:
+    """A step that stops with a NumericsError when the model returns NaN or inf logits (greedy decoding
+    would pick token 0 from them forever); `qtrace generate` runs its model this way."""
+
+    def checked(input_ids, position_ids, cache, batch_index=None):
+        logits, cache = step(input_ids, position_ids, cache, batch_index)
+        last = logits[:, -1]
+        if not np.isfinite(last).all():
+            bad = int((~np.isfinite(last)).sum())
+            where = f"positions {position_ids[0].min()}..{position_ids[0].max()}" if position_ids.size else "a step"
+            raise NumericsError(f"the logits at {where} hold NaN or inf ({bad} of {last.size}); check the "
+                                "weights for NaN or inf (qtrace.lowering.nonfinite_weights names them)")
+        return logits, cache
+
+    return checked
 
 
 def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefill_len: int, ctx_len: int,
@@ -130,7 +136,7 @@ def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefi
             tokens = [token]
             for position in range(len(prompt), len(prompt) + max_new_tokens - 1):
                 logits, cache = step(np.array([[tokens[-1]]]), np.array([[position]]), cache, None)
-                tokens.append(pick(logits, 0, f"decode step at position {position}"))
+                tokens.append(int(np.argmax(logits[0, -1])))
             results.append(tokens)
         return results
     if len(prompts) > full_batch_size:
@@ -150,7 +156,7 @@ def generate(step: Step, prompts: list[list[int]], max_new_tokens: int, *, prefi
         pos = np.array([[p] for p in positions], np.int64)
         logits, cache = step(ids, pos, cache, np.arange(full_batch_size, dtype=np.int64)[:, None])
         for prompt_index, slot in enumerate(slots):
-            token = pick(logits, slot, f"decode step of cache slot {slot}")
+            token = int(np.argmax(logits[slot, -1]))
             results[prompt_index].append(token)
             last[slot] = token
             positions[slot] += 1

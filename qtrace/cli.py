@@ -197,7 +197,7 @@ def _check_token_ids(prompts: list[list[int]], session: Any) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .examples.generation import cache_layout, generate, onnx_session, onnx_step
+    from .examples.generation import cache_layout, finite_logits, generate, onnx_session, onnx_step
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
@@ -215,8 +215,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     layout = cache_layout(session)
     cache_dims = {d for dims, _ in layout.values() for d in dims if isinstance(d, str)}
     sizes = {symbol: value for symbol, value in prefill_symbols.items() if symbol in cache_dims}  # ring lengths
-    tokens = generate(onnx_step(session), prompts, args.max_new_tokens, prefill_len=prefill_len, ctx_len=ctx_len,
-                      layout=layout, full_batch_size=full_batch, sizes=sizes)
+    tokens = generate(finite_logits(onnx_step(session)), prompts, args.max_new_tokens, prefill_len=prefill_len,
+                      ctx_len=ctx_len, layout=layout, full_batch_size=full_batch, sizes=sizes)
     for row in tokens:
         print(",".join(map(str, row)))
     return 0
