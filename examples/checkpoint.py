@@ -25,11 +25,12 @@ from qtrace import pytree
 from qtrace.lowering import warn_nonfinite_weights
 from qtrace.lowering.save import scratch_directory
 from qtrace.lowering.side_files import (CompileOptions, check_export_options, compile_script, custom_io_yaml,
-                                        kv_state_names, specializations)
+                                        kv_state_names, mdp_config_name, mdp_partition_config, specializations)
 
 from .blocks.causal_lm import Model
 from .config import ConfigError, DecoderConfig, load_config_json
 from .registry import Architecture, read_config
+from .serving import ServingOptions
 from .weights import checkpoint_shapes, params_from_tensors, random_tensors
 
 _SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32}
@@ -202,14 +203,19 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
                  full_batch_size: int | None = None, dtype: str = "float32", weights: str = "copy",
                  layer_functions: bool = True, kv_blocks: int = 0, compile_options: CompileOptions = CompileOptions(),
                  progress: Callable[[str], None] | None = None,
-                 bytes_progress: Callable[[int, int], None] | None = None) -> ExportReport:
+                 bytes_progress: Callable[[int, int], None] | None = None,
+                 serving: ServingOptions = ServingOptions()) -> ExportReport:
     """Lower the model and write model.onnx (+ external data), specializations.json, custom_io.yaml and
-    compile.sh into out_dir. Everything is written in a scratch directory first: a failure leaves
-    out_dir as it was. progress(stage) names each stage; bytes_progress(done, total) follows the weights.
-    kv_blocks > 0: blocked attention, the cache read in that many blocks (long contexts)."""
+    compile.sh (and mdp_ts_<n>.json for several devices) into out_dir. Everything is written in a
+    scratch directory first: a failure leaves out_dir as it was. progress(stage) names each stage;
+    bytes_progress(done, total) follows the weights. kv_blocks > 0: blocked attention, the cache read
+    in that many blocks (long contexts). `serving` adds serving modes (CCL, a speculative-decoding
+    target, prefill-only/decode-only, on-device sampling)."""
     if weights not in ("copy", "reference"):
         raise CheckpointError(f"--weights must be copy or reference, got {weights!r}")
     check_export_options(ctx_len, prefill_seq_len, batch_size, full_batch_size, compile_options)
+    serving.validate(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len)
+    spec_args = serving.specialization_args(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len)
     say = progress or (lambda _: None)
     stages: dict[str, float] = {}
     start = time.perf_counter()
@@ -217,7 +223,8 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
     # The cache has the weights' dtype (float16 weights, as `qtrace export --dtype float16` loads them,
     # make float16 keys and values); lowering to float16 converts whatever is still float32.
     fn, args = model.signature(full_batch_size="full_batch_size" if full_batch_size else None, ctx_len="ctx_len",
-                               layer_functions=layer_functions, max_ctx_len=ctx_len, kv_blocks=kv_blocks)
+                               layer_functions=layer_functions, max_ctx_len=ctx_len, kv_blocks=kv_blocks,
+                               options=serving.step_options(model.cfg.vocab_size))
     lowered = qtrace.lower(fn, args, dtype=np.float16 if dtype == "float16" else None)
     stages["lower"] = time.perf_counter() - start
     scratch = _atomic_directory(out_dir)
@@ -231,8 +238,11 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
         if weights == "copy":  # the weights were just read: naming NaN/inf ones costs one more pass in memory
             _warn_nonfinite_params(model)
         with open(os.path.join(scratch, "specializations.json"), "w") as f:
-            json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size,
-                                      model.cache_sizes(ctx_len, prefill_seq_len)), f, indent=2)
+            json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size, **spec_args,
+                                      extra_symbols=model.cache_sizes(ctx_len, prefill_seq_len)), f, indent=2)
+        if compile_options.num_devices > 1:
+            with open(os.path.join(scratch, mdp_config_name(compile_options.num_devices)), "w") as f:
+                json.dump(mdp_partition_config(compile_options.num_devices, compile_options.num_cores), f, indent=2)
         with open(os.path.join(scratch, "custom_io.yaml"), "w") as f:
             f.write(custom_io_yaml(kv_state_names(model.cfg.num_hidden_layers), compile_options.kv_cache_precision))
         with open(os.path.join(scratch, "compile.sh"), "w") as f:

@@ -136,6 +136,11 @@ def lower_top_k(ctx: LoweringContext, node: Node, x: str) -> list[str]:
                   n_outputs=2)
 
 
+@lowering("cumsum")
+def lower_cumsum(ctx: LoweringContext, node: Node, x: str) -> str:
+    return ctx.op("CumSum", x, ctx.scalar(node.params["axis"], np.int64))
+
+
 # -- shapes -------------------------------------------------------------------------------------------
 
 

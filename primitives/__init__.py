@@ -23,6 +23,7 @@ from .kv_cache import (ctx_gather, ctx_gather_blocked_kv, ctx_gather_blocked_kv_
 from .linalg import matmul
 from .nn import gelu, layer_norm, rms_norm, silu, softmax
 from .reductions import amax, amin, argmax, max, mean, min, std, sum, var
+from .scan import cumsum
 from .sorting import top_k
 from .shape_ops import (broadcast_to, concatenate, expand_dims, flatten, gather, getitem, index_put, moveaxis,
                         repeat, reshape, slice, split, squeeze, stack, swapaxes, take, transpose)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -14,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import FileError, QtraceError, UsageError, user_location
+from .errors import FileError, NumericsError, QtraceError, UsageError, user_location
 
 
 def _progress(message: str) -> None:
@@ -110,6 +109,40 @@ def _list_architectures() -> int:
     return 0
 
 
+def _int_list(flag: str) -> Any:
+    """An argparse type for `16,32` or `[16, 32]` (QEfficient accepts both) naming the flag on error."""
+    def parse(text: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(t) for t in text.strip().strip("[]").split(",") if t.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be comma-separated integers, got {text!r}") from None
+
+    return parse
+
+
+def _serving_options(args: argparse.Namespace) -> Any:
+    """The export's serving modes, validated before any work (a QtraceError naming the flags)."""
+    from .examples.serving import ServingError, ServingOptions
+
+    options = ServingOptions(ccl_enabled=args.ccl_enabled, comp_ctx_lengths_prefill=args.comp_ctx_lengths_prefill,
+                             comp_ctx_lengths_decode=args.comp_ctx_lengths_decode,
+                             num_speculative_tokens=args.num_speculative_tokens, prefill_only=args.prefill_only,
+                             decode_only=args.decode_only, sampling=args.sampling,
+                             max_top_k_ids=512 if args.max_top_k_ids is None else args.max_top_k_ids,
+                             return_pdfs=args.return_pdfs)
+    if args.max_top_k_ids is not None and not args.sampling:
+        raise ServingError("--max-top-k-ids needs --sampling")
+    options.validate(ctx_len=args.ctx_len, prefill_seq_len=_prefill_seq_len(args),
+                     prefill_seq_len_given=args.prefill_seq_len is not None)
+    if args.num_devices < 1:
+        raise ServingError(f"--num-devices must be >= 1, got {args.num_devices}")
+    return options
+
+
+def _prefill_seq_len(args: argparse.Namespace) -> int:
+    return 32 if args.prefill_seq_len is None else args.prefill_seq_len
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if args.list_architectures:
         return _list_architectures()
@@ -119,10 +152,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .lowering.side_files import CompileOptions, check_export_options
 
     compile_options = CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
-                                     args.kv_cache_precision)
-    check_export_options(args.ctx_len, args.prefill_seq_len, args.batch_size, args.full_batch_size, compile_options)
+                                     args.kv_cache_precision, num_devices=args.num_devices)
+    check_export_options(args.ctx_len, _prefill_seq_len(args), args.batch_size, args.full_batch_size, compile_options)
     if not 0 <= args.kv_blocks <= args.ctx_len:
         raise UsageError(f"--kv-blocks {args.kv_blocks} must be between 1 and --ctx-len {args.ctx_len} (0: unblocked)")
+    serving = _serving_options(args)
+    if args.kv_blocks and serving.ccl:
+        raise UsageError("--kv-blocks with compute-context lengths: blocked attention reads the whole context in "
+                         "fixed blocks")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UsageError(f"-o {args.output} is a file; give a directory (created when missing)")
     start = time.perf_counter()
@@ -141,11 +178,11 @@ def cmd_export(args: argparse.Namespace) -> int:
         model = with_moe_strategy(model, args.moe_strategy)
     model = with_sliding_cache(model, args.sliding_cache)
     load_seconds = time.perf_counter() - start
-    report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=args.prefill_seq_len,
+    report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=_prefill_seq_len(args),
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size, dtype=args.dtype,
                           weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
                           kv_blocks=args.kv_blocks, compile_options=compile_options,
-                          bytes_progress=_ProgressBar())
+                          bytes_progress=_ProgressBar(), serving=serving)
     print(f"{model.cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
     print(_summary(report.lowered, {"load": load_seconds, **report.stage_seconds}))
     return 0
@@ -161,34 +198,15 @@ def _parse_ids(text: str) -> list[int]:
     return ids
 
 
-def _read_specializations(model_dir: str) -> tuple[int, int, int | None, dict[str, int]]:
-    """(ctx_len, prefill seq_len, full_batch_size or None, every Prefill symbol) from an export's
-    specializations.json."""
-    path = os.path.join(model_dir, "specializations.json")
-    try:
-        with open(path) as f:
-            specs = {s["name"]: s["symbols"] for s in json.load(f)["specializations"]}
-        prefill, decode = specs["Prefill"], specs["Decode"]
-        symbols = {name: int(value) for name, value in prefill.items()}
-        ctx_len, prefill_len = symbols["ctx_len"], symbols["seq_len"]
-        full_batch = int(decode["full_batch_size"]) if "full_batch_size" in decode else None
-    except FileNotFoundError:
-        raise FileError(f"{model_dir}: no specializations.json (is it the output directory of `qtrace export`?)") \
-            from None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise FileError(f"{path}: not a specializations file of `qtrace export` ({type(exc).__name__}: {exc})") \
-            from None
-    if prefill_len < 1 or ctx_len < prefill_len or (full_batch is not None and full_batch < 1):
-        raise FileError(f"{path}: Prefill seq_len {prefill_len}, ctx_len {ctx_len}, full_batch_size {full_batch} "
-                        "cannot run (1 <= seq_len <= ctx_len, full_batch_size >= 1)")
-    return ctx_len, prefill_len, full_batch, symbols
+def _check_token_ids(prompts: list[list[int]], model_dir: str) -> None:
+    """Token ids in the vocabulary (the last dim of the export's logits): onnxruntime would fail on a
+    Gather index past it, and a negative one would wrap around."""
+    import onnx
 
-
-def _check_token_ids(prompts: list[list[int]], session: Any) -> None:
-    """Token ids in the vocabulary (the logits' last dim): onnxruntime would fail on a Gather index past
-    it, and numpy would wrap a negative one."""
-    logits = next((o for o in session.get_outputs() if o.name == "logits"), None)
-    vocab = logits.shape[-1] if logits is not None and isinstance(logits.shape[-1], int) else None
+    model = onnx.load(os.path.join(model_dir, "model.onnx"), load_external_data=False)
+    logits = next((o for o in model.graph.output if o.name == "logits"), None)
+    dims = logits.type.tensor_type.shape.dim if logits is not None else []
+    vocab = dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else None
     for prompt in prompts:
         for token in prompt:
             if token < 0 or (vocab is not None and token >= vocab):
@@ -196,27 +214,73 @@ def _check_token_ids(prompts: list[list[int]], session: Any) -> None:
                 raise UsageError(f"--prompt-ids: token id {token} is outside the vocabulary of the export ({bound})")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
-    from .examples.generation import cache_layout, finite_logits, generate, onnx_session, onnx_step
+def _stop_on_nonfinite_logits(executable: Any) -> Any:
+    """Make an export's runs stop with a NumericsError on NaN or inf logits (greedy decoding would pick
+    token 0 from them forever)."""
+    run = executable.run
 
-    if args.max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    def checked(feeds: dict[str, Any]) -> dict[str, Any]:
+        outputs = run(feeds)
+        logits = outputs.get("logits")
+        if logits is not None and not np.isfinite(logits).all():
+            bad = int((~np.isfinite(logits)).sum())
+            raise NumericsError(f"{executable.name}: the logits hold NaN or inf ({bad} of {logits.size}); check the "
+                                "weights for NaN or inf (qtrace.lowering.nonfinite_weights names them)")
+        return outputs
+
+    executable.run = checked
+    return executable
+
+
+def _sampling_params(args: argparse.Namespace) -> Any:
+    """The sampler's parameters, or None when no sampling flag is given (greedy)."""
+    from .examples.generation import GenerationError, SamplingParams
+
+    given = {name: getattr(args, name) for name in ("temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                                                    "presence_penalty", "seed") if getattr(args, name) is not None}
+    if not given:
+        return None
+    checks = [("temperature", lambda v: v >= 0, ">= 0"), ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+              ("min_p", lambda v: 0 <= v <= 1, "in [0, 1]"), ("repetition_penalty", lambda v: v > 0, "> 0"),
+              ("top_k", lambda v: v >= 0, ">= 0 (0: all candidates)")]
+    for name, ok, want in checks:
+        if name in given and not ok(given[name]):
+            raise GenerationError(f"--{name.replace('_', '-')} must be {want}, got {given[name]}")
+    if args.draft or args.prompt_lookup is not None:
+        raise GenerationError("sampling flags with --draft/--prompt-lookup: speculative decoding is greedy")
+    return SamplingParams(**given)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .examples.generation import Decoder, Executable, GenerationError
+
     prompts = [_parse_ids(p) for p in args.prompt_ids]
-    ctx_len, prefill_len, full_batch, prefill_symbols = _read_specializations(args.model_dir)
-    for prompt in prompts:
-        if len(prompt) + args.max_new_tokens > ctx_len:
-            raise UsageError(f"--prompt-ids: a prompt of {len(prompt)} tokens plus --max-new-tokens "
-                             f"{args.max_new_tokens} exceeds the context length (ctx_len) {ctx_len} of the export")
-    if full_batch is not None and len(prompts) > full_batch:
-        raise UsageError(f"{len(prompts)} --prompt-ids do not fit the {full_batch} cache slots of the export "
-                         "(--full-batch-size)")
-    session = onnx_session(args.model_dir)
-    _check_token_ids(prompts, session)
-    layout = cache_layout(session)
-    cache_dims = {d for dims, _ in layout.values() for d in dims if isinstance(d, str)}
-    sizes = {symbol: value for symbol, value in prefill_symbols.items() if symbol in cache_dims}  # ring lengths
-    tokens = generate(finite_logits(onnx_step(session)), prompts, args.max_new_tokens, prefill_len=prefill_len,
-                      ctx_len=ctx_len, layout=layout, full_batch_size=full_batch, sizes=sizes)
+    if args.max_new_tokens < 1:
+        raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.draft and args.prompt_lookup is not None:
+        raise GenerationError("--draft and --prompt-lookup are two proposers: give one")
+    if args.prompt_lookup is not None and args.prompt_lookup < 1:
+        raise GenerationError(f"--prompt-lookup needs an n-gram size >= 1, got {args.prompt_lookup}")
+    sampling = _sampling_params(args)
+    for path in (args.model_dir, args.decode_model, args.draft):
+        if path is not None and not os.path.isfile(os.path.join(path, "model.onnx")):
+            raise GenerationError(f"{path}: no model.onnx (not a qtrace export directory)")
+    for path in (args.model_dir, args.decode_model):
+        if path is not None:
+            _check_token_ids(prompts, path)
+    decoder = Decoder(_stop_on_nonfinite_logits(Executable.load(args.model_dir)),
+                      _stop_on_nonfinite_logits(Executable.load(args.decode_model)) if args.decode_model else None,
+                      sampling=sampling)
+    if not 1 <= decoder.prefill_len <= (decoder.ctx_len or decoder.prefill_len):
+        raise FileError(f"{os.path.join(args.model_dir, 'specializations.json')}: Prefill seq_len "
+                        f"{decoder.prefill_len} with ctx_len {decoder.ctx_len} cannot run (1 <= seq_len <= ctx_len)")
+    if args.draft or args.prompt_lookup is not None:
+        draft = Decoder(Executable.load(args.draft)) if args.draft else None
+        tokens, stats = decoder.speculate(prompts, args.max_new_tokens, draft=draft, prompt_lookup=args.prompt_lookup)
+        print(f"acceptance rate {stats.acceptance_rate:.3f} ({stats.accepted}/{stats.proposed} proposed tokens), "
+              f"{stats.tokens / max(stats.target_calls, 1):.2f} tokens per target call", file=sys.stderr)
+    else:
+        tokens = decoder.generate(prompts, args.max_new_tokens)
     for row in tokens:
         print(",".join(map(str, row)))
     return 0
@@ -308,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--list-architectures", action="store_true",
                         help="print the architectures qtrace can export, then exit")
     export.add_argument("--ctx-len", type=int, default=128)
-    export.add_argument("--prefill-seq-len", type=int, default=32)
+    export.add_argument("--prefill-seq-len", type=int, default=None, help="prefill chunk length (default 32)")
     export.add_argument("--batch-size", type=int, default=1)
     export.add_argument("--full-batch-size", type=int, default=None)
     export.add_argument("--dtype", choices=("float32", "float16"), default="float32")
@@ -329,6 +393,33 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--depth-first", action="store_true", help="qaic-compile -aic-enable-depth-first")
     export.add_argument("--kv-cache-precision", choices=("float16", "mxint8"), default="float16",
                         help="precision of the KV cache in custom_io.yaml")
+    export.add_argument("--num-devices", type=int, default=1,
+                        help="tensor-slice over N devices: writes mdp_ts_N.json and adds "
+                             "-mdp-load-partition-config to compile.sh")
+    modes = export.add_argument_group("serving modes (QEfficient's interfaces; see qtrace generate)")
+    modes.add_argument("--ccl-enabled", action="store_true",
+                       help="compute-context length with QEfficient's automatic bucket lists")
+    modes.add_argument("--comp-ctx-lengths-prefill", type=_int_list("--comp-ctx-lengths-prefill"), metavar="L1,L2,..",
+                       help="compute-context-length buckets for prefill (a comp_ctx_lengths input bounds the cache "
+                            "every layer reads; one specialization per bucket; values <= --ctx-len)")
+    modes.add_argument("--comp-ctx-lengths-decode", type=_int_list("--comp-ctx-lengths-decode"), metavar="L1,L2,..",
+                       help="compute-context-length buckets for decode")
+    modes.add_argument("--num-speculative-tokens", type=_int_list("--num-speculative-tokens"), metavar="K[,K..]",
+                       help="a speculative-decoding target: a num_logits_to_keep input and logits for K+1 positions, "
+                            "one decode specialization of seq_len K+1 per K (K >= 1; 0 adds a single-token fallback)")
+    modes.add_argument("--prefill-only", action="store_true",
+                       help="only the prefill specializations (disaggregated serving; pair with a --decode-only export)")
+    modes.add_argument("--decode-only", action="store_true",
+                       help="only the decode specializations; takes a --prefill-only export's retained state as is "
+                            "(no --prefill-seq-len)")
+    modes.add_argument("--sampling", action="store_true",
+                       help="on-device sampling: QEfficient's sampler inputs (temperatures, top_ks, top_ps, min_ps, "
+                            "repetition/presence penalties and their retained buffers, random_numbers) and "
+                            "next_tokens instead of logits")
+    modes.add_argument("--max-top-k-ids", type=int, default=None,
+                       help="candidates the sampler ranks (default 512, at most the vocabulary; with --sampling)")
+    modes.add_argument("--return-pdfs", action="store_true",
+                       help="the sampler also outputs probs, the filtered distribution (with --sampling)")
     export.set_defaults(run=cmd_export)
 
     generate = sub.add_parser("generate", help="greedy decoding with an exported model on onnxruntime")
@@ -336,6 +427,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt-ids", action="append", required=True,
                           help="comma-separated token ids; repeat for several prompts")
     generate.add_argument("--max-new-tokens", type=int, default=8)
+    generate.add_argument("--decode-model", metavar="DECODE_OUT",
+                          help="disaggregated serving: MODEL_DIR is a --prefill-only export, this the --decode-only "
+                               "export that continues from its retained state")
+    spec = generate.add_argument_group("speculative decoding (MODEL_DIR exported with --num-speculative-tokens)")
+    spec.add_argument("--draft", metavar="DRAFT_OUT",
+                      help="a draft export proposing K tokens per step; prints the acceptance rate on stderr")
+    spec.add_argument("--prompt-lookup", type=int, metavar="N",
+                      help="draft-free proposals: the tokens that followed an earlier occurrence of the last "
+                           "n-gram (n <= N)")
+    sample = generate.add_argument_group("on-device sampling (MODEL_DIR exported with --sampling; default greedy)")
+    sample.add_argument("--temperature", type=float, help="0 is greedy")
+    sample.add_argument("--top-k", type=int, help="keep the K most likely tokens (0: all --max-top-k-ids)")
+    sample.add_argument("--top-p", type=float, help="keep the smallest set with probability >= P")
+    sample.add_argument("--min-p", type=float, help="drop tokens less likely than P times the most likely one")
+    sample.add_argument("--repetition-penalty", type=float, help="divide (or multiply) logits of seen tokens")
+    sample.add_argument("--presence-penalty", type=float, help="subtract from logits of generated tokens")
+    sample.add_argument("--seed", type=int, help="seed of the random numbers fed to the sampler (reproducible runs)")
     generate.set_defaults(run=cmd_generate)
 
     dump = sub.add_parser("dump", help="trace FILE.py:FUNCTION and print its IR")

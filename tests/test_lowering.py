@@ -296,6 +296,10 @@ case("top_k_ties_pick_lower_index", lambda x: qp.top_k(x, 4, axis=1), ints("B", 
 case("top_k_float16_axis_0", lambda x: qp.top_k(x, 2, axis=0), floats(5, "B", dtype="float16"))
 case("top_k_of_the_whole_axis", lambda x: qp.top_k(x, 4), ints("B", 4, low=-9, high=9, dtype="int32"))
 
+# -- running sums (CumSum in index order) ---------------------------------------------------------------
+case("cumsum_float32", lambda x: qp.cumsum(x, axis=1), small_floats("B", 5))
+case("cumsum_int32_axis_0", lambda x: qp.cumsum(x, axis=0), ints("B", 4, dtype="int32"))
+
 # -- shapes -------------------------------------------------------------------------------------------
 case("reshape_static", lambda x: x.reshape(6, 4), floats(2, 3, 4), sizes=({},))
 case("reshape_split_last_dim", lambda x: x.reshape(x.shape[0], x.shape[1], 2, 4), floats("B", "S", 8), sizes=BS)

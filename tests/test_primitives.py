@@ -817,6 +817,29 @@ CASES += [
           Bad(qtrace.DTypeError, (f32(4, 3), f32(2, 3), f32(2)), {"lead": 0}))),
 ]
 
+# running sums (the on-device sampler's cumsum)
+def running_sum(values):
+    out, total = [], 0
+    for v in values:
+        total += v
+        out.append(total)
+    return out
+
+
+@st.composite
+def cumsum_inputs(draw):
+    x = draw(arrays(draw(st.sampled_from(NUMERIC)), draw(NONSCALAR_SHAPES), integral=True))  # exact sums
+    return (x,), {"axis": draw(st.integers(-x.ndim, x.ndim - 1))}
+
+
+CASES += [
+    Case("cumsum", lambda x, **p: qp.cumsum(x, axis=p["axis"]), cumsum_inputs(),
+         lambda x, *, axis: along_axis(x, axis % x.ndim, running_sum, x.dtype),
+         (Bad(qtrace.ShapeError, (f32(2, 3),), {"axis": 2}), Bad(qtrace.ShapeError, (f32(),), {"axis": 0}),
+          Bad(qtrace.DTypeError, (boolean(2, 3),), {"axis": 0}))),
+]
+
+
 COVERED_IN_TEST_KV_CACHE = {"ctx_scatter", "ctx_scatter_cb", "ctx_gather", "ctx_gather_cb"}
 
 # -- checks -------------------------------------------------------------------------------------------

@@ -11,6 +11,12 @@ one kind share one traced body. Inputs and outputs carry QEfficient's names and 
 `position_ids` [batch_size, seq_len], `past_key.{i}`/`past_value.{i}` [batch_size (or
 full_batch_size), kv_heads, ctx_len, head_dim], optional `batch_index` [batch_size, 1]; outputs
 `logits` and the updated caches, which lowering names `*_RetainedState`.
+
+Serving modes (`StepOptions`, qeff-interface.md §1, §2, §4) add inputs after the caches, in
+QEfficient's order: `comp_ctx_lengths` [comp_ctx_lengths] (compute-context length: its length K is
+how many cache slots every layer reads), `batch_index`, `num_logits_to_keep` [num_logits_to_keep, 1]
+(logits for the nlk positions ending at each row's last valid one), and the sampler's inputs (its
+`next_tokens` replace `logits`). Every output dim is one of the inputs' symbols.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from typing import Any
 import numpy as np
 
 import qtrace
-from qtrace.primitives import arange, argmax, broadcast_to, gather, stack, take, tanh, transpose
+from qtrace.primitives import arange, argmax, broadcast_to, gather, maximum, minimum, stack, take, tanh, transpose
 
 from ..config import CHUNKED, SLIDING, ConfigError, DecoderConfig
 from ..registry import Architecture
@@ -33,6 +39,23 @@ from .layers import linear, norm
 from .masks import (cache_indices, kv_block_slots, ring_held_positions, ring_indices, ring_length,
                     ring_write_positions, score_bias)
 from .rope import RopeTables, model_rope_tables, rope_at, rope_name
+from .sampler import SamplerOptions, sample, sampler_input_specs
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    """What a serving mode adds to the step (all off: the plain QEfficient prefill/decode graph).
+
+    comp_ctx_lengths: the shape-only CCL input; num_logits_to_keep: the shape-only speculative-target
+    input; sampler: the on-device sampler's options (None: the step returns logits)."""
+
+    comp_ctx_lengths: bool = False
+    num_logits_to_keep: bool = False
+    sampler: SamplerOptions | None = None
+
+    @property
+    def adds_inputs(self) -> bool:
+        return self.comp_ctx_lengths or self.num_logits_to_keep or self.sampler is not None
 
 
 SLIDING_CACHES = ("full", "ring")
@@ -89,16 +112,24 @@ class Model:
 
     def signature(self, *, ctx_len: int | str = "ctx_len", batch_size: int | str = "batch_size",
                   seq_len: int | str = "seq_len", full_batch_size: int | str | None = None,
-                  layer_functions: bool = True, max_ctx_len: int = 0, kv_blocks: int = 0) -> tuple[Any, tuple]:
+                  layer_functions: bool = True, max_ctx_len: int = 0, kv_blocks: int = 0,
+                  options: StepOptions = StepOptions()) -> tuple[Any, tuple]:
         """The step function to lower (or run eagerly) and its example specs. RoPE tables cover the
         largest context the export will be specialized to (an int ctx_len, or max_ctx_len) and, failing
         that, max_position_embeddings. kv_blocks > 0: blocked attention over that many equal blocks of
-        the exported context (max_ctx_len or an int ctx_len), which the compiler is specialized to."""
+        the exported context (max_ctx_len or an int ctx_len), which the compiler is specialized to.
+
+        Without serving options the function is `fn(input_ids, position_ids, caches[, batch_index])`;
+        with them it is `fn(input_ids, position_ids, caches, None, inputs)` where `inputs` maps the
+        extra input names (batch_index among them) to arrays, in the order the export lists them."""
         exported = max(ctx_len if isinstance(ctx_len, int) else 0, max_ctx_len)
         positions = exported or self.cfg.max_position_embeddings
         if kv_blocks and not 1 <= kv_blocks <= exported:
             raise ValueError(f"kv_blocks {kv_blocks} needs an exported context of at least that many slots "
                              f"(ctx_len {exported or 'not given'})")
+        if kv_blocks and options.comp_ctx_lengths:
+            raise ValueError("blocked attention reads the whole exported context in fixed blocks: it does not "
+                             "combine with compute-context lengths")
         tables = model_rope_tables(self.cfg, positions, self.dtype)
         cache_batch = batch_size if full_batch_size is None else full_batch_size
         prefill = seq_len if isinstance(seq_len, int) else None
@@ -108,12 +139,23 @@ class Model:
             past[f"past_key.{i}"], past[f"past_value.{i}"] = spec, spec
         ids = qtrace.ShapeDtype((batch_size, seq_len), np.int64)
         args: tuple = (ids, ids, past)
-        if full_batch_size is not None:
-            args += (qtrace.ShapeDtype((batch_size, 1), np.int64),)
+        batch_index = None if full_batch_size is None else qtrace.ShapeDtype((batch_size, 1), np.int64)
         fn = functools.partial(causal_lm_step, self.arch, self.cfg, self.params, tables,
                                layer_functions=layer_functions, sliding_cache=self.sliding_cache,
+                               sampler=options.sampler,
                                blocks=tuple(kv_block_slots(exported, kv_blocks)) if kv_blocks else ())
-        return fn, args
+        if not options.adds_inputs:
+            return fn, args + ((batch_index,) if batch_index is not None else ())
+        inputs: dict[str, Any] = {}
+        if options.comp_ctx_lengths:
+            inputs["comp_ctx_lengths"] = qtrace.ShapeDtype(("comp_ctx_lengths",), np.int64)
+        if batch_index is not None:
+            inputs["batch_index"] = batch_index
+        if options.num_logits_to_keep:
+            inputs["num_logits_to_keep"] = qtrace.ShapeDtype(("num_logits_to_keep", 1), np.int64)
+        if options.sampler is not None:
+            inputs.update(sampler_input_specs(batch_size, seq_len, cache_batch, self.cfg.vocab_size, options.sampler))
+        return fn, args + (None, inputs)
 
 
 def with_sliding_cache(model: Model, mode: str) -> Model:
@@ -155,14 +197,23 @@ def lm_head(h: Any, params: dict[str, Any], cfg: DecoderConfig) -> Any:
 
 
 class StepInputs:
-    """The per-step arrays layers read, built lazily once per (attention kind, cache length, RoPE)."""
+    """The per-step arrays layers read, built lazily once per (attention kind, read length, RoPE).
+
+    comp_ctx_len: with CCL, the number K of cache slots every layer reads (the first K: each cache
+    here is full length, slot c holding position c, so they hold positions < K); None: all of them."""
 
     def __init__(self, cfg: DecoderConfig, tables: dict[str, RopeTables], position_ids: Any, batch_index: Any,
-                 dtype: Any, blocks: tuple = (), sliding_cache: str = "full"):
+                 dtype: Any, blocks: tuple = (), sliding_cache: str = "full", comp_ctx_len: Any = None):
         self.cfg, self.tables, self.position_ids, self.batch_index, self.dtype = cfg, tables, position_ids, batch_index, dtype
         self.blocks = blocks  # the slot numbers of each KV block (blocked attention), or ()
         self.sliding_cache = sliding_cache
+        self.comp_ctx_len = comp_ctx_len
         self._made: dict[Any, Any] = {}
+
+    def read_length(self, layer: int, cache_len: Any) -> Any:
+        """How many slots of layer's cache are read (a cache whose slot is not its position, such as a
+        ring buffer, must be read whole)."""
+        return cache_len if self.comp_ctx_len is None else self.comp_ctx_len
 
     def _once(self, key: Any, make: Any) -> Any:
         if key not in self._made:
@@ -175,19 +226,20 @@ class StepInputs:
         return tuple((broadcast_to(cache_indices(self.position_ids, slots), shape),
                       score_bias(self.position_ids, slots, kind, self.cfg, self.dtype)) for slots in self.blocks)
 
-    def for_layer(self, layer: int, ctx_len: Any) -> AttentionInputs:
-        """The inputs of layer `layer`, whose cache has ctx_len slots (a ring's own length for a ring)."""
+    def for_layer(self, layer: int, cache_len: Any) -> AttentionInputs:
+        """The inputs of layer `layer`, whose cache has cache_len slots (a ring's own length for a ring)."""
         kind = self.cfg.layer_type(layer)
         blocks = indices = bias = write = None
         if self.sliding_cache == "ring" and kind in RING_DIMS:  # a ring is short: read whole, never in blocks
-            held = self._once(("held", ctx_len), lambda: ring_held_positions(self.position_ids, ctx_len))
-            indices = self._once(("ring indices", ctx_len), lambda: ring_indices(held, ctx_len))
-            write = self._once(("ring writes", ctx_len), lambda: ring_write_positions(self.position_ids, ctx_len))
-            bias = self._once(("ring bias", kind, ctx_len),
-                              lambda: score_bias(self.position_ids, ctx_len, kind, self.cfg, self.dtype, held))
+            held = self._once(("held", cache_len), lambda: ring_held_positions(self.position_ids, cache_len))
+            indices = self._once(("ring indices", cache_len), lambda: ring_indices(held, cache_len))
+            write = self._once(("ring writes", cache_len), lambda: ring_write_positions(self.position_ids, cache_len))
+            bias = self._once(("ring bias", kind, cache_len),
+                              lambda: score_bias(self.position_ids, cache_len, kind, self.cfg, self.dtype, held))
         elif self.blocks:
             blocks = self._once(("blocks", kind), lambda: self._block_inputs(kind))
         else:
+            ctx_len = self.read_length(layer, cache_len)
             slots = self._once(("slots", ctx_len), lambda: arange(ctx_len))
             indices = self._once(("indices", ctx_len), lambda: cache_indices(self.position_ids, slots))
             bias = self._once(("bias", kind, ctx_len),
@@ -203,13 +255,20 @@ class StepInputs:
 
 
 def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[str, RopeTables],
-                   input_ids: Any, position_ids: Any, past_key_values: dict[str, Any], batch_index: Any = None, *,
-                   layer_functions: bool = True, blocks: tuple = (), sliding_cache: str = "full") -> dict[str, Any]:
-    """One prefill or decode step: logits [B,1,vocab] at argmax(position_ids) of each row, and the
-    updated caches under their input names. With sliding_cache="ring" the caches of sliding and
-    chunked layers are rings (Model.cache_shape)."""
+                   input_ids: Any, position_ids: Any, past_key_values: dict[str, Any], batch_index: Any = None,
+                   inputs: dict[str, Any] | None = None, *, layer_functions: bool = True, blocks: tuple = (),
+                   sliding_cache: str = "full", sampler: SamplerOptions | None = None) -> dict[str, Any]:
+    """One prefill or decode step: logits [B,1,vocab] at argmax(position_ids) of each row (or
+    [B,nlk,vocab] with num_logits_to_keep, or the sampler's outputs) and the updated caches under
+    their input names. `inputs` holds the serving inputs by name (see StepOptions). With
+    sliding_cache="ring" the caches of sliding and chunked layers are rings (Model.cache_shape)."""
+    inputs = dict(inputs or {})
+    if batch_index is None:
+        batch_index = inputs.get("batch_index")
+    ccl = inputs.get("comp_ctx_lengths")
     h = (arch.embed or token_embedding)(params, input_ids, position_ids, cfg)
-    step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, blocks, sliding_cache)
+    step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, blocks, sliding_cache,
+                      None if ccl is None else ccl.shape[0])
     with qtrace.scope("step"):
         layer_inputs = [step.for_layer(i, past_key_values[f"past_key.{i}"].shape[2]) for i in range(len(params["layers"]))]
     linear_names = _linear_names(arch, cfg)
@@ -224,10 +283,27 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
             h, key_cache, value_cache = layer(h, kernels, layer_inputs[i], past_key, past_value, layer_cfg)
         outputs[f"past_key.{i}"], outputs[f"past_value.{i}"] = key_cache, value_cache
     h = (arch.final_norm or final_rms_norm)(h, params, cfg)
+    logits = (arch.head or lm_head)(kept_positions(h, position_ids, inputs.get("num_logits_to_keep")), params, cfg)
+    if sampler is None:
+        return {"logits": logits, **outputs}
+    sampled = sample(logits, input_ids, position_ids, batch_index, inputs, sampler)
+    buffers = {k: sampled.pop(k) for k in list(sampled) if k.endswith("_RetainedState")}
+    return {**sampled, **outputs, **buffers}
+
+
+def kept_positions(h: Any, position_ids: Any, num_logits_to_keep: Any = None) -> Any:
+    """The hidden states the head sees: [B,1,D] at each row's last valid position (argmax of
+    position_ids, so right padding at -1 is skipped), or with num_logits_to_keep [nlk, 1] the nlk
+    consecutive ones ending there, [B,nlk,D] (the start clamped at 0, as QEfficient's target model
+    does; indices past the chunk are clamped to its last position)."""
     last = argmax(position_ids, axis=1, keepdims=True)                     # [B,1]
     rows = arange(h.shape[0])[:, None]
-    h_last = gather(h, [rows, last], axis=0)                               # [B,1,D]
-    return {"logits": (arch.head or lm_head)(h_last, params, cfg), **outputs}
+    if num_logits_to_keep is None:
+        return gather(h, [rows, last], axis=0)                             # [B,1,D]
+    keep, seq = num_logits_to_keep.shape[0], position_ids.shape[1]
+    first = maximum(last - arange(keep - 1, keep), 0)                       # [B,1]
+    kept = minimum(first + arange(keep)[None, :], arange(seq - 1, seq))    # [B,nlk]
+    return gather(h, [rows, kept], axis=0)
 
 
 @functools.lru_cache(maxsize=None)
