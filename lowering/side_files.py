@@ -262,8 +262,10 @@ def check_export_options(ctx_len: object, prefill_seq_len: object, batch_size: o
     from qtrace.errors import UsageError
 
     def whole(value: object, flag: str, minimum: int = 1) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-            raise UsageError(f"{flag} must be an integer of at least {minimum}, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{flag} must be an integer, got {value!r}")
+        if value < minimum:
+            raise UsageError(f"{flag} must be >= {minimum}, got {value}")
 
     whole(ctx_len, "--ctx-len")
     whole(prefill_seq_len, "--prefill-seq-len")

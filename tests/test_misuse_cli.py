@@ -218,17 +218,17 @@ def export(out: str, *flags: str) -> list[str]:
     return ["export", LLAMA, "-o", out, *flags]
 
 
-@cli_misuse("--ctx-len", "at least 1", "got 0")
+@cli_misuse("--ctx-len", ">= 1", "got 0")
 def export_ctx_len_zero(out):
     return export(out, "--ctx-len", "0")
 
 
-@cli_misuse("--ctx-len", "at least 1", "got -8", existing_output=True)
+@cli_misuse("--ctx-len", ">= 1", "got -8", existing_output=True)
 def export_ctx_len_negative(out):
     return export(out, "--ctx-len", "-8")
 
 
-@cli_misuse("--prefill-seq-len", "at least 1", "got 0")
+@cli_misuse("--prefill-seq-len", ">= 1", "got 0")
 def export_prefill_zero(out):
     return export(out, "--prefill-seq-len", "0")
 
@@ -238,12 +238,12 @@ def export_prefill_longer_than_context(out):
     return export(out, "--ctx-len", "32", "--prefill-seq-len", "64")
 
 
-@cli_misuse("--batch-size", "at least 1", "got 0")
+@cli_misuse("--batch-size", ">= 1", "got 0")
 def export_batch_size_zero(out):
     return export(out, "--batch-size", "0")
 
 
-@cli_misuse("--full-batch-size", "at least 1", "got 0", existing_output=True)
+@cli_misuse("--full-batch-size", ">= 1", "got 0", existing_output=True)
 def export_full_batch_size_zero(out):
     return export(out, "--full-batch-size", "0")
 
@@ -253,12 +253,12 @@ def export_batch_larger_than_full_batch(out):
     return export(out, "--full-batch-size", "2", "--batch-size", "4")
 
 
-@cli_misuse("--num-cores", "at least 1", "got 0")
+@cli_misuse("--num-cores", ">= 1", "got 0")
 def export_num_cores_zero(out):
     return export(out, "--num-cores", "0")
 
 
-@cli_misuse("--mos", "at least 1", "got -1", existing_output=True)
+@cli_misuse("--mos", ">= 1", "got -1", existing_output=True)
 def export_mos_negative(out):
     return export(out, "--mos", "-1")
 
