@@ -16,16 +16,18 @@ import shutil
 import struct
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 import qtrace
 from qtrace import pytree
 from qtrace.lowering import warn_nonfinite_weights
-from qtrace.lowering.save import scratch_directory
-from qtrace.lowering.side_files import (CompileOptions, check_export_options, compile_script, custom_io_yaml,
-                                        kv_state_names, mdp_config_name, mdp_partition_config, specializations)
+from qtrace.lowering.save import StoredWeight, scratch_directory
+from qtrace.lowering.side_files import (HW_VERSIONS, CompileOptions, check_export_options, compile_script,
+                                        custom_io_yaml, kv_precision, kv_state_names, mdp_config_name,
+                                        mdp_partition_config, specializations)
+from qtrace.weights import lazy_cast
 
 from .blocks.causal_lm import Model
 from .config import ConfigError, DecoderConfig, load_config_json
@@ -82,6 +84,9 @@ def read_safetensors(path: str) -> dict[str, np.memmap]:
 
 
 
+INDEX_FILE = "model.safetensors.index.json"
+
+
 def _checkpoint_files(directory: str) -> list[str]:
     if not os.path.isdir(directory):
         raise CheckpointError(f"{directory}: not a directory")
@@ -89,6 +94,62 @@ def _checkpoint_files(directory: str) -> list[str]:
     if not files:
         raise CheckpointError(f"{directory}: no *.safetensors files")
     return files
+
+
+def read_checkpoint_index(directory: str) -> dict[str, str] | None:
+    """The weight map of a sharded checkpoint's model.safetensors.index.json (tensor name -> shard
+    file in the directory), or None when the directory has no index."""
+    path = os.path.join(directory, INDEX_FILE)
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            index = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror})") from None
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{path}: expected a JSON object with a \"weight_map\" object (tensor name -> "
+                              "shard file)")
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str) or not shard.endswith(".safetensors") or os.path.basename(shard) != shard:
+            raise CheckpointError(f"{path}: weight_map maps tensor {name} to {shard!r}, which is not the name of a "
+                                  "*.safetensors file in this directory")
+    return weight_map
+
+
+def _read_tensors(directory: str, names: list[str]) -> tuple[dict[str, np.ndarray], dict[str, str], str]:
+    """Memory maps of the checkpoint's tensors, the file each comes from, and where a missing tensor
+    would have been looked for. A sharded checkpoint's index decides the file of each tensor (only
+    the shards holding `names` are opened); otherwise every *.safetensors file is read."""
+    index = read_checkpoint_index(directory)
+    tensors: dict[str, np.ndarray] = {}
+    origin: dict[str, str] = {}
+    if index is None:
+        files = _checkpoint_files(directory)
+        for file in files:
+            for name, array in read_safetensors(os.path.join(directory, file)).items():
+                tensors[name], origin[name] = array, file
+        searched = os.path.join(directory, files[0]) if len(files) == 1 else f"{directory} ({', '.join(files)})"
+        return tensors, origin, searched
+    index_path = os.path.join(directory, INDEX_FILE)
+    shards: dict[str, list[str]] = {}
+    for name in names:
+        if name in index:
+            shards.setdefault(index[name], []).append(name)
+    for shard, wanted in sorted(shards.items()):
+        path = os.path.join(directory, shard)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path}: shard file is missing ({INDEX_FILE} puts {len(wanted)} tensor(s) in it, "
+                                  f"e.g. {wanted[0]})")
+        found = read_safetensors(path)
+        for name in wanted:
+            if name not in found:
+                raise CheckpointError(f"{path}: tensor {name} is missing ({INDEX_FILE} puts it in this shard)")
+            tensors[name], origin[name] = found[name], shard
+    return tensors, origin, index_path
 
 
 def read_checkpoint_config(directory: str) -> tuple[Architecture, DecoderConfig]:
@@ -101,25 +162,23 @@ def read_checkpoint_config(directory: str) -> tuple[Architecture, DecoderConfig]
 
 def load_checkpoint(directory: str, dtype: Any = np.float32) -> Model:
     """The model of a checkpoint directory: its registered architecture, config and params. Weights
-    already in `dtype` stay memory maps of the files; others (e.g. bfloat16) are converted."""
+    already in `dtype` stay memory maps of the files; others (e.g. bfloat16) become ConvertedWeights,
+    converted piece by piece while the export writes them (never whole in memory). dtype None: the
+    dtype the checkpoint stores its embedding in."""
     arch, cfg = read_checkpoint_config(directory)
-    files = _checkpoint_files(directory)
-    tensors: dict[str, np.ndarray] = {}
-    origin: dict[str, str] = {}
-    for file in files:
-        for name, array in read_safetensors(os.path.join(directory, file)).items():
-            tensors[name], origin[name] = array, file
     weight_map = arch.weights(cfg)
-    for name, weight in checkpoint_shapes(weight_map).items():
+    expected = checkpoint_shapes(weight_map)
+    tensors, origin, searched = _read_tensors(directory, list(expected))
+    for name, weight in expected.items():
         array = tensors.get(name)
         if array is None:
-            searched = os.path.join(directory, files[0]) if len(files) == 1 else \
-                f"{directory} ({', '.join(files)})"
             raise CheckpointError(f"{searched}: tensor {name} is missing (expected shape {list(weight.shape)})")
         if tuple(array.shape) != weight.shape:
             raise CheckpointError(f"{os.path.join(directory, origin[name])}: tensor {name} has shape "
                                   f"{list(array.shape)}, the config implies {list(weight.shape)}")
-    return Model(arch, cfg, params_from_tensors(weight_map, tensors, dtype))
+    if dtype is None:
+        dtype = tensors[weight_map["embed_tokens"].name].dtype
+    return Model(arch, cfg, params_from_tensors(weight_map, tensors, dtype, convert=lazy_cast))
 
 
 def random_model(config: dict[str, Any], seed: int = 0, dtype: Any = np.float32) -> Model:
@@ -148,8 +207,9 @@ def checkpoint_tensors(model: Model) -> dict[str, np.ndarray]:
 
 
 def write_safetensors(path: str, tensors: dict[str, np.ndarray]) -> None:
-    """A safetensors file of float32/float16/integer tensors."""
+    """A safetensors file of float32/float16/bfloat16/integer tensors."""
     dtype_names = {np.dtype(v): k for k, v in _SAFETENSORS_DTYPES.items()}
+    dtype_names[_bfloat16()] = "BF16"
     header: dict[str, Any] = {}
     offset = 0
     arrays = []
@@ -183,6 +243,7 @@ class ExportReport:
     files: list[str]
     stage_seconds: dict[str, float] = field(default_factory=dict)
     lowered: Any = None
+    weights: list[StoredWeight] = field(default_factory=list)  # how each weight was stored
 
 
 def _atomic_directory(out_dir: str) -> str:
@@ -200,20 +261,32 @@ def _warn_nonfinite_params(model: Model) -> None:
 
 
 def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_len: int = 32, batch_size: int = 1,
-                 full_batch_size: int | None = None, dtype: str = "float32", weights: str = "copy",
-                 layer_functions: bool = True, kv_blocks: int = 0, compile_options: CompileOptions = CompileOptions(),
+                 full_batch_size: int | None = None, kv_cache_batch_size: int | None = None,
+                 dtype: str = "float32", weights: str = "copy",
+                 layer_functions: bool = True, kv_blocks: int = 0, head_block_size: int = 0,
+                 compile_options: CompileOptions = CompileOptions(),
                  progress: Callable[[str], None] | None = None,
                  bytes_progress: Callable[[int, int], None] | None = None,
-                 serving: ServingOptions = ServingOptions()) -> ExportReport:
+                 serving: ServingOptions = ServingOptions(), copy_files: Sequence[str] = ()) -> ExportReport:
     """Lower the model and write model.onnx (+ external data), specializations.json, custom_io.yaml and
-    compile.sh (and mdp_ts_<n>.json for several devices) into out_dir. Everything is written in a
-    scratch directory first: a failure leaves out_dir as it was. progress(stage) names each stage;
-    bytes_progress(done, total) follows the weights. kv_blocks > 0: blocked attention, the cache read
-    in that many blocks (long contexts). `serving` adds serving modes (CCL, a speculative-decoding
-    target, prefill-only/decode-only, on-device sampling)."""
+    compile.sh (and mdp_ts_<n>.json for several devices) into out_dir, plus a copy of each of
+    `copy_files` (the checkpoint's tokenizer files). Everything is written in a scratch directory
+    first: a failure leaves out_dir as it was. progress(stage) names each stage; bytes_progress(done,
+    total) follows the weights. kv_blocks > 0: blocked attention, the cache read in that many blocks
+    (long contexts). `serving` adds serving modes (CCL, a speculative-decoding target,
+    prefill-only/decode-only, on-device sampling). kv_cache_batch_size > full_batch_size: prefix
+    caching (more cache slots than decode lanes; the graph is the continuous-batching one).
+
+    dtype "float16" lowers the model to float16; otherwise the model keeps its params' dtype (float32,
+    or bfloat16 for `compile_options.hw_version` "ai200", which has it)."""
     if weights not in ("copy", "reference"):
         raise CheckpointError(f"--weights must be copy or reference, got {weights!r}")
     check_export_options(ctx_len, prefill_seq_len, batch_size, full_batch_size, compile_options)
+    if kv_cache_batch_size is not None and (full_batch_size is None or kv_cache_batch_size < full_batch_size):
+        raise CheckpointError(f"--kv-cache-batch-size {kv_cache_batch_size} needs --full-batch-size at most as large "
+                              f"(got {full_batch_size}): it counts cache slots, full_batch_size the decode lanes")
+    model_dtype = "float16" if dtype == "float16" else model.dtype.name
+    check_target(compile_options.hw_version, model_dtype)
     serving.validate(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len)
     spec_args = serving.specialization_args(ctx_len=ctx_len, prefill_seq_len=prefill_seq_len)
     say = progress or (lambda _: None)
@@ -224,6 +297,7 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
     # make float16 keys and values); lowering to float16 converts whatever is still float32.
     fn, args = model.signature(full_batch_size="full_batch_size" if full_batch_size else None, ctx_len="ctx_len",
                                layer_functions=layer_functions, max_ctx_len=ctx_len, kv_blocks=kv_blocks,
+                               head_block_size=head_block_size,
                                options=serving.step_options(model.cfg.vocab_size))
     lowered = qtrace.lower(fn, args, dtype=np.float16 if dtype == "float16" else None)
     stages["lower"] = time.perf_counter() - start
@@ -232,22 +306,28 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
         start = time.perf_counter()
         say("writing model.onnx")
         model_path = os.path.join(scratch, "model.onnx")
+        stored: list[StoredWeight] = []
         lowered.save(model_path, external_data=True, reference_weights=(weights == "reference"),
-                     progress=bytes_progress)
+                     progress=bytes_progress, on_weight=stored.append)
         stages["save"] = time.perf_counter() - start
         if weights == "copy":  # the weights were just read: naming NaN/inf ones costs one more pass in memory
             _warn_nonfinite_params(model)
         with open(os.path.join(scratch, "specializations.json"), "w") as f:
             json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size, **spec_args,
-                                      extra_symbols=model.cache_sizes(ctx_len, prefill_seq_len)), f, indent=2)
+                                      extra_symbols=model.cache_sizes(ctx_len, prefill_seq_len),
+                                      kv_cache_batch_size=kv_cache_batch_size), f, indent=2)
         if compile_options.num_devices > 1:
             with open(os.path.join(scratch, mdp_config_name(compile_options.num_devices)), "w") as f:
                 json.dump(mdp_partition_config(compile_options.num_devices, compile_options.num_cores), f, indent=2)
         with open(os.path.join(scratch, "custom_io.yaml"), "w") as f:
-            f.write(custom_io_yaml(kv_state_names(model.cfg.num_hidden_layers), compile_options.kv_cache_precision))
+            f.write(custom_io_yaml(kv_state_names(model.cfg.num_hidden_layers),
+                                   kv_precision(compile_options, model_dtype)))
         with open(os.path.join(scratch, "compile.sh"), "w") as f:
-            f.write(compile_script(compile_options, sub_functions=bool(lowered.graph.functions)))
+            f.write(compile_script(compile_options, sub_functions=bool(lowered.graph.functions),
+                                   model_dtype=model_dtype))
         os.chmod(os.path.join(scratch, "compile.sh"), 0o755)
+        for source in copy_files:
+            shutil.copyfile(source, os.path.join(scratch, os.path.basename(source)))
         os.makedirs(out_dir, exist_ok=True)
         files = []
         for name in sorted(os.listdir(scratch)):
@@ -256,8 +336,18 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
             files.append(target)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    return ExportReport(files, stages, lowered)
+    return ExportReport(files, stages, lowered, stored)
+
+
+def check_target(hw_version: str, model_dtype: str) -> None:
+    """A model dtype the target hardware runs: Cloud AI 100 (ai100) has no bfloat16, an ai200 has."""
+    if hw_version not in HW_VERSIONS:
+        raise CheckpointError(f"--hw must be one of {', '.join(HW_VERSIONS)}, got {hw_version!r}")
+    if model_dtype == "bfloat16" and hw_version != "ai200":
+        raise CheckpointError(f"a bfloat16 model needs --hw ai200: {hw_version} has no bfloat16; export it as "
+                              "--dtype float32 or float16 for ai100")
 
 
 __all__ = ["CheckpointError", "ConfigError", "ExportReport", "checkpoint_tensors", "export_model", "load_checkpoint",
-           "random_model", "read_checkpoint_config", "read_safetensors", "save_checkpoint", "write_safetensors"]
+           "random_model", "read_checkpoint_config", "read_checkpoint_index", "read_safetensors", "save_checkpoint",
+           "write_safetensors"]

@@ -298,7 +298,7 @@ class Decoder:
 
     def __init__(self, model: Executable, decode_model: Executable | None = None, *, prefill_len: int | None = None,
                  ctx_len: int | None = None, full_batch_size: int | None = None,
-                 sampling: SamplingParams | None = None):
+                 sampling: SamplingParams | None = None, reuse_prefixes: bool | None = None):
         self.prefill_model, self.decode_model = model, decode_model or model
         if decode_model is not None:
             check_handoff(model, decode_model)
@@ -309,6 +309,16 @@ class Decoder:
         self.prefill_len = prefill_len or max(s.symbols["seq_len"] for s in prefill_entries)
         self.ctx_len = ctx_len or model.symbol("ctx_len")
         self.full_batch_size = full_batch_size if model.specializations is None else model.symbol("full_batch_size")
+        # Continuous batching: full_batch_size cache slots; the decode entries' batch_size lanes decode
+        # together. More slots than lanes is prefix caching: a finished sequence's slot keeps its keys
+        # and values, and a new prompt sharing a prefix with them prefills only the rest.
+        decode_entries = [s for s in self.decode_model.specializations or () if not s.name.startswith("Prefill")]
+        self.lanes = min((s.symbols["batch_size"] for s in decode_entries), default=self.full_batch_size) \
+            if self.full_batch_size else None
+        self.reuse_prefixes = bool(self.full_batch_size and self.lanes < self.full_batch_size) \
+            if reuse_prefixes is None else reuse_prefixes
+        self.reused_tokens = 0  # prompt tokens not prefilled because a slot held them
+        self._kept_slots: tuple[list[dict], dict[int, list[int]]] | None = None
         self.batch_size = 1 if model.specializations is None or self.full_batch_size else \
             min(s.symbols["batch_size"] for s in prefill_entries)
         self.sampler = model.has_input("random_numbers")
@@ -362,11 +372,16 @@ class Decoder:
 
     # -- prefill --------------------------------------------------------------------------------------------
     def prefill(self, prompts: list[list[int]], state: dict, slot: int | None = None,
-                record: Callable[[dict], None] | None = None) -> tuple[list[int], dict]:
+                record: Callable[[dict], None] | None = None, start: int = 0) -> tuple[list[int], dict]:
         """Feed the prompts (one per row; with continuous batching one prompt into cache slot `slot`)
-        in chunks; returns each row's first generated token and the state."""
+        in chunks; returns each row's first generated token and the state. start > 0 (one prompt):
+        positions before it are already in the slot (a cached prefix); only the rest is fed."""
         if any(not p for p in prompts):
             raise GenerationError("a prompt is empty")
+        if start:
+            if len(prompts) != 1 or not 0 < start < len(prompts[0]):
+                raise GenerationError(f"a cached prefix of {start} tokens needs one longer prompt")
+            return self._prefill_rest(prompts[0], state, slot, record, start)
         P = self.prefill_len
         chunks = max((len(p) + P - 1) // P for p in prompts)
         slots = None if slot is None else np.array([slot])
@@ -392,6 +407,27 @@ class Decoder:
                     first[r] = int(chosen[r])
         return first, state
 
+    def _prefill_rest(self, prompt: list[int], state: dict, slot: int | None, record: Callable[[dict], None] | None,
+                      start: int) -> tuple[list[int], dict]:
+        """Prefill prompt[start:] at its own positions (chunks of prefill_len from `start`)."""
+        P = self.prefill_len
+        slots = None if slot is None else np.array([slot])
+        first = 0
+        for chunk in range(start, len(prompt), P):
+            part = prompt[chunk:chunk + P]
+            ids = np.zeros((1, P), np.int64)
+            positions = np.full((1, P), -1, np.int64)
+            ids[0, :len(part)] = part
+            positions[0, :len(part)] = np.arange(chunk, chunk + len(part))
+            if self._bucket(self.prefill_model, P, 1, 1, int(positions.max()) + 1) is False:
+                outputs, state = self._prefill_by_decode(ids, positions, state, slots)
+            else:
+                outputs, state = self.call(self.prefill_model, ids, positions, state, slots)
+            if record is not None:
+                record(outputs)
+            first = int(self.choices(outputs)[0, -1])
+        return [first], state
+
     def _prefill_by_decode(self, ids: np.ndarray, positions: np.ndarray, state: dict,
                            slots: np.ndarray | None) -> tuple[dict, dict]:
         """A prompt chunk no prefill bucket covers, fed one token per call through the decode entries
@@ -403,7 +439,7 @@ class Decoder:
                                   "steps: export with a prefill bucket of ctx_len (e.g. --prefill-only or "
                                   "--comp-ctx-lengths-prefill without the decode list)")
         rows = ids.shape[0]
-        decode_rows = self.full_batch_size or rows
+        decode_rows = self._decode_rows() if slots is not None else rows
         width = min((s.symbols["seq_len"] for s in self.decode_model.specializations or ()
                      if not s.name.startswith("Prefill")), default=1)
         last: dict = {}
@@ -413,17 +449,12 @@ class Decoder:
                 continue
             step_ids = np.zeros((decode_rows, width), np.int64)
             step_pos = np.full((decode_rows, width), -1, np.int64)
-            if slots is None:
-                step_ids[:rows, 0], step_pos[:rows, 0] = ids[:, column], positions[:, column]
-                step_slots = None
-            else:
-                step_slots = np.arange(decode_rows)
-                step_ids[slots, 0], step_pos[slots, 0] = ids[:, column], positions[:, column]
+            step_ids[:rows, 0], step_pos[:rows, 0] = ids[:, column], positions[:, column]
+            step_slots = None if slots is None else self._row_slots(list(slots), decode_rows)
             outputs, state = self.call(self.decode_model, step_ids, step_pos, state, step_slots, keep=width)
             for r in range(rows):
                 if positions[r, column] >= 0:
-                    row = r if slots is None else int(slots[r])
-                    last[r] = {k: v[row:row + 1, :1] if v.ndim == 3 else v[row:row + 1] for k, v in outputs.items()}
+                    last[r] = {k: v[r:r + 1, :1] if v.ndim == 3 else v[r:r + 1] for k, v in outputs.items()}
         assert outputs is not None
         return {k: np.concatenate([last[r][k] for r in range(rows)]) for k in outputs}, state
 
@@ -442,22 +473,42 @@ class Decoder:
             tokens = inputs(r, lane) if inputs is not None else [lane.last]
             ids[r, :len(tokens)] = tokens
             positions[r, :len(tokens)] = np.arange(lane.position, lane.position + len(tokens))
-        slots = np.arange(rows) if self.full_batch_size else None
+        slots = None
+        if self.full_batch_size:
+            slots = self._row_slots([None if lane is None else lane.slot for lane in lanes], rows, row_default=True)
         outputs, state = self.call(model, ids, positions, state, slots, keep=width)
         return self.choices(outputs), outputs, state
 
+    def _row_slots(self, slots: list[int | None], rows: int, row_default: bool = False) -> np.ndarray:
+        """batch_index for `rows` rows whose first len(slots) rows read and write those cache slots
+        (None: idle). An idle row writes nothing (its positions are -1); it still names a slot, one no
+        busy row uses (its own row number when that is free, as with one slot per lane)."""
+        slots = list(slots) + [None] * (rows - len(slots))
+        busy = {s for s in slots if s is not None}
+        spare = iter([s for s in range(self.full_batch_size) if s not in busy])
+        out = []
+        for r, slot in enumerate(slots):
+            if slot is None:
+                slot = r if row_default and r not in busy and r < self.full_batch_size else next(spare, 0)
+                busy.add(slot)
+            out.append(slot)
+        return np.array(out, np.int64)
+
     def _decode_rows(self) -> int:
-        return self.full_batch_size or self.batch_size
+        return self.lanes or self.batch_size
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int,
-                 record: Callable[[str, dict], None] | None = None) -> list[list[int]]:
-        """Greedy (or sampled) tokens for each prompt: prefill, then one token per step."""
+                 record: Callable[[str, dict], None] | None = None,
+                 on_tokens: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
+        """Greedy (or sampled) tokens for each prompt: prefill, then one token per step.
+        on_tokens(prompt_index, new_tokens) sees each prompt's tokens as they come (to show them
+        while generating); returning True ends that prompt's sequence there."""
         if self.decode_model.has_input("num_logits_to_keep") and self.decode_model.specializations is not None and \
                 0 not in self.speculative_lengths():
             raise GenerationError(f"{self.decode_model.name} is a speculative-decoding target compiled for K = "
                                   f"{self.speculative_lengths()} only: give a proposer (--draft or --prompt-lookup), "
                                   "or export with K 0 too for single-token steps")
-        return self._run(prompts, max_new_tokens, self._plain_round, record)
+        return self._run(prompts, max_new_tokens, self._plain_round, record, on_tokens=on_tokens)
 
     def _check_lengths(self, prompts: list[list[int]], max_new_tokens: int, lookahead: int = 0) -> None:
         if max_new_tokens < 1:
@@ -472,49 +523,69 @@ class Decoder:
                                   "too (--decode-model DECODE_OUT)")
 
     def _run(self, prompts: list[list[int]], max_new_tokens: int, round_fn: Callable[..., Any],
-             record: Callable[[str, dict], None] | None, lookahead: int = 0, companions: Sequence["Decoder"] = ()
-             ) -> list[list[int]]:
+             record: Callable[[str, dict], None] | None, lookahead: int = 0, companions: Sequence["Decoder"] = (),
+             on_tokens: Callable[[int, list[int]], bool] | None = None) -> list[list[int]]:
         """Schedule prompts onto lanes (groups of batch_size rows, or refilled cache slots) and call
-        round_fn(lanes, states) until every prompt has max_new_tokens tokens."""
+        round_fn(lanes, states) until every prompt has max_new_tokens tokens (or on_tokens ends it)."""
         self._check_lengths(prompts, max_new_tokens, lookahead)
         results: list[list[int]] = [[] for _ in prompts]
         rows = self._decode_rows()
         decoders = [self, *companions]
+        shown = [0] * len(prompts)  # tokens of each prompt handed to on_tokens so far
 
         def rec(kind: str) -> Callable[[dict], None]:
             return (lambda outputs: record(kind, outputs)) if record else (lambda outputs: None)
 
         def finish(lane: Lane) -> bool:
             done = len(lane.tokens) >= max_new_tokens
+            new = lane.tokens[shown[lane.prompt_index]:max_new_tokens]
+            if on_tokens is not None and new:
+                shown[lane.prompt_index] += len(new)
+                done = bool(on_tokens(lane.prompt_index, new)) or done
             if done:
                 results[lane.prompt_index] = lane.tokens[:max_new_tokens]
             return done
 
         if self.full_batch_size:
-            states = [d.prefill_model.new_state(rows) for d in decoders]
+            # With prefix reuse the slots (their caches and what they hold) outlive a call, as on a server.
+            kept = self._kept_slots if self.reuse_prefixes and not companions else None
+            states = kept[0] if kept else [d.prefill_model.new_state(self.full_batch_size) for d in decoders]
+            held: dict[int, list[int]] = kept[1] if kept else {}  # slot -> the tokens whose keys/values it holds
             pending = list(range(len(prompts)))
             lanes: list[Lane | None] = [None] * rows
-            free = list(range(rows))[::-1]  # fill slots in reverse order: batch_index is not the row order
+            free_rows = list(range(rows))[::-1]
+            free_slots = list(range(self.full_batch_size))[::-1]  # reverse: batch_index is not the row order
+
+            def release(lane: Lane, row: int) -> None:
+                held[lane.slot] = (prompts[lane.prompt_index] + lane.tokens)[:lane.position]
+                free_rows.append(row)
+                free_slots.append(lane.slot)
+
             while pending or any(lanes):
-                while pending and free:
-                    index, slot = pending.pop(0), free.pop(0)
+                while pending and free_rows:
+                    index, row = pending.pop(0), free_rows.pop(0)
+                    slot, start = self._slot_for(prompts[index], free_slots, held)
+                    free_slots.remove(slot)
+                    self.reused_tokens += start
                     token = None
                     for k, d in enumerate(decoders):
-                        (first,), states[k] = d.prefill([prompts[index]], states[k], slot=slot,
+                        (first,), states[k] = d.prefill([prompts[index]], states[k], slot=slot, start=start,
                                                         record=rec("prefill") if k == 0 else None)
                         token = first if token is None else token
                     lane = Lane(index, slot, len(prompts[index]), token, [token])
                     if finish(lane):
-                        free.append(slot)
+                        release(lane, row)
                     else:
-                        lanes[slot] = lane
+                        lanes[row] = lane
                 if not any(lanes):
                     continue
                 states = round_fn(lanes, states, rec)
-                for slot, lane in enumerate(lanes):
+                for row, lane in enumerate(lanes):
                     if lane is not None and finish(lane):
-                        lanes[slot] = None
-                        free.append(slot)
+                        lanes[row] = None
+                        release(lane, row)
+            if self.reuse_prefixes and not companions:
+                self._kept_slots = (states, held)
             return results
 
         for start in range(0, len(prompts), rows):
@@ -532,6 +603,21 @@ class Decoder:
                 states = round_fn(lanes, states, rec)
                 lanes = [None if lane is None or finish(lane) else lane for lane in lanes]
         return results
+
+    def _slot_for(self, prompt: list[int], free_slots: list[int], held: dict[int, list[int]]) -> tuple[int, int]:
+        """A free cache slot for the prompt and how many of its first tokens that slot already holds
+        (with prefix reuse: the free slot sharing the longest prefix, at least one token left to feed)."""
+        # without a shared prefix: a slot that holds nothing, so cached prefixes live longer
+        best, best_shared = next((s for s in free_slots if s not in held), free_slots[0]), 0
+        if self.reuse_prefixes:
+            for slot in free_slots:
+                tokens = held.get(slot, [])
+                shared = 0
+                while shared < min(len(tokens), len(prompt) - 1) and tokens[shared] == prompt[shared]:
+                    shared += 1
+                if shared > best_shared:
+                    best, best_shared = slot, shared
+        return best, best_shared
 
     def _plain_round(self, lanes: list[Lane | None], states: list[dict], rec: Callable) -> list[dict]:
         chosen, outputs, states[0] = self.decode_call(self.decode_model, lanes, 1, states[0])
@@ -553,7 +639,8 @@ class Decoder:
                        if not s.name.startswith("Prefill")})
 
     def speculate(self, prompts: list[list[int]], max_new_tokens: int, *, draft: "Decoder | None" = None,
-                  prompt_lookup: int | None = None, record: Callable[[str, dict], None] | None = None
+                  prompt_lookup: int | None = None, record: Callable[[str, dict], None] | None = None,
+                  on_tokens: Callable[[int, list[int]], bool] | None = None
                   ) -> tuple[list[list[int]], SpeculationStats]:
         """Greedy speculative decoding with this target: the draft decoder proposes K tokens (K the
         largest compiled), or prompt lookup proposes up to K tokens that followed an earlier
@@ -616,7 +703,7 @@ class Decoder:
 
         companions = [draft] if draft is not None else []
         tokens = self._run(prompts, max_new_tokens, round_fn, record, lookahead=max(lengths) + 1,
-                           companions=companions)
+                           companions=companions, on_tokens=on_tokens)
         return tokens, stats
 
     def _propose(self, lanes: list[Lane | None], k: int, state: dict) -> tuple[dict[int, list[int]], dict]:

@@ -16,6 +16,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from qtrace.weights import is_deferred
+
 from .config import DecoderConfig
 
 LINEAR, NORM, BIAS, EMBEDDING = "linear", "norm", "bias", "embedding"
@@ -200,12 +202,13 @@ def params_from_tensors(weights: WeightMap, tensors: dict[str, np.ndarray], dtyp
 
 
 def _stack_in_memory(params: dict[str, Any]) -> dict[str, Any]:
-    """Per-expert tensors held in memory (converted or random) become one stacked array now, so that
-    the export never holds them twice (a stack folded from them beside the originals). Memory maps
-    stay a list: the graph stacks them, and exports by reference point at the file's own bytes."""
+    """Per-expert tensors held in memory (random, or offset at load) become one stacked array now, so
+    that the export never holds them twice (a stack folded from them beside the originals). Memory
+    maps and tensors still to convert (`qtrace.weights.is_deferred`) stay a list: the graph stacks
+    them, exports by reference point at the file's own bytes, and conversions happen while saving."""
     for layer in params.get("layers", []):
         for key, value in layer.items():
-            if isinstance(value, list) and not any(isinstance(v, np.memmap) for v in value):
+            if isinstance(value, list) and not any(is_deferred(v) for v in value):
                 layer[key] = np.stack(value)
     return params
 

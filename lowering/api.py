@@ -55,15 +55,18 @@ class Lowered:
 
     @located
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None, size_threshold: int = 1024,
-             reference_weights: bool = False, progress: Any = None) -> list[str]:
+             reference_weights: bool = False, progress: Any = None, on_weight: Any = None) -> list[str]:
         """Write the model atomically (weights external when asked or past 2 GiB); returns the files.
         reference_weights: weights that are memory maps of a file (a checkpoint) are not copied; the
-        external-data entries point into that file, linked next to the model."""
+        external-data entries point into that file, linked next to the model. Weights of another
+        dtype than their file's (`qtrace.weights.lazy_cast`) are converted as they are written.
+        progress(done, total) follows the bytes; on_weight(StoredWeight) says how each weight was stored."""
         if not isinstance(path, (str, os.PathLike)):
             raise UsageError(f"save needs a file path, got {type(path).__name__} {path!r:.60}")
         try:
             return save_model(self.parts, os.fspath(path), external_data=external_data,
-                              size_threshold=size_threshold, reference_weights=reference_weights, progress=progress)
+                              size_threshold=size_threshold, reference_weights=reference_weights, progress=progress,
+                              on_weight=on_weight)
         except OSError as exc:  # a full disk, a read-only directory: say which file and why
             where = exc.filename or os.fspath(path)
             raise FileError(f"saving the model to {os.fspath(path)} failed: {exc.strerror or exc} ({where}); "

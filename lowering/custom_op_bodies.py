@@ -49,9 +49,10 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
     #   + position[:, None, :, None] * [0, 0, 1]                     -> [B, H, S, 3]
     # with the slot and head numbers counted by CumSum over ones. Those counts are never unsqueezed:
     # onnx's data propagation mis-infers Unsqueeze of a ConstantOfShape result (onnx 1.17-1.23).
-    # Rows that must write nothing are dropped (Compress) before the scatter: ONNX scatters have no
-    # "skip", and dropping them costs no copy of the cache. ScatterND reads a negative coordinate from
-    # the end, which is the non-CB padding rule.
+    # Rows that must write nothing are dropped before the scatter: ONNX scatters have no "skip", and
+    # dropping them costs no copy of the cache. The update rows are gathered by the kept rows' numbers
+    # (NonZero) rather than compressed: Compress has no bfloat16, which an ai200 cache is. ScatterND
+    # reads a negative coordinate from the end, which is the non-CB padding rule.
 
     @onnxscript.script(qualcomm, default_opset=op)
     def CtxScatter(data, position_ids, updates):
@@ -66,8 +67,8 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
                 + op.Unsqueeze(position, [1, 3]) * op.Constant(value_ints=[0, 0, 1]))
         rows = op.Flatten(rows, axis=3)
         keep = op.Gather(rows, 2, axis=1) < op.Constant(value_int=INT32_MAX)
-        out = op.ScatterND(data, op.Compress(rows, keep, axis=0),
-                           op.Compress(op.Flatten(updates, axis=3), keep, axis=0))
+        kept = op.Reshape(op.NonZero(keep), op.Constant(value_ints=[-1]))
+        out = op.ScatterND(data, op.Gather(rows, kept, axis=0), op.Gather(op.Flatten(updates, axis=3), kept, axis=0))
         return out
 
     @onnxscript.script(qualcomm, default_opset=op)
@@ -81,8 +82,8 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
                 + op.Unsqueeze(position, [2]) * op.Constant(value_ints=[0, 1]))
         rows = op.Flatten(rows, axis=2)
         keep = op.Gather(rows, 1, axis=1) < op.Constant(value_int=INT32_MAX)
-        out = op.ScatterND(data, op.Compress(rows, keep, axis=0),
-                           op.Compress(op.Flatten(updates, axis=2), keep, axis=0))
+        kept = op.Reshape(op.NonZero(keep), op.Constant(value_ints=[-1]))
+        out = op.ScatterND(data, op.Gather(rows, kept, axis=0), op.Gather(op.Flatten(updates, axis=2), kept, axis=0))
         return out
 
     # Continuous batching: row b of updates goes to cache slot batch_index[b, 0]; a negative position
@@ -102,8 +103,8 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
         rows = op.Flatten(rows, axis=3)
         position = op.Gather(rows, 2, axis=1)
         keep = op.And(position >= zero, position < op.Constant(value_int=INT32_MAX))
-        out = op.ScatterND(data, op.Compress(rows, keep, axis=0),
-                           op.Compress(op.Flatten(updates, axis=3), keep, axis=0))
+        kept = op.Reshape(op.NonZero(keep), op.Constant(value_ints=[-1]))
+        out = op.ScatterND(data, op.Gather(rows, kept, axis=0), op.Gather(op.Flatten(updates, axis=3), kept, axis=0))
         return out
 
     @onnxscript.script(qualcomm, default_opset=op)
@@ -117,8 +118,8 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
         rows = op.Flatten(rows, axis=2)
         position = op.Gather(rows, 1, axis=1)
         keep = op.And(position >= op.Constant(value_int=0), position < op.Constant(value_int=INT32_MAX))
-        out = op.ScatterND(data, op.Compress(rows, keep, axis=0),
-                           op.Compress(op.Flatten(updates, axis=2), keep, axis=0))
+        kept = op.Reshape(op.NonZero(keep), op.Constant(value_ints=[-1]))
+        out = op.ScatterND(data, op.Gather(rows, kept, axis=0), op.Gather(op.Flatten(updates, axis=2), kept, axis=0))
         return out
 
     # ---- gathers: read the cache back --------------------------------------------------------

@@ -2,22 +2,17 @@
 value, constant and dtype parameter of the IR into float16 before lowering.
 
 float32 constants are clipped into float16's finite range first (so a large mask value such as
--1e30 becomes -65504 rather than -inf), while -inf and +inf stay infinite."""
+-1e30 becomes -65504 rather than -inf), while -inf and +inf stay infinite. Constants whose data is
+not in memory (a checkpoint's memory map, a weight still to convert) are converted only when saved."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from qtrace.ir import Graph, ShapeDtype, Value
+from qtrace.weights import convert, is_deferred, lazy_cast
 
 _F32, _F16 = np.dtype(np.float32), np.dtype(np.float16)
-_F16_MAX = float(np.finfo(np.float16).max)
-
-
-def to_float16_array(array: np.ndarray) -> np.ndarray:
-    finite = np.isfinite(array)
-    clipped = np.where(finite, np.clip(array, -_F16_MAX, _F16_MAX), array)
-    return clipped.astype(np.float16)
 
 
 def _retype(value: Value) -> None:
@@ -32,7 +27,8 @@ def convert_to_float16(graph: Graph) -> Graph:
             _retype(value)
         for value in g.constants:
             if value.dtype == _F32:
-                value.const = to_float16_array(value.const)
+                value.const = lazy_cast(value.const, _F16) if is_deferred(value.const) else \
+                    convert(value.const, _F16)
                 _retype(value)
         for node in g.nodes:
             if node.params.get("dtype") == _F32:

@@ -151,7 +151,7 @@ def lower_body(graph: Graph, output_names: list[str], *, opset: int, in_function
     if in_function:
         for value in graph.constants:  # functions hold no initializers
             node = helper.make_node("Constant", [], [names[value]], name=ctx.unique_node_name(f"{value.name}/Constant"),
-                                    value=onnx.numpy_helper.from_array(value.const, names[value]))
+                                    value=onnx.numpy_helper.from_array(np.asarray(value.const), names[value]))
             users = graph.consumers(value)
             add_source(node, users[0][0].location if users else None)
             ctx.nodes.append(node)
@@ -262,7 +262,8 @@ def attach_weights(parts: ModelParts) -> onnx.ModelProto:
     model = onnx.ModelProto()
     model.CopyFrom(parts.model)
     for name, array in parts.weights.items():
+        data = np.asarray(array)  # a ConvertedWeight converts here
         # np.ascontiguousarray would turn a 0-d array into shape [1]: keep the shape explicitly.
-        data = array if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(array.shape)
+        data = data if data.flags.c_contiguous else np.ascontiguousarray(data).reshape(data.shape)
         model.graph.initializer.append(onnx.numpy_helper.from_array(data, name))
     return model

@@ -132,8 +132,15 @@ def lower_argmax(ctx: LoweringContext, node: Node, x: str) -> str:
 
 @lowering("top_k")
 def lower_top_k(ctx: LoweringContext, node: Node, x: str) -> list[str]:
-    return ctx.op("TopK", x, ctx.ints([node.params["k"]]), axis=node.params["axis"], largest=1, sorted=1,
-                  n_outputs=2)
+    # ONNX's TopK has no bfloat16 before opset 24: select in float32 (exact) and give the values back.
+    bfloat16 = node.inputs[0].dtype == dtypes.bfloat16
+    if bfloat16:
+        x = ctx.op("Cast", x, to=onnx_dtype(np.float32))
+    values, indices = ctx.op("TopK", x, ctx.ints([node.params["k"]]), axis=node.params["axis"], largest=1, sorted=1,
+                             n_outputs=2)
+    if bfloat16:
+        values = ctx.op("Cast", values, to=onnx_dtype(dtypes.bfloat16))
+    return [values, indices]
 
 
 @lowering("cumsum")

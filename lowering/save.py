@@ -1,8 +1,10 @@
 """Writing a model to disk: atomically, with weights embedded or in an external data file.
 
-External data is streamed array by array straight from the numpy arrays (which may be memory
-maps of a checkpoint), so saving never holds a second copy of the weights; onnx's own
-`save_model(..., save_as_external_data=True)` would need them all inside the protobuf first.
+External data is streamed piece by piece straight from the weights (which may be memory maps of a
+checkpoint, or `ConvertedWeight`s converted as they are written), so saving never holds a second
+copy of the weights; onnx's own `save_model(..., save_as_external_data=True)` would need them all
+inside the protobuf first. Each weight is reported as it is stored (`StoredWeight`): embedded,
+referenced in the checkpoint, copied, or converted.
 """
 
 from __future__ import annotations
@@ -11,36 +13,40 @@ import mmap
 import os
 import shutil
 import tempfile
-from typing import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import onnx
+
+from qtrace.weights import ConvertedWeight, c_order_pieces
 
 from .context import onnx_dtype
 from .model import ModelParts, attach_weights
 
 PROTOBUF_LIMIT = 2**31 - 1
 _ALIGNMENT = 64  # bytes: lets runtimes map tensors straight from the file
-_CHUNK = 64 << 20
+_CHUNK = 16 << 20  # bytes per piece written (a converted piece goes into one reused buffer)
 
 
-def _chunks(array: np.ndarray) -> Iterator[memoryview]:
-    """The array's bytes in C order, in pieces of about _CHUNK bytes. The whole array is never copied:
-    a memmap is read, and a strided or broadcast view made contiguous, one piece at a time."""
-    if array.nbytes <= _CHUNK:
-        yield memoryview(np.ascontiguousarray(array).reshape(-1)).cast("B")
-    elif array.flags.c_contiguous:
-        flat = array.reshape(-1)
-        step = max(1, _CHUNK // flat.itemsize)
-        for start in range(0, flat.size, step):
-            yield memoryview(flat[start:start + step]).cast("B")
-    else:
-        rows = max(1, _CHUNK // (array.nbytes // array.shape[0]))
-        for start in range(0, array.shape[0], rows):
-            if rows == 1:  # a single row is past the chunk size: split it in turn
-                yield from _chunks(array[start])
-            else:
-                yield memoryview(np.ascontiguousarray(array[start:start + rows]).reshape(-1)).cast("B")
+@dataclass(frozen=True)
+class StoredWeight:
+    """How save_model stored one weight. `how`: "embedded" (in the .onnx file), "referenced" (the
+    external data points into the checkpoint file: zero-copy), "copied" (written to the data file as
+    it is) or "converted" (written converted from `source_dtype`). `nbytes`: its size in the model."""
+
+    name: str
+    how: str
+    nbytes: int
+    dtype: np.dtype
+    source_dtype: np.dtype
+
+
+def _byte_pieces(array: Any) -> Iterator[memoryview]:
+    """The weight's bytes in C order, about _CHUNK at a time (viewed as bytes: a bfloat16 array has
+    no buffer format of its own)."""
+    for piece in c_order_pieces(array, _CHUNK, reuse=True):  # each piece is written before the next
+        yield memoryview(piece.view(np.uint8))
 
 
 def _atomic_path(path: str) -> str:
@@ -99,12 +105,20 @@ def _file_mode() -> int:
     return 0o666 & ~umask
 
 
-def _mapped_source(array: np.ndarray) -> tuple[str, int] | None:
-    """(file, byte offset) when the array is a whole read-only memory map of a file region."""
-    if isinstance(array, np.memmap) and array.filename and array.flags.c_contiguous \
-            and not array.flags.writeable and isinstance(array.base, mmap.mmap):
-        return array.filename, int(array.offset)
-    return None
+def _mapped_source(array: Any) -> tuple[str, int] | None:
+    """(file, byte offset) when the array is a contiguous read-only region of a memory-mapped file:
+    a whole memory map, or a block of rows sliced from one (a fused checkpoint tensor split up)."""
+    if not isinstance(array, np.memmap) or not array.filename or not array.flags.c_contiguous \
+            or array.flags.writeable:
+        return None
+    root = array
+    while isinstance(root.base, np.memmap):
+        root = root.base
+    if not isinstance(root.base, mmap.mmap):
+        return None
+    # numpy keeps the file offset of the root map; a slice starts that many bytes further in.
+    start = array.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    return array.filename, int(root.offset) + start
 
 
 def _link_next_to(model_dir: str, source: str, links: dict[str, str]) -> str | None:
@@ -129,19 +143,24 @@ def _link_next_to(model_dir: str, source: str, links: dict[str, str]) -> str | N
 def save_model(parts: ModelParts, path: str, *, external_data: bool | None = None,
                size_threshold: int = 1024, location: str | None = None,
                reference_weights: bool = False,
-               progress: Callable[[int, int], None] | None = None) -> list[str]:
+               progress: Callable[[int, int], None] | None = None,
+               on_weight: Callable[[StoredWeight], None] | None = None) -> list[str]:
     """Write the model to `path`; returns the files written.
 
     external_data: True puts weights of at least `size_threshold` bytes into `location` (default
     `<model file name>.data`) next to the model; None does so only when the model would pass
     protobuf's 2 GiB limit. Files appear under their final names only when complete.
-    progress(bytes_written, total_bytes) is called as external data is written.
+    progress(bytes_written, total_bytes) is called as external data is written; on_weight(StoredWeight)
+    as each weight is stored.
     """
+    report = on_weight or (lambda _: None)
     total = sum(a.nbytes for a in parts.weights.values())
     if external_data is None:
         external_data = total + parts.model.ByteSize() >= PROTOBUF_LIMIT
     if not external_data:
         model = attach_weights(parts)
+        for name, array in parts.weights.items():
+            report(_stored(name, "embedded", array))
         tmp = _atomic_path(path)
         try:
             with open(tmp, "wb") as f:
@@ -167,23 +186,26 @@ def save_model(parts: ModelParts, path: str, *, external_data: bool | None = Non
                 tensor.data_type = onnx_dtype(array.dtype)
                 tensor.dims.extend(array.shape)
                 if array.nbytes < size_threshold or _may_be_shape_operand(array):
-                    tensor.raw_data = array.tobytes()
+                    tensor.raw_data = np.asarray(array).tobytes()
+                    report(_stored(name, "embedded", array))
                     continue
                 source = _mapped_source(array) if reference_weights else None
                 link = _link_next_to(os.path.dirname(os.path.abspath(path)), source[0], links) if source else None
                 if link is not None:  # zero-copy: point into the checkpoint file itself
                     _set_external(tensor, link, source[1], array.nbytes)
+                    report(_stored(name, "referenced", array))
                     continue
                 padding = (-offset) % _ALIGNMENT
                 data_file.write(b"\0" * padding)
                 offset += padding
-                for chunk in _chunks(array):
+                for chunk in _byte_pieces(array):
                     data_file.write(chunk)
                     written += chunk.nbytes
                     if progress is not None:
                         progress(written, total)
                 _set_external(tensor, location, offset, array.nbytes)
                 offset += array.nbytes
+                report(_stored(name, "converted" if isinstance(array, ConvertedWeight) else "copied", array))
         if progress is not None:
             progress(total, total)  # small and referenced weights count as done too
         with open(model_tmp, "wb") as f:
@@ -205,6 +227,11 @@ def _may_be_shape_operand(array: np.ndarray) -> bool:
 
 
 _SHAPE_OPERAND_BYTES = 1024
+
+
+def _stored(name: str, how: str, array: Any) -> StoredWeight:
+    source = array.source_dtype if isinstance(array, ConvertedWeight) else array.dtype
+    return StoredWeight(name, how, int(array.nbytes), np.dtype(array.dtype), np.dtype(source))
 
 
 def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:

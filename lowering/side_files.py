@@ -22,6 +22,12 @@ rule only when the export holds both lists (a prefill-only export keeps ctx_len)
 feeds a prompt chunk that no prefill bucket covers through the decode entries instead
 (examples/generation.py); prefill and decode entries already differ in `seq_len`, so whether the rule
 is needed at all is for a device to tell.
+
+Target hardware (`-aic-hw-version`): ai100 has no bfloat16, so a model is exported in float32 (or
+float16) and compiled with `-convert-to-fp16`, its KV cache float16 in custom_io.yaml. An ai200
+keeps a bfloat16 model as it is: no `-convert-to-fp16`, the KV cache `bfloat16`, and, as QEfficient
+does when the model and its cache are both bfloat16, custom_io.yaml is written but not passed to the
+compiler (QEfficient: "Custom IO list file will be ignored during compile"; an mxint8 cache is passed).
 """
 
 from __future__ import annotations
@@ -130,7 +136,7 @@ def specializations(ctx_len: int, prefill_seq_len: int, batch_size: int, full_ba
                     comp_ctx_lengths_prefill: Sequence[int] | None = None,
                     comp_ctx_lengths_decode: Sequence[int] | None = None,
                     num_speculative_tokens: int | Sequence[int] | None = None, phases: str = "both",
-                    extra_symbols: Mapping[str, int] | None = None) -> dict:
+                    extra_symbols: Mapping[str, int] | None = None, kv_cache_batch_size: int | None = None) -> dict:
     """specializations.json as QEfficient writes it (`build_prefill_specialization`,
     `build_decode_specialization`, `to_named_specializations`).
 
@@ -139,7 +145,9 @@ def specializations(ctx_len: int, prefill_seq_len: int, batch_size: int, full_ba
     phases: "both", "prefill" (a prefill-only export) or "decode" (decode-only); extra_symbols: more
     symbols every entry carries (e.g. a ring-cache length). Decode entries are listed per K, then per
     bucket (QEfficient refuses CCL with several K; qtrace compiles each pair). An entry identical to
-    an earlier one is dropped; with prefill_seq_len 1 the prefill entries serve decode as well."""
+    an earlier one is dropped; with prefill_seq_len 1 the prefill entries serve decode as well.
+    kv_cache_batch_size (prefix caching): more cache slots than the full_batch_size decode lanes; the
+    `full_batch_size` symbol (the caches' first dim) then carries the slots, decode's batch_size the lanes."""
     if phases not in ("both", "prefill", "decode"):
         raise SpecializationError(f"phases must be both, prefill or decode, got {phases!r}")
     lengths = speculative_lengths(num_speculative_tokens)
@@ -153,7 +161,7 @@ def specializations(ctx_len: int, prefill_seq_len: int, batch_size: int, full_ba
         if keep is not None:
             symbols["num_logits_to_keep"] = str(keep)
         if cb:
-            symbols["full_batch_size"] = str(full_batch_size)
+            symbols["full_batch_size"] = str(kv_cache_batch_size or full_batch_size)
             if exec_rows is not None:
                 symbols["full_batch_exec_size"] = str(exec_rows)
         return {"name": name, "symbols": {**symbols, **extra}}
@@ -219,6 +227,9 @@ def kv_state_names(num_layers: int) -> list[str]:
     return [f"{kind}.{i}" for i in range(num_layers) for kind in ("past_key", "past_value")]
 
 
+HW_VERSIONS = ("ai100", "ai200")
+
+
 @dataclass(frozen=True)
 class CompileOptions:
     """What compile.sh asks qaic-compile for."""
@@ -227,15 +238,28 @@ class CompileOptions:
     mxfp6_matmul: bool = False
     mos: int | None = None
     depth_first: bool = False
-    kv_cache_precision: str = "float16"  # or "mxint8"
+    kv_cache_precision: str | None = None  # "float16", "bfloat16", "mxint8"; None: the model's (see kv_precision)
     num_devices: int = 1  # > 1: tensor slicing over that many devices (mdp_ts_<n>.json)
+    hw_version: str = "ai100"  # or "ai200"
+
+
+def kv_precision(options: CompileOptions, model_dtype: str = "float32") -> str:
+    """The KV cache's precision on the device: as asked, else bfloat16 for a bfloat16 model and float16
+    for any other (the compiler converts float32 to float16)."""
+    return options.kv_cache_precision or ("bfloat16" if model_dtype == "bfloat16" else "float16")
 
 
 def compile_command(model: str, specs: str, custom_io: str, out: str, options: CompileOptions = CompileOptions(),
-                    sub_functions: bool = False, mdp_config: str | None = None) -> str:
-    parts = ["qaic-compile", "-aic-hw", "-aic-hw-version=ai100", f"-m={model}", "-retained-state",
-             "-convert-to-fp16", f"-aic-num-cores={options.num_cores}", f"-network-specialization-config={specs}",
-             f"-custom-IO-list-file={custom_io}", f"-aic-binary-dir={out}"]
+                    sub_functions: bool = False, mdp_config: str | None = None, model_dtype: str = "float32") -> str:
+    """The qaic-compile command line; `model_dtype` is the exported model's float dtype."""
+    bfloat16 = model_dtype == "bfloat16"
+    parts = ["qaic-compile", "-aic-hw", f"-aic-hw-version={options.hw_version}", f"-m={model}", "-retained-state"]
+    if not bfloat16:
+        parts.append("-convert-to-fp16")
+    parts += [f"-aic-num-cores={options.num_cores}", f"-network-specialization-config={specs}"]
+    if not (bfloat16 and kv_precision(options, model_dtype) == "bfloat16"):
+        parts.append(f"-custom-IO-list-file={custom_io}")
+    parts.append(f"-aic-binary-dir={out}")
     if sub_functions:
         parts.append("-sub-functions")
     if options.mxfp6_matmul:
@@ -249,10 +273,10 @@ def compile_command(model: str, specs: str, custom_io: str, out: str, options: C
     return " ".join(parts)
 
 
-def compile_script(options: CompileOptions, sub_functions: bool) -> str:
+def compile_script(options: CompileOptions, sub_functions: bool, model_dtype: str = "float32") -> str:
     return ("#!/usr/bin/env bash\n# Compile for Cloud AI 100 (qaic-compile from the Qualcomm Apps SDK).\n"
             "cd \"$(dirname \"$0\")\"\n" + compile_command("model.onnx", "specializations.json", "custom_io.yaml",
-                                                         "qpc", options, sub_functions) + "\n")
+                                                         "qpc", options, sub_functions, model_dtype=model_dtype) + "\n")
 
 
 def check_export_options(ctx_len: object, prefill_seq_len: object, batch_size: object, full_batch_size: object,
@@ -282,10 +306,11 @@ def check_export_options(ctx_len: object, prefill_seq_len: object, batch_size: o
     whole(options.num_devices, "--num-devices")
     if options.mos is not None:
         whole(options.mos, "--mos")
-    if options.kv_cache_precision not in ("float16", "mxint8"):
-        raise UsageError(f"--kv-cache-precision must be float16 or mxint8, got {options.kv_cache_precision!r}")
+    if options.kv_cache_precision not in (None, "float16", "bfloat16", "mxint8"):
+        raise UsageError(f"--kv-cache-precision must be float16, bfloat16 or mxint8, got "
+                         f"{options.kv_cache_precision!r}")
 
 
-__all__ = ["CompileOptions", "SpecializationError", "automatic_ccl_lists", "ccl_lists", "check_export_options",
-           "compile_command", "compile_script", "custom_io_yaml", "kv_state_names", "mdp_config_name",
-           "mdp_partition_config", "specializations", "speculative_lengths"]
+__all__ = ["CompileOptions", "HW_VERSIONS", "SpecializationError", "automatic_ccl_lists", "ccl_lists",
+           "check_export_options", "compile_command", "compile_script", "custom_io_yaml", "kv_precision",
+           "kv_state_names", "mdp_config_name", "mdp_partition_config", "specializations", "speculative_lengths"]

@@ -12,6 +12,7 @@ from qtrace.core import Primitive, Tracer
 from qtrace.dims import Dim, DimLike, shape_str
 from qtrace.errors import DTypeError, QtraceError, ShapeError, user_location
 from qtrace.ir import ShapeDtype
+from qtrace.weights import ConvertedWeight
 
 Array = Union[np.ndarray, Tracer]
 INT32_MAX = 2147483647
@@ -35,7 +36,7 @@ def is_python_scalar(x: Any) -> bool:
 
 def as_array(x: Any) -> Array:
     """An operand as a traced value or numpy array (lists and scalars become numpy arrays)."""
-    if isinstance(x, (Tracer, np.ndarray)):
+    if isinstance(x, (Tracer, np.ndarray, ConvertedWeight)):  # a weight to convert stays unread
         return x
     if isinstance(x, Dim):
         raise ShapeError(f"symbolic dim {x} cannot be used as a value; use qtrace.primitives.arange or "

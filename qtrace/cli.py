@@ -6,6 +6,7 @@ import argparse
 import collections
 import importlib.util
 import os
+import re
 import sys
 import tempfile
 import time
@@ -143,17 +144,78 @@ def _prefill_seq_len(args: argparse.Namespace) -> int:
     return 32 if args.prefill_seq_len is None else args.prefill_seq_len
 
 
+def _check_export_flags(args: argparse.Namespace) -> None:
+    """Flags that contradict each other, refused before any work."""
+    if args.hw == "ai100" and "bfloat16" in (args.dtype, args.kv_cache_precision):
+        flag = "--dtype" if args.dtype == "bfloat16" else "--kv-cache-precision"
+        raise QtraceError(f"{flag} bfloat16 needs --hw ai200: Cloud AI 100 (ai100) has no bfloat16; use float32 or "
+                          "float16")
+
+
+def _layer_pattern(names: list[str]) -> str:
+    """`layers.0.q_proj` .. `layers.15.q_proj` as `layers.{0..15}.q_proj` (one entry per weight kind)."""
+    groups: dict[str, list[int]] = {}
+    for name in names:
+        match = re.match(r"^(.*?)\.(\d+)\.(.*)$", name)
+        key, number = (f"{match.group(1)}.{{}}.{match.group(3)}", int(match.group(2))) if match else (name, -1)
+        groups.setdefault(key, []).append(number)
+    parts = []
+    for key, numbers in groups.items():
+        if numbers == [-1]:
+            parts.append(key)
+            continue
+        numbers = sorted(numbers)
+        span = f"{numbers[0]}..{numbers[-1]}" if numbers == list(range(numbers[0], numbers[-1] + 1)) else \
+            ",".join(map(str, numbers))
+        parts.append(key.replace("{}", "{" + span + "}"))
+    return ", ".join(parts)
+
+
+def _weights_summary(stored: list[Any], reference: bool) -> str:
+    """How the export stored its weights; in reference mode, which ones it had to convert and copy."""
+    gib = 2**30
+    referenced = [w for w in stored if w.how == "referenced"]
+    written = [w for w in stored if w.how in ("copied", "converted")]
+    converted = [w for w in written if w.how == "converted"]
+    written_bytes = sum(w.nbytes for w in written)
+    conversions = sorted({f"{w.source_dtype.name} -> {w.dtype.name}" for w in converted})
+    if not reference:
+        line = f"weights: {len(written)} written ({written_bytes / gib:.2f} GiB)"
+        return line + (f", {len(converted)} of them converted {', '.join(conversions)}" if converted else "")
+    line = f"weights: {len(referenced)} referenced in the checkpoint (zero-copy, " \
+           f"{sum(w.nbytes for w in referenced) / gib:.2f} GiB)"
+    if converted:
+        line += f"; {len(converted)} had to be converted ({', '.join(conversions)}) and were written " \
+                f"({sum(w.nbytes for w in converted) / gib:.2f} GiB): {_layer_pattern([w.name for w in converted])}"
+    else:
+        line += "; none had to be converted"
+    copied = [w for w in written if w.how == "copied"]
+    if copied:
+        line += f"; {len(copied)} copied ({sum(w.nbytes for w in copied) / gib:.2f} GiB): " \
+                f"{_layer_pattern([w.name for w in copied])}"
+    return line + f"; {written_bytes / gib:.2f} GiB written in all"
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     if args.list_architectures:
         return _list_architectures()
     if args.checkpoint is None or args.output is None:
         raise QtraceError("export needs a CHECKPOINT_DIR and -o OUT (or --list-architectures)")
+    _check_export_flags(args)
     from .examples.checkpoint import export_model, load_checkpoint
+    from .examples.tokenizer import tokenizer_files
     from .lowering.side_files import CompileOptions, check_export_options
 
     compile_options = CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
-                                     args.kv_cache_precision, num_devices=args.num_devices)
+                                     args.kv_cache_precision, num_devices=args.num_devices, hw_version=args.hw)
     check_export_options(args.ctx_len, _prefill_seq_len(args), args.batch_size, args.full_batch_size, compile_options)
+    if args.kv_cache_batch_size is not None and (args.full_batch_size is None or
+                                                 args.kv_cache_batch_size < args.full_batch_size):
+        raise UsageError(f"--kv-cache-batch-size {args.kv_cache_batch_size} needs --full-batch-size at most as "
+                         f"large (got {args.full_batch_size}): cache slots for prefix caching, beyond the decode lanes")
+    if args.head_block_size and (args.head_block_size < 0 or not args.kv_blocks):
+        raise UsageError(f"--head-block-size {args.head_block_size} needs --kv-blocks (head blocking splits "
+                         "blocked attention) and a positive size")
     if not 0 <= args.kv_blocks <= args.ctx_len:
         raise UsageError(f"--kv-blocks {args.kv_blocks} must be between 1 and --ctx-len {args.ctx_len} (0: unblocked)")
     serving = _serving_options(args)
@@ -163,7 +225,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UsageError(f"-o {args.output} is a file; give a directory (created when missing)")
     start = time.perf_counter()
-    dtype = np.float16 if args.dtype == "float16" else np.float32
+    # ai100 runs float32 (or float16); an ai200 keeps the checkpoint's own dtype, bfloat16 included.
+    dtype = args.dtype or ("float32" if args.hw == "ai100" else None)
     from .examples.blocks.causal_lm import Model, with_sliding_cache
     from .examples.blocks.moe import with_moe_strategy
     from .examples.checkpoint import read_checkpoint_config
@@ -179,11 +242,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     model = with_sliding_cache(model, args.sliding_cache)
     load_seconds = time.perf_counter() - start
     report = export_model(model, args.output, ctx_len=args.ctx_len, prefill_seq_len=_prefill_seq_len(args),
-                          batch_size=args.batch_size, full_batch_size=args.full_batch_size, dtype=args.dtype,
+                          batch_size=args.batch_size, full_batch_size=args.full_batch_size,
+                          kv_cache_batch_size=args.kv_cache_batch_size, dtype=args.dtype or model.dtype.name,
                           weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
-                          kv_blocks=args.kv_blocks, compile_options=compile_options,
-                          bytes_progress=_ProgressBar(), serving=serving)
+                          kv_blocks=args.kv_blocks, head_block_size=args.head_block_size,
+                          compile_options=compile_options,
+                          bytes_progress=_ProgressBar(), serving=serving, copy_files=tokenizer_files(args.checkpoint))
     print(f"{model.cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
+    print(_weights_summary(report.weights, args.weights == "reference"))
     print(_summary(report.lowered, {"load": load_seconds, **report.stage_seconds}))
     return 0
 
@@ -251,10 +317,69 @@ def _sampling_params(args: argparse.Namespace) -> Any:
     return SamplingParams(**given)
 
 
+def _check_generate_flags(args: argparse.Namespace) -> None:
+    if (args.prompt is None) == (args.prompt_ids is None):
+        raise QtraceError("generate needs either --prompt TEXT or --prompt-ids IDS (one of them)")
+    if args.chat and args.prompt is None:
+        raise QtraceError("--chat formats a --prompt TEXT with the chat template; it does not apply to --prompt-ids")
+
+
+def _check_runnable(model_dir: str) -> None:
+    """onnxruntime's CPU provider has no bfloat16 MatMul: say so instead of failing inside it."""
+    import onnx
+
+    path = os.path.join(model_dir, "model.onnx")
+    if not os.path.isfile(path):
+        return  # reported with the other directories below
+    model = onnx.load(path, load_external_data=False)
+    if any(i.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for i in model.graph.input):
+        raise QtraceError(f"{path} keeps bfloat16 (an --hw ai200 export): onnxruntime's CPU provider cannot run "
+                          "it; export with --hw ai100 to generate here")
+
+
+class _TextStream:
+    """Prints the text of generated tokens as they come (up to an end-of-sequence token), then the speed."""
+
+    def __init__(self, tokenizer: Any, prompt_tokens: int):
+        from .examples.tokenizer import TextStream
+
+        self.stops = tokenizer.stop_ids()
+        self.stream = TextStream(tokenizer)
+        self.prompt_tokens = prompt_tokens
+        self.start = time.perf_counter()
+        self.first: float | None = None
+
+    def __call__(self, index: int, tokens: list[int]) -> bool:
+        """The Decoder's on_tokens hook: True stops the sequence."""
+        self.first = self.first or time.perf_counter()
+        for token in tokens:
+            if token in self.stops:
+                return True
+            print(self.stream.push(token), end="", flush=True)
+        return False
+
+    def close(self) -> None:
+        print(self.stream.finish(), flush=True)
+        end = time.perf_counter()
+        count, first = len(self.stream.tokens), self.first or end
+        rate = f", then {(count - 1) / (end - first):.1f} tokens/s" if count > 1 and end > first else ""
+        print(f"  .. {count} new tokens in {end - self.start:.2f} s: prefill of {self.prompt_tokens} prompt tokens "
+              f"{first - self.start:.2f} s{rate}", file=sys.stderr, flush=True)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    _check_generate_flags(args)
     from .examples.generation import Decoder, Executable, GenerationError
 
-    prompts = [_parse_ids(p) for p in args.prompt_ids]
+    stream = None
+    if args.prompt is not None:
+        from .examples.tokenizer import TextTokenizer
+
+        tokenizer = TextTokenizer(args.model_dir)
+        prompts = [tokenizer.encode_chat(args.prompt) if args.chat else tokenizer.encode(args.prompt)]
+        stream = _TextStream(tokenizer, len(prompts[0]))
+    else:
+        prompts = [_parse_ids(p) for p in args.prompt_ids]
     if args.max_new_tokens < 1:
         raise GenerationError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.draft and args.prompt_lookup is not None:
@@ -265,9 +390,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     for path in (args.model_dir, args.decode_model, args.draft):
         if path is not None and not os.path.isfile(os.path.join(path, "model.onnx")):
             raise GenerationError(f"{path}: no model.onnx (not a qtrace export directory)")
-    for path in (args.model_dir, args.decode_model):
         if path is not None:
-            _check_token_ids(prompts, path)
+            _check_runnable(path)
+            if path != args.draft:
+                _check_token_ids(prompts, path)
     decoder = Decoder(_stop_on_nonfinite_logits(Executable.load(args.model_dir)),
                       _stop_on_nonfinite_logits(Executable.load(args.decode_model)) if args.decode_model else None,
                       sampling=sampling)
@@ -276,11 +402,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
                         f"{decoder.prefill_len} with ctx_len {decoder.ctx_len} cannot run (1 <= seq_len <= ctx_len)")
     if args.draft or args.prompt_lookup is not None:
         draft = Decoder(Executable.load(args.draft)) if args.draft else None
-        tokens, stats = decoder.speculate(prompts, args.max_new_tokens, draft=draft, prompt_lookup=args.prompt_lookup)
+        tokens, stats = decoder.speculate(prompts, args.max_new_tokens, draft=draft, prompt_lookup=args.prompt_lookup,
+                                          on_tokens=stream)
         print(f"acceptance rate {stats.acceptance_rate:.3f} ({stats.accepted}/{stats.proposed} proposed tokens), "
               f"{stats.tokens / max(stats.target_calls, 1):.2f} tokens per target call", file=sys.stderr)
     else:
-        tokens = decoder.generate(prompts, args.max_new_tokens)
+        tokens = decoder.generate(prompts, args.max_new_tokens, on_tokens=stream)
+    if decoder.reused_tokens:
+        print(f"prefix caching: {decoder.reused_tokens} prompt tokens reused from cached slots", file=sys.stderr)
+    if stream is not None:
+        stream.close()
+        return 0
     for row in tokens:
         print(",".join(map(str, row)))
     return 0
@@ -375,9 +507,18 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--prefill-seq-len", type=int, default=None, help="prefill chunk length (default 32)")
     export.add_argument("--batch-size", type=int, default=1)
     export.add_argument("--full-batch-size", type=int, default=None)
-    export.add_argument("--dtype", choices=("float32", "float16"), default="float32")
+    export.add_argument("--kv-cache-batch-size", type=int, default=None, metavar="S",
+                        help="prefix caching: S cache slots for --full-batch-size decode lanes (S >= lanes); "
+                             "qtrace generate reuses a slot's cached prefix and prefills only the rest")
+    export.add_argument("--hw", choices=("ai100", "ai200"), default="ai100",
+                        help="target hardware (qaic-compile -aic-hw-version); ai200 keeps bfloat16")
+    export.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default=None,
+                        help="model dtype (default: float32 on ai100, the checkpoint's own on ai200)")
     export.add_argument("--weights", choices=("copy", "reference"), default="copy")
     export.add_argument("--no-layer-functions", action="store_true")
+    export.add_argument("--head-block-size", type=int, default=0, metavar="H",
+                        help="with --kv-blocks: blocked attention over H KV heads at a time (QEfficient's head "
+                             "blocking; default: all heads together)")
     export.add_argument("--kv-blocks", type=int, default=0, metavar="N",
                         help="blocked attention: read each layer's cache in N blocks (CtxGatherBlockedKV) with an "
                              "exact online softmax, for long contexts (default: one whole read)")
@@ -391,8 +532,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--mxfp6-matmul", action="store_true", help="qaic-compile -mxfp6-matmul")
     export.add_argument("--mos", type=int, default=None, help="qaic-compile -mos")
     export.add_argument("--depth-first", action="store_true", help="qaic-compile -aic-enable-depth-first")
-    export.add_argument("--kv-cache-precision", choices=("float16", "mxint8"), default="float16",
-                        help="precision of the KV cache in custom_io.yaml")
+    export.add_argument("--kv-cache-precision", choices=("float16", "bfloat16", "mxint8"), default=None,
+                        help="precision of the KV cache in custom_io.yaml (default: bfloat16 for a bfloat16 "
+                             "model, else float16)")
     export.add_argument("--num-devices", type=int, default=1,
                         help="tensor-slice over N devices: writes mdp_ts_N.json and adds "
                              "-mdp-load-partition-config to compile.sh")
@@ -424,7 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = sub.add_parser("generate", help="greedy decoding with an exported model on onnxruntime")
     generate.add_argument("model_dir")
-    generate.add_argument("--prompt-ids", action="append", required=True,
+    generate.add_argument("--prompt", help="text, encoded with the tokenizer exported next to the model; the "
+                                           "generated text is printed as it comes, then tokens/s")
+    generate.add_argument("--chat", action="store_true", help="format --prompt with the model's chat template")
+    generate.add_argument("--prompt-ids", action="append",
                           help="comma-separated token ids; repeat for several prompts")
     generate.add_argument("--max-new-tokens", type=int, default=8)
     generate.add_argument("--decode-model", metavar="DECODE_OUT",

@@ -21,6 +21,7 @@ import numpy as np
 from .dims import Dim, DimLike, dim_product
 from .errors import ConcretizationError, QtraceError, TraceError, UnsupportedError, user_location
 from .ir import Graph, ShapeDtype, Value
+from .weights import ConvertedWeight
 
 
 class UnsupportedAttributeError(UnsupportedError, AttributeError):
@@ -118,8 +119,9 @@ class Trace:
         hit = self.constants.get(key)
         if hit is not None and hit[0] is array:
             return hit[1]
-        # Keep ndarrays (and memory maps of checkpoints) as they are: no copy, source file intact.
-        data = array if isinstance(array, np.ndarray) else np.asarray(array)
+        # Keep ndarrays, memory maps of checkpoints and weights still to be converted as they are:
+        # no copy, no read, source file intact.
+        data = array if isinstance(array, (np.ndarray, ConvertedWeight)) else np.asarray(array)
         name = self._unique_constant_name(self.constant_names.get(key) or self._view_name(data))
         value = self.graph.add_constant(data, name)
         self.constants[key] = (array, value)

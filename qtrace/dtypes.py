@@ -74,6 +74,15 @@ def is_bool(dtype: np.dtype) -> bool:
 
 def result_type(*operands: object) -> np.dtype:
     """numpy's result dtype for operands that are dtypes (strong) or Python scalars (weak)."""
+    strong = [op for op in operands if isinstance(op, np.dtype)]
+    weak = [op for op in operands if not isinstance(op, np.dtype)]
+    if bfloat16 is not None and bfloat16 in strong and weak:
+        # ml_dtypes' bfloat16 ignores NEP 50 (bf16 * 0.5 is float64): a weak Python scalar keeps a
+        # bfloat16 result bfloat16, as it keeps a float16 one float16.
+        result = result_type(*strong)
+        if result == bfloat16 and all(isinstance(op, (bool, int, float)) for op in weak):
+            return result
+        operands = (result, *weak)
     try:
         return canonical_dtype(np.result_type(*operands))
     except (TypeError, OverflowError) as exc:

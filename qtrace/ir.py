@@ -267,7 +267,7 @@ class Graph:
             _check_runtime_value(value, array)
             env[value] = array
         for value in self.constants:
-            env[value] = value.const
+            env[value] = np.asarray(value.const)  # a memory map or ConvertedWeight is read here
         sizes = map_symbols(self.inputs, arrays)
         for node in self.nodes:
             params = {k: concrete_param(v, sizes) for k, v in node.params.items()}

@@ -17,10 +17,13 @@ from . import pytree
 from .core import Primitive, Trace, Tracer, current_trace
 from .errors import QtraceError, SourceLocation, TraceError, _is_library_file, located, user_location
 from .ir import Function, Graph, ShapeDtype
+from .weights import ConvertedWeight
+
+_ARRAYS = (np.ndarray, ConvertedWeight)  # what becomes a constant when a traced function reaches it
 
 
 def _is_array_leaf(leaf: Any) -> bool:
-    return isinstance(leaf, (np.ndarray, ShapeDtype, Tracer))
+    return isinstance(leaf, (*_ARRAYS, ShapeDtype, Tracer))
 
 
 def _unwrap(fn: Callable[..., Any]) -> tuple[Callable[..., Any], list[tuple[str, Any]], int]:
@@ -84,7 +87,7 @@ def _constant_names(fn: Callable[..., Any]) -> dict[int, str]:
     for name, value in named:
         leaves = pytree.flatten(value)[0] if _is_container(value) else [value]
         for leaf, leaf_name in zip(leaves, _named_leaves([(name, value)])):
-            if isinstance(leaf, np.ndarray):
+            if isinstance(leaf, _ARRAYS):
                 names.setdefault(id(leaf), leaf_name)
     return names
 
@@ -113,7 +116,7 @@ def _output_values(trace: Trace, leaves: Sequence[Any], names: Sequence[str]) ->
     for leaf, name in zip(leaves, names):
         if isinstance(leaf, Tracer) and leaf.trace is trace:
             values.append(leaf.value)
-        elif isinstance(leaf, np.ndarray):
+        elif isinstance(leaf, _ARRAYS):
             values.append(trace.constant(leaf))
         else:
             raise TraceError(f"output {name!r} is {type(leaf).__name__} {leaf!r:.60}, not an array "
@@ -432,7 +435,7 @@ def function(fn: Callable[..., Any] | None = None, *, name: str | None = None) -
         if outer is None:
             return fn(*args, **kwargs)
         leaves, in_tree = pytree.flatten((args, kwargs))
-        mask = [isinstance(leaf, (np.ndarray, Tracer)) for leaf in leaves]
+        mask = [isinstance(leaf, (*_ARRAYS, Tracer)) for leaf in leaves]
         arrays = [leaf for leaf, m in zip(leaves, mask) if m]
         key = (wrapper, in_tree, tuple(ShapeDtype.of(leaf) if m else _static_key(leaf)
                                        for leaf, m in zip(leaves, mask)))

@@ -31,12 +31,13 @@ BLOCKS = [1, 2, 4, 7]
 def exports(tmp_path_factory: Any) -> Any:
     made: dict[tuple, str] = {}
 
-    def get(name: str, blocks: int, prefill_len: int = 8, full_batch_size: int | None = None) -> str:
-        key = (name, blocks, prefill_len, full_batch_size)
+    def get(name: str, blocks: int, prefill_len: int = 8, full_batch_size: int | None = None,
+            head_block_size: int = 0) -> str:
+        key = (name, blocks, prefill_len, full_batch_size, head_block_size)
         if key not in made:
             out = str(tmp_path_factory.mktemp(f"{name}-{blocks}"))
             export_model(load_checkpoint(os.path.join(FIXTURES, name)), out, ctx_len=CTX_LEN, prefill_seq_len=prefill_len,
-                         full_batch_size=full_batch_size, kv_blocks=blocks)
+                         full_batch_size=full_batch_size, kv_blocks=blocks, head_block_size=head_block_size)
             made[key] = out
         return made[key]
 
@@ -90,6 +91,30 @@ def test_blocked_attention_with_continuous_batching(name: str, blocks: int, expo
     assert results[1] == results[0]
 
 
+@pytest.mark.parametrize("name", ["llama", "mpt", "gpt_oss"])
+def test_head_blocking_equals_unblocked(name: str, exports: Any) -> None:
+    """Blocked attention over one KV head at a time (per-head ALiBi bias and attention sinks included)."""
+    prompt = prompt_of(name)
+    expected_logits, expected_tokens = steps(exports(name, 0), prompt, 8)
+    logits, tokens = steps(exports(name, 4, 8, None, head_block_size=1), prompt, 8)
+    assert tokens == expected_tokens
+    assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
+    session = onnx_session(exports(name, 4, 8, 3, head_block_size=1))
+    plain = onnx_session(exports(name, 0, 8, 3))
+    prompts = [prompt, [5, 9, 2]]
+    assert generate(onnx_step(session), prompts, 6, prefill_len=8, ctx_len=CTX_LEN, layout=cache_layout(session),
+                    full_batch_size=3) == \
+        generate(onnx_step(plain), prompts, 6, prefill_len=8, ctx_len=CTX_LEN, layout=cache_layout(plain),
+                 full_batch_size=3)
+
+
+def test_head_blocking_slices_the_heads_apart(exports: Any) -> None:
+    _, functions = op_counts(exports("llama", 4, 8, None, head_block_size=1))
+    kv_heads = 2
+    assert functions["llama_layer"]["attention_kv_block"] == 3 * kv_heads
+    assert functions["llama_layer"]["CtxGatherBlockedKV"] == 2 * kv_heads
+
+
 def op_counts(model_dir: str) -> tuple[collections.Counter, dict[str, collections.Counter]]:
     model = onnx.load(os.path.join(model_dir, "model.onnx"), load_external_data=False)
     functions = {f.name: collections.Counter(n.op_type for n in f.node) for f in model.functions
@@ -116,3 +141,17 @@ def test_blocks_past_the_context_read_nothing(exports: Any) -> None:
     assert [len(b) for b in blocks] == [8] * 4 and blocks[-1][-1] == 31
     indices = cache_indices(np.array([[30]]), blocks[-1])
     assert indices[0, 0, -1] == 2147483647 and indices[0, 0, -2] == 30
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--head-block-size", "1"], "--head-block-size 1 needs --kv-blocks"),
+    (["--kv-blocks", "64"], "--kv-blocks 64"),
+])
+def test_cli_refuses_blocking_flags_that_cannot_apply(argv: list[str], message: str, tmp_path: Any,
+                                                      capsys: Any) -> None:
+    from qtrace import cli
+
+    assert cli.main(["export", os.path.join(FIXTURES, "llama"), "-o", str(tmp_path / "out"), "--ctx-len", "32",
+                     *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "out")

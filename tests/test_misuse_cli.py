@@ -268,8 +268,13 @@ def export_ctx_len_not_a_number(out):
     return export(out, "--ctx-len", "long")
 
 
-@cli_misuse("--dtype", "invalid choice", "'bfloat16'")
+@cli_misuse("--dtype", "invalid choice", "'int8'")
 def export_dtype_unknown(out):
+    return export(out, "--dtype", "int8")
+
+
+@cli_misuse("--dtype bfloat16 needs --hw ai200", existing_output=True)
+def export_bfloat16_for_ai100(out):
     return export(out, "--dtype", "bfloat16")
 
 
@@ -348,7 +353,7 @@ def generate_malformed_prompt(out):
     return generate(exported(), "--prompt-ids", "1;2")
 
 
-@cli_misuse("--prompt-ids", "required")
+@cli_misuse("needs either --prompt TEXT or --prompt-ids IDS")
 def generate_without_a_prompt(out):
     return generate(exported())
 

@@ -26,6 +26,7 @@ from qtrace.examples.checkpoint import (checkpoint_tensors, export_model, load_c
                                         read_checkpoint_config, read_safetensors, write_safetensors)
 from qtrace.examples.config import ConfigError, replace
 from qtrace.examples.generation import eager_step, model_cache_layout
+from qtrace.weights import ConvertedWeight
 
 from test_zoo_parity import (CTX_LEN, FIXTURES, NAMES, RELATIVE_TOLERANCE, fixture_config, load_reference,
                              relative_errors, run_on_onnxruntime, run_steps, transformers_logits)
@@ -316,7 +317,10 @@ def test_per_expert_tensors_in_memory_are_stacked_once_at_load_and_maps_stay_map
     assert isinstance(experts, list) and all(isinstance(e, np.memmap) for e in experts)
     np.testing.assert_array_equal(np.stack(experts), stack)
     converted = load_checkpoint(str(tmp_path), dtype=np.float16).params["layers"][0]["experts_gate"]
-    assert isinstance(converted, np.ndarray) and converted.dtype == np.float16 and converted.shape == stack.shape
+    # tensors still to convert stay a list as well: each is converted piece by piece while saving
+    assert isinstance(converted, list) and all(isinstance(e, ConvertedWeight) and e.dtype == np.float16
+                                               for e in converted)
+    np.testing.assert_array_equal(np.stack([np.asarray(e) for e in converted]), stack.astype(np.float16))
 
 
 # -- the flag -------------------------------------------------------------------------------------------

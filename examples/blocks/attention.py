@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 import qtrace
-from qtrace.primitives import clip, exp, layer_norm, log, maximum, sigmoid, softmax, tanh, where
+from qtrace.primitives import clip, concatenate, exp, layer_norm, log, maximum, sigmoid, softmax, tanh, where
 
 from ..config import DecoderConfig
 from .cache import read_cache, read_cache_block, write_cache
@@ -39,6 +39,7 @@ class AttentionInputs:
     rotation: Any = None     # [D,D] the RoPE pairing
     blocks: tuple = ()       # blocked attention: ((indices [B,KV,L], bias [B,1,G*S,L]), ...), one per KV block
     write_positions: Any = None  # [B,S] cache slots of the new keys/values when not position_ids (rings)
+    head_block_size: int = 0     # blocked attention over this many KV heads at a time (0: all heads together)
 
 
 def cached_attention(q: Any, k: Any, v: Any, inputs: AttentionInputs, past_key: Any, past_value: Any, *,
@@ -54,7 +55,7 @@ def cached_attention(q: Any, k: Any, v: Any, inputs: AttentionInputs, past_key: 
     grouped = (q * scale).transpose(0, 2, 1, 3).reshape(batch, kv_heads, groups * seq, head_dim)
     if inputs.blocks:
         out = blocked_attention(grouped, key_cache, value_cache, inputs.blocks, inputs.batch_index, softcap,
-                                with_logsumexp=sinks is not None)
+                                with_logsumexp=sinks is not None, head_block_size=inputs.head_block_size)
         if sinks is not None:
             out, total = out
     else:
@@ -103,9 +104,28 @@ def attention_kv_block(grouped_q: Any, key_cache: Any, value_cache: Any, block: 
 
 
 def blocked_attention(grouped_q: Any, key_cache: Any, value_cache: Any, blocks: tuple, batch_index: Any,
-                      softcap: float | None, with_logsumexp: bool = False) -> Any:
+                      softcap: float | None, with_logsumexp: bool = False, head_block_size: int = 0) -> Any:
     """softmax(scores + bias) @ values over the whole cache, read block by block: [B,KV,G*S,D]; with
-    with_logsumexp, also log(sum(exp(scores + bias))) per row [B,KV,G*S,1] (for attention sinks)."""
+    with_logsumexp, also log(sum(exp(scores + bias))) per row [B,KV,G*S,1] (for attention sinks).
+    head_block_size (QEfficient's head blocking): the KV heads taken that many at a time, each group
+    over its own slice of the caches and blocks, so every score tile covers only those heads."""
+    kv_heads = grouped_q.shape[1]
+    if not head_block_size or head_block_size >= kv_heads:
+        return _attention_over_blocks(grouped_q, key_cache, value_cache, blocks, batch_index, softcap, with_logsumexp)
+    parts = []
+    for first in range(0, kv_heads, head_block_size):
+        heads = slice(first, first + head_block_size)
+        group_blocks = tuple((indices[:, heads], bias[:, heads] if bias.shape[1] == kv_heads else bias)
+                             for indices, bias in blocks)
+        parts.append(_attention_over_blocks(grouped_q[:, heads], key_cache[:, heads], value_cache[:, heads],
+                                            group_blocks, batch_index, softcap, with_logsumexp))
+    if with_logsumexp:
+        return concatenate([p[0] for p in parts], axis=1), concatenate([p[1] for p in parts], axis=1)
+    return concatenate(parts, axis=1)
+
+
+def _attention_over_blocks(grouped_q: Any, key_cache: Any, value_cache: Any, blocks: tuple, batch_index: Any,
+                           softcap: float | None, with_logsumexp: bool) -> Any:
     (indices, bias), rest = blocks[0], blocks[1:]
     keys = read_cache_block(key_cache, indices, batch_index)
     new_max, weights, _ = _online_softmax_terms(capped_scores(grouped_q, keys, softcap) + bias, None)

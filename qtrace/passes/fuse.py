@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from ..ir import Graph, Node, Value
+from ..weights import is_deferred
 from .manager import register_pass
 from .pattern import CompiledPattern, Match, Pat, Var
 from .rewrite import RuleSet, on_every_graph, rewrite
@@ -34,7 +35,7 @@ def _prim(name: str):
 
 
 def scalar_constant(value: Value) -> bool:
-    return value.is_constant and value.const.size == 1
+    return value.is_constant and value.const.size == 1 and not is_deferred(value.const)
 
 
 def constant_near(number: float, rtol: float = 1e-3) -> Callable[[Value], bool]:

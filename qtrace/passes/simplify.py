@@ -13,6 +13,7 @@ import numpy as np
 
 from ..dims import symbolic_names
 from ..ir import Graph, Node, Value
+from ..weights import is_deferred
 from .manager import register_pass
 from .rewrite import RuleSet, graphs_of, on_every_graph, remove_dead, rewrite
 
@@ -82,7 +83,7 @@ def eliminate_common_subexpressions(graph: Graph) -> bool:
     changed = False
     constants: dict[Any, Value] = {}
     for value in list(graph.constants):
-        if value.const.nbytes > _SMALL_CONSTANT:
+        if value.const.nbytes > _SMALL_CONSTANT or is_deferred(value.const):  # comparing would read it
             continue
         key = (value.const.dtype.str, value.const.shape, value.const.tobytes())
         first = constants.setdefault(key, value)
@@ -119,8 +120,8 @@ def _constant_value(value: Value) -> np.ndarray | None:
 
 def _is_filled_with(value: Value, number: float) -> bool:
     const = _constant_value(value)
-    if const is not None:  # only small constants: a weight (maybe a memory map) is never neutral
-        return 0 < const.size <= 64 and bool(np.all(const == number))
+    if const is not None:  # only small constants in memory: a weight is never neutral
+        return 0 < const.size <= 64 and not is_deferred(const) and bool(np.all(const == number))
     node = value.producer
     return node is not None and node.op == "full" and node.params["fill_value"] == number
 
@@ -216,11 +217,9 @@ def _has_symbolic_param(node: Node) -> bool:
 
 
 def _freed_bytes(graph: Graph, node: Node) -> int:
-    """Bytes that folding `node` removes: the constants only it reads. A memory-mapped input (a
-    checkpoint tensor) is never counted: exports reference such weights in place."""
+    """Bytes that folding `node` removes: the constants only it reads."""
     return sum(v.const.nbytes for v in set(node.inputs)
-               if not graph.is_output(v) and not isinstance(v.const, np.memmap)
-               and all(user is node for user, _ in graph.consumers(v)))
+               if not graph.is_output(v) and all(user is node for user, _ in graph.consumers(v)))
 
 
 def fold_constants(graph: Graph) -> bool:
@@ -230,6 +229,8 @@ def fold_constants(graph: Graph) -> bool:
             continue
         if not all(v.is_constant for v in node.inputs):
             continue
+        if any(is_deferred(v.const) for v in node.inputs):
+            continue  # a checkpoint tensor (maybe still to convert) is read only when the model is saved
         if not all(isinstance(d, int) for v in node.outputs for d in v.shape):
             continue
         out_bytes = sum(int(np.prod(v.shape, dtype=np.int64)) * v.dtype.itemsize for v in node.outputs)
