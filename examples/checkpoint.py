@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -22,9 +21,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 import qtrace
-from qtrace.lowering.save import StoredWeight
-from qtrace.lowering.side_files import (HW_VERSIONS, CompileOptions, compile_script, custom_io_yaml, kv_precision,
-                                        kv_state_names, mdp_config_name, mdp_partition_config, specializations)
+from qtrace import pytree
+from qtrace.lowering import warn_nonfinite_weights
+from qtrace.lowering.save import StoredWeight, scratch_directory
+from qtrace.lowering.side_files import (HW_VERSIONS, CompileOptions, check_export_options, compile_script,
+                                        custom_io_yaml, kv_precision, kv_state_names, mdp_config_name,
+                                        mdp_partition_config, specializations)
 from qtrace.weights import lazy_cast
 
 from .blocks.causal_lm import Model
@@ -245,9 +247,17 @@ class ExportReport:
 
 
 def _atomic_directory(out_dir: str) -> str:
-    parent = os.path.dirname(os.path.abspath(out_dir)) or "."
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out_dir))}.", dir=parent)
+    return scratch_directory(out_dir)  # named for this process: the next export removes a killed one's
+
+
+def _warn_nonfinite_params(model: Model) -> None:
+    """Warn naming the checkpoint tensors (or param paths of a random model) that hold NaN or inf."""
+    leaves, _ = pytree.flatten(model.params)
+    weight_map = model.arch.weights(model.cfg)
+    named: dict[str, np.ndarray] = {}
+    for path, array in zip(pytree.leaf_paths(model.params), leaves):
+        named.setdefault(weight_map[path].name if path in weight_map else path, np.asarray(array))
+    warn_nonfinite_weights(named, stacklevel=3)
 
 
 def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_len: int = 32, batch_size: int = 1,
@@ -271,6 +281,7 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
     or bfloat16 for `compile_options.hw_version` "ai200", which has it)."""
     if weights not in ("copy", "reference"):
         raise CheckpointError(f"--weights must be copy or reference, got {weights!r}")
+    check_export_options(ctx_len, prefill_seq_len, batch_size, full_batch_size, compile_options)
     if kv_cache_batch_size is not None and (full_batch_size is None or kv_cache_batch_size < full_batch_size):
         raise CheckpointError(f"--kv-cache-batch-size {kv_cache_batch_size} needs --full-batch-size at most as large "
                               f"(got {full_batch_size}): it counts cache slots, full_batch_size the decode lanes")
@@ -299,6 +310,8 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
         lowered.save(model_path, external_data=True, reference_weights=(weights == "reference"),
                      progress=bytes_progress, on_weight=stored.append)
         stages["save"] = time.perf_counter() - start
+        if weights == "copy":  # the weights were just read: naming NaN/inf ones costs one more pass in memory
+            _warn_nonfinite_params(model)
         with open(os.path.join(scratch, "specializations.json"), "w") as f:
             json.dump(specializations(ctx_len, prefill_seq_len, batch_size, full_batch_size, **spec_args,
                                       extra_symbols=model.cache_sizes(ctx_len, prefill_seq_len),

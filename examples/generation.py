@@ -49,9 +49,9 @@ class GenerationError(QtraceError, ValueError):
 
 
 def onnx_session(model_dir: str, threads: int | None = None) -> Any:
-    from qtrace.lowering.api import onnxruntime_session
+    from qtrace.lowering.session import inference_session
 
-    return onnxruntime_session(os.path.join(model_dir, "model.onnx"), threads=threads)
+    return inference_session(os.path.join(model_dir, "model.onnx"), threads=threads)
 
 
 def onnx_step(session: Any) -> Step:

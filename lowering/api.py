@@ -9,31 +9,18 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx
 
-from qtrace import pytree
-from qtrace.errors import LoweringError, ShapeError, TraceError
+from qtrace import dtypes, pytree
+from qtrace.dims import Dim, substitute
+from qtrace.errors import DTypeError, FileError, LoweringError, RunError, ShapeError, TraceError, UsageError, located
 from qtrace.ir import Graph
-from qtrace.tracing import trace
+from qtrace.tracing import argument_leaf_names, trace
 
 from . import fp16  # noqa: F401  (registers the float16 pass)
 from .model import RETAINED_STATE, ModelParts, attach_weights, build_model, retained_state_source
 from .save import PROTOBUF_LIMIT, save_model
+from .session import inference_session
 
 SUPPORTED_OPSETS = range(17, 22)
-
-
-def onnxruntime_session(model: str | bytes, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session for a model file or serialized model, as qtrace runs models to check
-    them: warnings off, and idle threads sleep instead of spinning (onnxruntime's default spin-wait
-    burns a core per thread between the small runs a check makes). `threads` caps the thread pools."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = options.inter_op_num_threads = threads
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    options.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
 
 
 class Lowered:
@@ -41,8 +28,10 @@ class Lowered:
     `.run(*args)` on onnxruntime and `.verify(*args)` against the eager numpy function."""
 
     def __init__(self, fn: Callable[..., Any], graph: Graph, parts: ModelParts, output_names: list[str],
-                 pass_report: Any = None):
+                 pass_report: Any = None, *, converted_float16: bool = False):
         self.fn = fn
+        self.converted_float16 = converted_float16  # float32 arguments are fed as float16
+        self.static_leaves: list[tuple[str, Any]] | None = None  # traced non-array arguments (name, value)
         self.graph = graph
         self.parts = parts
         self.output_names = output_names
@@ -64,6 +53,7 @@ class Lowered:
             self._model = attach_weights(self.parts)
         return self._model
 
+    @located
     def save(self, path: str | os.PathLike, *, external_data: bool | None = None, size_threshold: int = 1024,
              reference_weights: bool = False, progress: Any = None, on_weight: Any = None) -> list[str]:
         """Write the model atomically (weights external when asked or past 2 GiB); returns the files.
@@ -71,38 +61,80 @@ class Lowered:
         external-data entries point into that file, linked next to the model. Weights of another
         dtype than their file's (`qtrace.weights.lazy_cast`) are converted as they are written.
         progress(done, total) follows the bytes; on_weight(StoredWeight) says how each weight was stored."""
-        return save_model(self.parts, os.fspath(path), external_data=external_data, size_threshold=size_threshold,
-                          reference_weights=reference_weights, progress=progress, on_weight=on_weight)
+        if not isinstance(path, (str, os.PathLike)):
+            raise UsageError(f"save needs a file path, got {type(path).__name__} {path!r:.60}")
+        try:
+            return save_model(self.parts, os.fspath(path), external_data=external_data,
+                              size_threshold=size_threshold, reference_weights=reference_weights, progress=progress,
+                              on_weight=on_weight)
+        except OSError as exc:  # a full disk, a read-only directory: say which file and why
+            where = exc.filename or os.fspath(path)
+            raise FileError(f"saving the model to {os.fspath(path)} failed: {exc.strerror or exc} ({where}); "
+                            "nothing was written under the final names") from None
 
     # -- running ------------------------------------------------------------------------------------
+    @located
     def feeds(self, *args: Any, **kwargs: Any) -> dict[str, np.ndarray]:
-        """onnxruntime feeds from the function's own arguments (static leaves are skipped)."""
-        arrays = [np.asarray(a) for a in self.graph.input_arrays(args, kwargs)]
-        # A float16 lowering of a float32 function takes float16 inputs: convert float arrays.
-        arrays = [a.astype(v.dtype) if a.dtype != v.dtype and a.dtype.kind == v.dtype.kind == "f" else a
-                  for a, v in zip(arrays, self.graph.inputs)]
-        return dict(zip(self.input_names, arrays))
+        """onnxruntime feeds from the function's own arguments (static leaves are skipped), checked
+        against the traced signature."""
+        arrays = self.graph.input_arrays(args, kwargs)
+        self._check_static_arguments(args, kwargs)
+        return dict(zip(self.input_names, check_feeds(self.graph, arrays, self.converted_float16)))
+
+    def _check_static_arguments(self, args: Sequence[Any], kwargs: dict[str, Any]) -> None:
+        """Non-array arguments were constants when the model was traced: another value would be ignored."""
+        if self.static_leaves is None or self.graph.in_tree is None:
+            return
+        leaves = pytree.flatten_like(self.graph.in_tree, (tuple(args), dict(kwargs)))
+        given = [leaf for leaf, is_input in zip(leaves, self.graph.input_leaf_mask) if not is_input]
+        for leaf, (path, traced) in zip(given, self.static_leaves):
+            try:
+                same = type(leaf) is type(traced) and bool(leaf == traced)
+            except Exception:  # a value without a plain equality: nothing to compare
+                continue
+            if not same:
+                raise UsageError(f"argument {path} is {leaf!r:.40}, but the model was traced with {traced!r:.40}: "
+                                 "non-array arguments are constants of the model; lower again for another value")
 
     def session(self) -> Any:
         if self._session is None:
             if sum(a.nbytes for a in self.parts.weights.values()) < PROTOBUF_LIMIT:
-                self._session = onnxruntime_session(self.model.SerializeToString())
+                self._session = inference_session(self.model.SerializeToString())
             else:
                 with tempfile.TemporaryDirectory() as tmp:
                     path = os.path.join(tmp, "model.onnx")
                     self.save(path, external_data=True)
-                    self._session = onnxruntime_session(path)
+                    self._session = inference_session(path)
         return self._session
 
-    def run_named(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        outputs = self.session().run(None, feeds)
+    @located
+    def run_named(self, feeds: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Run on onnxruntime with feeds by ONNX input name (checked like `run`'s arguments)."""
+        names = self.input_names
+        if set(feeds) != set(names):
+            missing, unknown = sorted(set(names) - set(feeds)), sorted(set(feeds) - set(names))
+            raise TraceError(f"feeds do not match the model's inputs {names}: "
+                             + "; ".join(part for part in (f"missing {missing}" if missing else "",
+                                                           f"unknown {unknown}" if unknown else "") if part))
+        arrays = check_feeds(self.graph, [feeds[n] for n in names], self.converted_float16)
+        session = self.session()
+        try:
+            outputs = session.run(None, dict(zip(names, arrays)))
+        except Exception as exc:  # onnxruntime's own exception types; types and shapes were checked above
+            raise RunError(f"onnxruntime could not run the model on these inputs: {str(exc).strip()[:400]}") from None
         return dict(zip(self.output_names, outputs))
 
+    @located
     def run(self, *args: Any, **kwargs: Any) -> Any:
         """Run on onnxruntime; returns the same pytree structure as the function."""
         named = self.run_named(self.feeds(*args, **kwargs))
         return pytree.unflatten(self.graph.out_tree, [named[n] for n in self.output_names])
 
+    def nonfinite_weights(self) -> list[str]:
+        """Names of the float weights holding NaN or inf (see `nonfinite_weights`)."""
+        return nonfinite_weights(self.parts.weights)
+
+    @located
     def check(self) -> None:
         """onnx's checker with strict shape inference (full_check) on the model, as a LoweringError."""
         model = self.model if sum(a.nbytes for a in self.parts.weights.values()) < PROTOBUF_LIMIT else self.parts.model
@@ -111,6 +143,7 @@ class Lowered:
         except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
             raise LoweringError(f"the lowered model fails onnx's checker: {exc}") from None
 
+    @located
     def verify(self, *args: Any, **kwargs: Any) -> dict[str, float]:
         """Check the model with onnx's checker, then return the max absolute error per output between
         onnxruntime and the eager numpy function on these arguments."""
@@ -127,6 +160,90 @@ class Lowered:
         return errors
 
 
+def nonfinite_weights(weights: dict[str, np.ndarray], chunk_bytes: int = 64 << 20) -> list[str]:
+    """Names of the float weights that hold a NaN or an infinity. Each weight is read in pieces of
+    about `chunk_bytes`, so a memory-mapped checkpoint is never copied whole."""
+    bad = []
+    for name, array in weights.items():
+        if not dtypes.is_float(array.dtype) or array.size == 0:
+            continue
+        flat = array.reshape(-1) if array.flags.c_contiguous else None
+        if flat is None:
+            finite = bool(np.isfinite(array).all())
+        else:
+            step = max(1, chunk_bytes // array.itemsize)
+            finite = all(np.isfinite(flat[i:i + step]).all() for i in range(0, flat.size, step))
+        if not finite:
+            bad.append(name)
+    return bad
+
+
+def warn_nonfinite_weights(weights: dict[str, np.ndarray], *, stacklevel: int = 2) -> list[str]:
+    """Warn (NonFiniteWeightsWarning) naming the weights that hold NaN or inf; returns their names."""
+    import warnings
+
+    from qtrace.errors import NonFiniteWeightsWarning
+
+    bad = nonfinite_weights(weights)
+    if bad:
+        shown = ", ".join(bad[:8]) + (f", ... ({len(bad)} in all)" if len(bad) > 8 else "")
+        warnings.warn(NonFiniteWeightsWarning(
+            f"{len(bad)} weight tensor(s) hold NaN or inf: {shown}; the model will compute NaN (greedy decoding "
+            "then picks token 0 forever). Check the checkpoint"), stacklevel=stacklevel + 1)
+    return bad
+
+
+def check_feeds(graph: Graph, arrays: Sequence[Any], converted_float16: bool = False) -> list[np.ndarray]:
+    """The arrays for the graph inputs, checked against the traced signature: dtypes, ranks, static
+    dims, and one size per symbolic dim (at least 1) across all inputs. A float16 lowering of a float32
+    function also takes float32 arrays (converted here)."""
+    sizes: dict[str, tuple[int, str]] = {}  # dim name -> (size, the input that set it)
+    checked = []
+    for value, array in zip(graph.inputs, arrays):
+        array = np.asarray(array)
+        want = value.aval
+
+        def got() -> str:
+            return f"{dtypes.short_name(array.dtype)}[{','.join(map(str, array.shape))}]"
+
+        if array.dtype != want.dtype:
+            if converted_float16 and want.dtype == np.float16 and array.dtype == np.float32:
+                array = array.astype(np.float16)
+            else:
+                raise DTypeError(f"input {value.name} expects {want}, got {got()}: convert it with "
+                                 f".astype(np.{want.dtype.name})")
+        if array.ndim != want.ndim:
+            raise ShapeError(f"input {value.name} expects {want} (rank {want.ndim}), got {got()} (rank {array.ndim})")
+        for axis, (dim, size) in enumerate(zip(want.shape, array.shape)):
+            if isinstance(dim, int):
+                if dim != size:
+                    raise ShapeError(f"input {value.name} expects {want}, got {got()}: dim {axis} must be {dim}")
+                continue
+            name = dim.single_name
+            if name is None:
+                continue  # a product or sum of dims: checked once every name has a size
+            if size < 1:
+                raise ShapeError(f"input {value.name} expects {want}, got {got()}: symbolic dim {name} must be at "
+                                 "least 1")
+            first = sizes.setdefault(name, (size, value.name))
+            if first[0] != size:
+                raise ShapeError(f"symbolic dim {name} is {first[0]} in input {first[1]} but {size} in input "
+                                 f"{value.name} ({got()}, expects {want})")
+        checked.append(array)
+    concrete = {name: size for name, (size, _) in sizes.items()}
+    for value, array in zip(graph.inputs, checked):
+        for axis, dim in enumerate(value.shape):
+            if isinstance(dim, Dim) and dim.single_name is None:
+                try:
+                    expected = substitute(dim, concrete)
+                except KeyError:
+                    continue
+                if expected != array.shape[axis]:
+                    raise ShapeError(f"input {value.name} expects {value.aval}, got shape {array.shape}: dim {axis} "
+                                     f"is {dim} = {expected} with {', '.join(f'{k}={v}' for k, v in concrete.items())}")
+    return checked
+
+
 def _output_names(graph: Graph, explicit: Sequence[str] | None, retained_state: bool) -> list[str]:
     names = list(graph.output_names)
     if explicit is not None or not retained_state:
@@ -140,6 +257,7 @@ def _output_names(graph: Graph, explicit: Sequence[str] | None, retained_state: 
     return names
 
 
+@located
 def lower(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwargs: dict[str, Any] | None = None, *,
           opset: int = 17, dtype: Any = None, passes: Sequence[str] | None = None, dump_dir: str | None = None,
           input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
@@ -156,16 +274,44 @@ def lower(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwar
     """
     from qtrace.passes import DEFAULT_PIPELINE, run_pipeline
 
-    if opset not in SUPPORTED_OPSETS:
-        raise LoweringError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}.."
-                            f"{SUPPORTED_OPSETS.stop - 1}")
+    dump_dir = dump_dir or os.environ.get("QTRACE_DUMP") or None
+    _check_lower_arguments(opset, dtype, passes, input_names, output_names, dump_dir)
     graph = trace(fn, example_args, example_kwargs, input_names=input_names, output_names=output_names, name=name)
     pipeline = list(DEFAULT_PIPELINE if passes is None else passes)
     if dtype is not None:
-        if np.dtype(dtype) != np.float16:
-            raise LoweringError(f"dtype must be None or float16, got {dtype}")
         pipeline.insert(0, "float16")  # not optional: the model's dtype, whatever passes were asked for
-    report = run_pipeline(graph, pipeline, dump_dir=dump_dir or os.environ.get("QTRACE_DUMP") or None, debug=debug)
+    try:
+        report = run_pipeline(graph, pipeline, dump_dir=dump_dir, debug=debug)
+    except OSError as exc:
+        raise FileError(f"writing the IR dumps to {dump_dir} failed: {exc}") from None
     names = _output_names(graph, output_names, retained_state)
     parts = build_model(graph, names, opset=opset, local_domain=local_domain)
-    return Lowered(fn, graph, parts, names, report)
+    lowered = Lowered(fn, graph, parts, names, report, converted_float16=dtype is not None)
+    leaves, _ = pytree.flatten((tuple(example_args), dict(example_kwargs or {})))
+    names = argument_leaf_names(fn, example_args, dict(example_kwargs or {}))
+    lowered.static_leaves = [(name, leaf) for name, leaf, is_input in zip(names, leaves, graph.input_leaf_mask)
+                             if not is_input]
+    return lowered
+
+
+def _check_lower_arguments(opset: Any, dtype: Any, passes: Any, input_names: Any, output_names: Any,
+                           dump_dir: Any) -> None:
+    """The keyword arguments of `lower`, checked before any work."""
+    if dump_dir is not None and os.path.exists(dump_dir) and not os.path.isdir(dump_dir):
+        raise FileError(f"the IR dump directory {dump_dir} (dump_dir or $QTRACE_DUMP) is a file")
+    if isinstance(opset, bool) or not isinstance(opset, (int, np.integer)):
+        raise LoweringError(f"opset must be an int in {SUPPORTED_OPSETS.start}..{SUPPORTED_OPSETS.stop - 1}, got "
+                            f"{type(opset).__name__} {opset!r}")
+    if opset not in SUPPORTED_OPSETS:
+        raise LoweringError(f"opset {opset} is not supported; choose {SUPPORTED_OPSETS.start}.."
+                            f"{SUPPORTED_OPSETS.stop - 1}")
+    if dtype is not None:
+        try:
+            ok = dtypes.canonical_dtype(dtype) == np.float16
+        except DTypeError:
+            ok = False
+        if not ok:
+            raise LoweringError(f"dtype must be None or float16, got {dtype!r}")
+    for what, names in (("passes", passes), ("input_names", input_names), ("output_names", output_names)):
+        if names is not None and (isinstance(names, str) or not all(isinstance(n, str) for n in names)):
+            raise TraceError(f"{what} must be a list of strings, got {names!r:.80}")

@@ -80,10 +80,18 @@ class LoweringContext:
 
     def _node_name(self, op_type: str) -> str:
         scope = self.current.scope if self.current is not None else ""
-        base = f"{scope}/{op_type}" if scope else op_type
+        return self.unique_node_name(f"{scope}/{op_type}" if scope else op_type)
+
+    def unique_node_name(self, base: str) -> str:
+        """`base`, or `base_<n>` when a node already has that name (ONNX requires unique node names)."""
         count = self._taken_node_names.get(base, 0)
+        name = base if count == 0 else f"{base}_{count}"
+        while name in self._taken_node_names:  # `f_1` is also the base name of a function called f_1
+            count += 1
+            name = f"{base}_{count}"
         self._taken_node_names[base] = count + 1
-        return base if count == 0 else f"{base}_{count}"
+        self._taken_node_names.setdefault(name, 1)
+        return name
 
     # -- emitting -------------------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: str, domain: str = "", n_outputs: int = 1, **attrs: Any) -> Any:
@@ -157,7 +165,10 @@ class LoweringContext:
         if cached is None:
             source = self._dim_sources.get(name)
             if source is None:
-                raise LoweringError(f"symbolic dim {name} is used but no input of {self.graph.name} carries it")
+                node = self.current
+                raise LoweringError(f"symbolic dim {name} is used but no input of {self.graph.name} carries it: a "
+                                    "size must come from an input's shape", op=node.op if node else None,
+                                    location=node.location if node else None)
             value, axis = source
             saved, self.current = self.current, None  # shared by all users: no scope in its name
             cached = self.op("Shape", self.names[value], start=axis, end=axis + 1)

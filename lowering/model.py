@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from qtrace.errors import LoweringError, ShapeError, TraceError
-from qtrace.ir import Graph, Value
+from qtrace.errors import DTypeError, LoweringError, ShapeError, TraceError, user_location
+from qtrace.ir import Graph, Node, Value
 
 from .context import LoweringContext, add_source, value_info
 from .custom_ops import CUSTOM_OP_DOMAINS, custom_op_function
@@ -38,6 +38,45 @@ def check_rules(graph: Graph) -> None:
     if missing:
         lines = [f"  {op} (used at {', '.join(sorted(set(where))[:3])})" for op, where in sorted(missing.items())]
         raise LoweringError(f"{len(missing)} primitive(s) have no ONNX lowering rule:\n" + "\n".join(lines))
+
+
+_FLOAT64 = np.dtype(np.float64)
+_KEEP_FLOAT32 = ("Cloud AI 100 has no float64. numpy 2 promotes float32 to float64 when the other operand is "
+                 "float64 (a np.float64 scalar such as np.sqrt(2.0) or np.pi * 1.0, a float64 array, ones()/zeros() "
+                 "without a dtype); keep float32 with a Python float (math.sqrt(2.0)), np.float32(...), "
+                 "dtype=np.float32, or .astype(np.float32) on the float64 operand")
+
+
+def check_float64(graph: Graph) -> None:
+    """Refuse the first float64 value of the graph or of a function body, at the user's line."""
+    for g in [graph] + [f.body for f in graph.functions.values()]:
+        for value in g.inputs:
+            if value.dtype == _FLOAT64:
+                raise DTypeError(f"input {value.name} is {value.aval}: {_KEEP_FLOAT32}", location=user_location())
+        for node in g.nodes:
+            bad = [v for v in node.inputs + node.outputs if v.dtype == _FLOAT64]
+            if not bad:
+                continue
+            raise DTypeError(f"{_describe_float64(g, node, bad[0])}: {_KEEP_FLOAT32}", op=node.op,
+                             location=node.location or user_location())
+        for name, value in zip(g.output_names, g.outputs):
+            if value.dtype == _FLOAT64:  # a float64 constant returned as it is
+                raise DTypeError(f"output {name} is {value.aval}: {_KEEP_FLOAT32}", location=user_location())
+
+
+def _describe_float64(graph: Graph, node: Node, value: Value) -> str:
+    def named(v: Value) -> str:
+        return f"{v.name} {v.aval}" if v.is_constant or v.producer is None else f"%{v.name} {v.aval}"
+
+    if node.op == "cast" and value is node.outputs[0] and node.inputs[0].dtype != _FLOAT64:
+        users = graph.consumers(value)
+        if users:  # numpy promotion inserted this cast for the operation that reads it
+            user = users[0][0]
+            others = ", ".join(named(v) for v in user.inputs if v is not value) or "itself"
+            return f"{named(node.inputs[0])} is promoted to float64 for {user.op} with {others}"
+        return f"{named(node.inputs[0])} is cast to float64"
+    operands = ", ".join(named(v) for v in node.inputs) or "no operands"
+    return f"{named(value)} is float64 ({node.op} of {operands})"
 
 
 def _value_names(graph: Graph, output_names: list[str]) -> tuple[dict[Value, str], list[tuple[str, Value]]]:
@@ -111,7 +150,7 @@ def lower_body(graph: Graph, output_names: list[str], *, opset: int, in_function
     ctx.reserve_names(output_names)
     if in_function:
         for value in graph.constants:  # functions hold no initializers
-            node = helper.make_node("Constant", [], [names[value]], name=f"{value.name}/Constant",
+            node = helper.make_node("Constant", [], [names[value]], name=ctx.unique_node_name(f"{value.name}/Constant"),
                                     value=onnx.numpy_helper.from_array(np.asarray(value.const), names[value]))
             users = graph.consumers(value)
             add_source(node, users[0][0].location if users else None)
@@ -133,7 +172,7 @@ def lower_body(graph: Graph, output_names: list[str], *, opset: int, in_function
                 ctx.nodes[-1].output[0] = names[value]
     ctx.current = None
     for name, value in identities:
-        identity = helper.make_node("Identity", [names[value]], [name], name=f"{name}/Identity")
+        identity = helper.make_node("Identity", [names[value]], [name], name=ctx.unique_node_name(f"{name}/Identity"))
         add_source(identity, value.producer.location if value.producer is not None else None)
         ctx.nodes.append(identity)
     return ctx, identities
@@ -150,6 +189,7 @@ def _opset_imports(opset: int, custom_ops: set[str], local_domain: str | None) -
 def build_model(graph: Graph, output_names: list[str], *, opset: int = 17,
                 local_domain: str = "qtrace.local") -> ModelParts:
     check_rules(graph)
+    check_float64(graph)
     check_retained_state(graph, output_names)
     custom_ops: set[str] = set()
     functions: list[onnx.FunctionProto] = []

@@ -215,11 +215,26 @@ def lower_slice(ctx: LoweringContext, node: Node, x: str) -> str:
     for axis, (start, stop, step) in enumerate(node.params["slices"]):
         if (start, stop, step) == (None, None, 1):
             continue
+        dim = node.inputs[0].shape[axis]
+        if isinstance(dim, int):
+            # Python's bounds resolved here: ONNX clamps a start before the first element to 0 when
+            # stepping backwards, where Python selects nothing (x[-3::-1] on 2 elements is empty).
+            start, stop, step = _python_slice(dim, start, stop, step)
         starts.append(start if start is not None else (0 if step > 0 else INT64_MAX))
         ends.append(stop if stop is not None else (INT64_MAX if step > 0 else INT64_MIN))
         axes.append(axis)
         steps.append(step)
     return ctx.op("Slice", x, ctx.ints(starts), ctx.ints(ends), ctx.ints(axes), ctx.ints(steps))
+
+
+def _python_slice(dim: int, start: int | None, stop: int | None, step: int) -> tuple[int | None, int | None, int]:
+    """(start, stop, step) selecting what Python's slice selects on a static dim, in ONNX's terms:
+    in-range non-negative bounds, None for an open end, an empty selection as 0:0."""
+    selected = range(*slice(start, stop, step).indices(dim))
+    if not selected:
+        return 0, 0, 1
+    end = selected.stop if selected.stop >= 0 else None  # stepping back past index 0
+    return selected.start, end, step
 
 
 @lowering("take")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
@@ -51,10 +52,50 @@ def _byte_pieces(array: Any) -> Iterator[memoryview]:
 def _atomic_path(path: str) -> str:
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    _remove_stale_temporaries(directory, os.path.basename(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.{os.getpid()}.", suffix=".tmp", dir=directory)
     os.close(fd)
     os.chmod(tmp, _file_mode())  # mkstemp makes the file private (0600); a saved model is an ordinary file
     return tmp
+
+
+def _remove_stale_temporaries(directory: str, name: str) -> None:
+    """Delete `.<name>.<pid>.*.tmp` files (and scratch directories) left by a save or an export that was
+    killed (the process `pid` is gone); one still running in another process keeps its own."""
+    prefix = f".{name}."
+    for entry in os.listdir(directory):
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        pid = entry[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not _process_alive(int(pid)):
+            stale = os.path.join(directory, entry)
+            try:
+                if os.path.isdir(stale) and not os.path.islink(stale):
+                    shutil.rmtree(stale)
+                else:
+                    os.unlink(stale)
+            except OSError:  # removed meanwhile, or not ours to remove
+                pass
+
+
+def scratch_directory(path: str) -> str:
+    """A new hidden directory next to `path` to build it in (`.<name>.<pid>.*.tmp`), after removing the
+    ones killed exports into the same place left behind."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    name = os.path.basename(os.path.abspath(path))
+    _remove_stale_temporaries(parent, name)
+    return tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=parent)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _file_mode() -> int:
@@ -144,7 +185,7 @@ def save_model(parts: ModelParts, path: str, *, external_data: bool | None = Non
                 tensor.name = name
                 tensor.data_type = onnx_dtype(array.dtype)
                 tensor.dims.extend(array.shape)
-                if array.nbytes < size_threshold:
+                if array.nbytes < size_threshold or _may_be_shape_operand(array):
                     tensor.raw_data = np.asarray(array).tobytes()
                     report(_stored(name, "embedded", array))
                     continue
@@ -176,6 +217,16 @@ def save_model(parts: ModelParts, path: str, *, external_data: bool | None = Non
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return [path, data_path] + [os.path.join(os.path.dirname(os.path.abspath(path)), n) for n in links.values()]
+
+
+def _may_be_shape_operand(array: np.ndarray) -> bool:
+    """Small int64 tensors stay inside the model whatever the threshold: they may be the shape, axes or
+    bounds operands of Reshape, Unsqueeze, Slice, ..., which onnxruntime's shape inference reads from
+    the model itself (it refuses to load a model whose shape operands are external)."""
+    return array.dtype == np.int64 and array.nbytes <= _SHAPE_OPERAND_BYTES
+
+
+_SHAPE_OPERAND_BYTES = 1024
 
 
 def _stored(name: str, how: str, array: Any) -> StoredWeight:

@@ -280,6 +280,38 @@ def compile_script(options: CompileOptions, sub_functions: bool, model_dtype: st
                                                          "qpc", options, sub_functions, model_dtype=model_dtype) + "\n")
 
 
+def check_export_options(ctx_len: object, prefill_seq_len: object, batch_size: object, full_batch_size: object,
+                         options: CompileOptions = CompileOptions()) -> None:
+    """Refuse sizes and compile options no compiled model can have, naming the `qtrace export` flag
+    (before any work: nothing is loaded or written)."""
+    from qtrace.errors import UsageError
+
+    def whole(value: object, flag: str, minimum: int = 1) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{flag} must be an integer, got {value!r}")
+        if value < minimum:
+            raise UsageError(f"{flag} must be >= {minimum}, got {value}")
+
+    whole(ctx_len, "--ctx-len")
+    whole(prefill_seq_len, "--prefill-seq-len")
+    whole(batch_size, "--batch-size")
+    if prefill_seq_len > ctx_len:  # type: ignore[operator]
+        raise UsageError(f"--prefill-seq-len {prefill_seq_len} is longer than --ctx-len {ctx_len}: a prefill chunk "
+                         "must fit the context")
+    if full_batch_size is not None:
+        whole(full_batch_size, "--full-batch-size")
+        if batch_size > full_batch_size:  # type: ignore[operator]
+            raise UsageError(f"--batch-size {batch_size} exceeds --full-batch-size {full_batch_size}: continuous "
+                             "batching has full_batch_size cache slots")
+    whole(options.num_cores, "--num-cores")
+    whole(options.num_devices, "--num-devices")
+    if options.mos is not None:
+        whole(options.mos, "--mos")
+    if options.kv_cache_precision not in (None, "float16", "bfloat16", "mxint8"):
+        raise UsageError(f"--kv-cache-precision must be float16, bfloat16 or mxint8, got "
+                         f"{options.kv_cache_precision!r}")
+
+
 __all__ = ["CompileOptions", "HW_VERSIONS", "SpecializationError", "automatic_ccl_lists", "ccl_lists",
-           "compile_command", "compile_script", "custom_io_yaml", "kv_precision", "kv_state_names", "mdp_config_name",
-           "mdp_partition_config", "specializations", "speculative_lengths"]
+           "check_export_options", "compile_command", "compile_script", "custom_io_yaml", "kv_precision",
+           "kv_state_names", "mdp_config_name", "mdp_partition_config", "specializations", "speculative_lengths"]

@@ -10,7 +10,7 @@ import numpy as np
 from qtrace import dtypes
 from qtrace.core import PRIMITIVES, Primitive, Tracer, register_primitive  # noqa: F401  (the registry `primitive` fills)
 from qtrace.dims import Dim, DimLike, shape_str
-from qtrace.errors import DTypeError, ShapeError, user_location
+from qtrace.errors import DTypeError, QtraceError, ShapeError, user_location
 from qtrace.ir import ShapeDtype
 from qtrace.weights import ConvertedWeight
 
@@ -35,7 +35,24 @@ def as_array(x: Any) -> Array:
     if isinstance(x, Dim):
         raise ShapeError(f"symbolic dim {x} cannot be used as a value; use qtrace.primitives.arange or "
                          "full to build arrays from symbolic sizes", location=user_location())
-    return np.asarray(x)
+    if isinstance(x, int) and not isinstance(x, bool) and not -2**63 <= x < 2**63:
+        return scalar_array(x, np.dtype(np.int64))  # numpy would make an object array
+    array = np.asarray(x)
+    if array.dtype == object:
+        raise DTypeError(f"{type(x).__name__} {x!r:.60} is not an array or a number", location=user_location())
+    return array
+
+
+def scalar_array(value: Any, dtype: np.dtype, op: str | None = None) -> np.ndarray:
+    """A Python scalar as a 0-d array of `dtype`; a value that does not fit is a DTypeError (numpy
+    raises OverflowError)."""
+    try:
+        return np.asarray(value, dtype=dtype)
+    except OverflowError:
+        info = np.iinfo(dtype) if np.dtype(dtype).kind in "iu" else None
+        bounds = f" ({info.min}..{info.max})" if info is not None else ""
+        raise DTypeError(f"the Python int {value} does not fit {np.dtype(dtype).name}{bounds}", op=op,
+                         location=user_location()) from None
 
 
 def dtype_of(x: Any) -> Any:
@@ -43,17 +60,21 @@ def dtype_of(x: Any) -> Any:
     return x if is_python_scalar(x) else as_array(x).dtype
 
 
-def promote(*operands: Any, to: np.dtype | None = None) -> list[Array]:
-    """Bring operands to their common numpy dtype (Python scalars are weak, as in numpy 2)."""
-    target = to if to is not None else dtypes.result_type(*[dtype_of(x) for x in operands])
-    return [convert(x, target) for x in operands]
+def promote(*operands: Any, to: np.dtype | None = None, op: str | None = None) -> list[Array]:
+    """Bring operands to their common numpy dtype (Python scalars are weak, as in numpy 2); `op`
+    names the operation in errors."""
+    try:
+        target = to if to is not None else dtypes.result_type(*[dtype_of(x) for x in operands])
+        return [convert(x, target) for x in operands]
+    except QtraceError as exc:
+        raise exc.with_context(op, None) from None
 
 
 def convert(x: Any, dtype: np.dtype) -> Array:
     from .elementwise import cast
 
     if is_python_scalar(x):
-        return np.asarray(x, dtype=dtype)
+        return scalar_array(x, dtype)
     x = as_array(x)
     return x if x.dtype == dtype else cast(x, dtype)
 
@@ -77,24 +98,32 @@ def broadcast_shapes(*shapes: tuple[DimLike, ...]) -> tuple[DimLike, ...]:
     return tuple(result)
 
 
-def normalize_axis(axis: int, ndim: int, what: str = "axis") -> int:
-    try:
-        axis = int(axis)
-    except TypeError:
-        raise ShapeError(f"{what} must be an int, got {axis!r}", location=user_location()) from None
+def normalize_axis(axis: int, ndim: int, what: str = "axis", *, op: str | None = None) -> int:
+    """A non-negative axis; `op` names the operation in the error."""
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise ShapeError(f"{what} must be an int, got {type(axis).__name__} {axis!r}", op=op,
+                         location=user_location())
+    axis = int(axis)
     if not -ndim <= axis < ndim:
-        raise ShapeError(f"{what} {axis} is out of range for an array of rank {ndim}", location=user_location())
+        raise ShapeError(f"{what} {axis} is out of range for an array of rank {ndim}", op=op,
+                         location=user_location())
     return axis % ndim
 
 
-def normalize_axes(axis: int | Sequence[int] | None, ndim: int) -> tuple[int, ...]:
+def normalize_axes(axis: int | Sequence[int] | None, ndim: int, *, op: str | None = None) -> tuple[int, ...]:
     """Reduction axes as a sorted tuple; None means all."""
     if axis is None:
         return tuple(range(ndim))
-    axes = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
-    normalized = tuple(sorted(normalize_axis(a, ndim) for a in axes))
+    if isinstance(axis, (int, np.integer)):
+        axes: tuple = (axis,)
+    elif isinstance(axis, (tuple, list)):
+        axes = tuple(axis)
+    else:
+        raise ShapeError(f"axis must be an int or a tuple of ints, got {type(axis).__name__} {axis!r}", op=op,
+                         location=user_location())
+    normalized = tuple(sorted(normalize_axis(a, ndim, op=op) for a in axes))
     if len(set(normalized)) != len(normalized):
-        raise ShapeError(f"repeated axis in {axis}", location=user_location())
+        raise ShapeError(f"repeated axis in {axis}", op=op, location=user_location())
     return normalized
 
 

@@ -15,7 +15,7 @@ from qtrace.dims import Dim, DimLike, canonical_dim, exact_divide
 from qtrace.errors import ShapeError
 from qtrace.ir import ShapeDtype
 
-from .common import Array, as_array, primitive
+from .common import Array, as_array, primitive, scalar_array
 
 
 def _arange_length(start: DimLike, stop: DimLike, step: int) -> DimLike:
@@ -71,7 +71,7 @@ def full(shape: Sequence[Any] | Any, fill_value: Any, dtype: Any = None) -> Arra
         value = cast(value, dtype) if dtype is not None and value.dtype != np.dtype(dtype) else value
         return broadcast_to(value, shape)
     dtype = dtypes.canonical_dtype(dtype if dtype is not None else np.asarray(fill_value).dtype)
-    return full_p.bind(shape=shape, fill_value=np.asarray(fill_value, dtype=dtype).item(), dtype=dtype)
+    return full_p.bind(shape=shape, fill_value=scalar_array(fill_value, dtype, op="full").item(), dtype=dtype)
 
 
 def zeros(shape: Any, dtype: Any = np.float64) -> Array:

@@ -177,9 +177,9 @@ def _binary_function(name: str, float_result: bool = False) -> Callable[[Any, An
     prim = BINARY_PRIMITIVES[name]
 
     def apply(x: Any, y: Any) -> Array:
-        x_, y_ = promote(x, y)
+        x_, y_ = promote(x, y, op=name)
         if float_result and not dtypes.is_float(x_.dtype):  # numpy: int / int is float64
-            x_, y_ = promote(x_, y_, to=np.dtype(np.float64))
+            x_, y_ = promote(x_, y_, to=np.dtype(np.float64), op=name)
         return prim.bind(x_, y_)
 
     apply.__name__ = name
@@ -239,7 +239,7 @@ def where(condition: Any, x: Any, y: Any) -> Array:
     condition = as_array(condition)
     if not dtypes.is_bool(condition.dtype):
         condition = not_equal(condition, 0)
-    x_, y_ = promote(x, y)
+    x_, y_ = promote(x, y, op="where")
     return where_p.bind(condition, x_, y_)
 
 

@@ -37,5 +37,5 @@ matmul_p = primitive("matmul", _matmul_rule, np.matmul, doc="numpy matmul: batch
 
 def matmul(a: Any, b: Any) -> Array:
     """`a @ b` with numpy's rules (batch dims broadcast; 1-D operands are vectors)."""
-    a_, b_ = promote(a, b)
+    a_, b_ = promote(a, b, op="matmul")
     return matmul_p.bind(a_, b_)

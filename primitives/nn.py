@@ -42,7 +42,7 @@ softmax_p = primitive("softmax", _softmax_rule, _softmax_impl, doc="exp(x - max)
 def softmax(x: Any, axis: int = -1) -> Array:
     """Softmax along `axis` (numerically stable: the max is subtracted first)."""
     x = as_array(x)
-    return softmax_p.bind(x, axis=normalize_axis(axis, x.ndim))
+    return softmax_p.bind(x, axis=normalize_axis(axis, x.ndim, op="softmax"))
 
 
 def _silu_impl(x: np.ndarray) -> np.ndarray:
@@ -105,7 +105,7 @@ rms_norm_p = primitive("rms_norm", _rms_norm_rule, _rms_norm_impl,
 
 def rms_norm(x: Any, weight: Any, eps: float = 1e-6) -> Array:
     """RMS normalization over the last dim, scaled by `weight`."""
-    x_, weight_ = promote(x, weight)
+    x_, weight_ = promote(x, weight, op="rms_norm")
     return rms_norm_p.bind(x_, weight_, eps=float(eps))
 
 

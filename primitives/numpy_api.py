@@ -47,7 +47,7 @@ _TRACER_OPS = {
     "reshape": _reshape_method, "transpose": _transpose_method, "astype": _astype,
     "sum": red.sum, "mean": red.mean, "var": red.var, "std": red.std, "max": red.max, "min": red.min,
     "argmax": red.argmax,
-    "squeeze": sh.squeeze, "swapaxes": sh.swapaxes, "flatten": sh.flatten,
+    "copy": sh.copy, "squeeze": sh.squeeze, "swapaxes": sh.swapaxes, "flatten": sh.flatten,
     "__getitem__": sh.getitem, "__setitem__": sh.setitem, "take": sh.take, "clip": ew.clip,
 }
 
@@ -70,7 +70,7 @@ _FUNCTIONS = {
     np.split: sh.split, np.array_split: sh.array_split, np.take: sh.take, np.repeat: sh.repeat,
     np.sum: red.sum, np.mean: red.mean, np.var: red.var, np.std: red.std, np.max: red.max, np.min: red.min,
     np.amax: red.max,
-    np.amin: red.min, np.argmax: red.argmax, np.clip: ew.clip, np.matmul: linalg.matmul,
+    np.amin: red.min, np.argmax: red.argmax, np.clip: ew.clip, np.matmul: linalg.matmul, np.copy: sh.copy,
     np.zeros_like: creation.zeros_like, np.ones_like: creation.ones_like, np.full_like: creation.full_like,
     np.astype: _astype,
 }

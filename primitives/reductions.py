@@ -73,7 +73,7 @@ def _reduction(name: str) -> Callable[..., Array]:
             from .elementwise import cast
 
             x = cast(x, dtype)
-        return prim.bind(x, axes=normalize_axes(axis, x.ndim), keepdims=bool(keepdims))
+        return prim.bind(x, axes=normalize_axes(axis, x.ndim, op=name[7:]), keepdims=bool(keepdims))
 
     reduce.__name__ = name[7:]
     reduce.__doc__ = f"numpy `{name[7:]}(x, axis=None, keepdims=False)`."
@@ -96,7 +96,7 @@ def var(x: Any, axis: int | tuple[int, ...] | None = None, dtype: Any = None, ou
         from .elementwise import cast
 
         x = cast(x, dtype)
-    axes = normalize_axes(axis, x.ndim)
+    axes = normalize_axes(axis, x.ndim, op="var")
     centered = x - mean(x, axis=axes, keepdims=True)
     result = mean(centered * centered, axis=axes, keepdims=keepdims)
     if ddof:
@@ -139,5 +139,7 @@ def argmax(x: Any, axis: int | None = None, out: Any = None, *, keepdims: bool =
     if axis is None:
         from .shape_ops import reshape
 
-        x, axis = reshape(x, (-1,)), 0
-    return argmax_p.bind(x, axis=normalize_axis(axis, x.ndim), keepdims=bool(keepdims))
+        flat = argmax_p.bind(reshape(x, (-1,)), axis=0, keepdims=False)
+        return reshape(flat, (1,) * x.ndim) if keepdims else flat  # numpy keeps every dim, as 1
+    return argmax_p.bind(x, axis=normalize_axis(axis, x.ndim, op="argmax"), keepdims=bool(keepdims))
+

@@ -5,18 +5,68 @@ expressed with them."""
 from __future__ import annotations
 
 import builtins
+import functools
 import operator
-from typing import Any, Sequence
+import os
+import sys
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from qtrace import dtypes
-from qtrace.core import Tracer
+from qtrace.core import Tracer, current_trace
 from qtrace.dims import Dim, DimLike, canonical_dim, dim_product, exact_divide, shape_str
 from qtrace.errors import DTypeError, ShapeError, UnsupportedError, user_location
 from qtrace.ir import ShapeDtype
 
 from .common import Array, as_array, broadcast_shapes, normalize_axis, primitive, promote, require_integer
+
+# -- numpy views ----------------------------------------------------------------------------------------
+# numpy returns views for basic indexing, reshape, transpose, squeeze, expand_dims and broadcast_to: an
+# assignment into the base changes the view and the other way round. qtrace values never alias, so
+# the trace notes which values numpy would alias (only for calls from the user's code: repeat or
+# flatten use reshape inside, but numpy gives copies for them), and tracing refuses an assignment
+# whose effect through a view would be read afterwards (qtrace.tracing.check_view_writes).
+
+_DISPATCH_FILES = (os.path.join("qtrace", "core.py"), "numpy_api.py", "functools.py", "<__array_function__ internals>")
+_PRIMITIVES_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+_NUMPY_DIR = os.path.dirname(os.path.abspath(np.__file__)) + os.sep
+
+
+def _called_by_user(frame: Any) -> bool:
+    """Whether a call comes from outside qtrace.primitives (skipping numpy's and qtrace's dispatch)."""
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if filename.startswith(_NUMPY_DIR) or filename.endswith(_DISPATCH_FILES):
+            frame = frame.f_back
+            continue
+        return not os.path.abspath(filename).startswith(_PRIMITIVES_DIR)
+    return True
+
+
+def note_view(result: Any, base: Any, region: Any = None) -> None:
+    """Record that numpy would give `result` as a view of `base` (region: per-axis slices of the base)."""
+    trace = current_trace()
+    if trace is None or not isinstance(result, Tracer) or not isinstance(base, Tracer) or result is base:
+        return
+    if _called_by_user(sys._getframe(2)):
+        trace.views[result.value] = (base.value, region, user_location())
+
+
+def _view(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A function numpy answers with a view of its first argument (the whole of it)."""
+
+    @functools.wraps(fn)
+    def view(x: Any, *args: Any, **kwargs: Any) -> Any:
+        result = fn(x, *args, **kwargs)
+        trace = current_trace()
+        if trace is not None and isinstance(result, Tracer) and isinstance(x, Tracer) and result is not x \
+                and _called_by_user(sys._getframe(1)):
+            trace.views[result.value] = (x.value, None, user_location())
+        return result
+
+    return view
+
 
 # -- reshape ------------------------------------------------------------------------------------------
 
@@ -51,6 +101,7 @@ def _resolve_shape(x: Array, shape: Sequence[Any]) -> tuple[DimLike, ...]:
     return tuple(dims)
 
 
+@_view
 def reshape(x: Any, *shape: Any, order: str = "C") -> Array:
     """`x.reshape(shape)`; dims may be symbolic and one may be -1."""
     if order != "C":
@@ -83,27 +134,30 @@ transpose_p = primitive("transpose", _transpose_rule, lambda x, *, perm: np.tran
                         doc="Permute axes: out.shape[i] = x.shape[perm[i]].")
 
 
+@_view
 def transpose(x: Any, *axes: Any) -> Array:
     """`np.transpose(x, axes)` (reverse the axes when none are given)."""
     if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))):
         axes = tuple(axes[0]) if axes[0] is not None else ()
     x = as_array(x)
-    perm = tuple(normalize_axis(a, x.ndim) for a in axes) if axes else tuple(reversed(range(x.ndim)))
+    perm = tuple(normalize_axis(a, x.ndim, op="transpose") for a in axes) if axes else tuple(reversed(range(x.ndim)))
     return transpose_p.bind(x, perm=perm)
 
 
+@_view
 def swapaxes(x: Any, axis1: int, axis2: int) -> Array:
     x = as_array(x)
     perm = list(range(x.ndim))
-    a, b = normalize_axis(axis1, x.ndim), normalize_axis(axis2, x.ndim)
+    a, b = normalize_axis(axis1, x.ndim, op="swapaxes"), normalize_axis(axis2, x.ndim, op="swapaxes")
     perm[a], perm[b] = perm[b], perm[a]
     return transpose(x, perm)
 
 
+@_view
 def moveaxis(x: Any, source: int, destination: int) -> Array:
     x = as_array(x)
     perm = list(range(x.ndim))
-    perm.insert(normalize_axis(destination, x.ndim), perm.pop(normalize_axis(source, x.ndim)))
+    perm.insert(normalize_axis(destination, x.ndim, op="moveaxis"), perm.pop(normalize_axis(source, x.ndim, op="moveaxis")))
     return transpose(x, perm)
 
 
@@ -111,7 +165,11 @@ def moveaxis(x: Any, source: int, destination: int) -> Array:
 
 
 def _broadcast_to_rule(x: ShapeDtype, *, shape: tuple[DimLike, ...]) -> ShapeDtype:
-    if len(shape) < x.ndim or broadcast_shapes(x.shape, shape) != tuple(shape):
+    try:
+        fits = len(shape) >= x.ndim and broadcast_shapes(x.shape, shape) == tuple(shape)
+    except ShapeError:
+        fits = False
+    if not fits:
         raise ShapeError(f"cannot broadcast {x} to [{shape_str(shape)}]")
     return ShapeDtype(shape, x.dtype)
 
@@ -121,6 +179,7 @@ broadcast_to_p = primitive("broadcast_to", _broadcast_to_rule,
                            doc="Repeat size-1 (and missing leading) dims to `shape`.")
 
 
+@_view
 def broadcast_to(x: Any, shape: Sequence[Any]) -> Array:
     """`np.broadcast_to(x, shape)`; dims may be symbolic."""
     shape = (shape,) if isinstance(shape, (int, str, Dim)) else shape
@@ -138,13 +197,14 @@ squeeze_p = primitive("squeeze", _squeeze_rule, lambda x, *, axes: np.squeeze(x,
                       doc="Remove the size-1 dims `axes`.")
 
 
+@_view
 def squeeze(x: Any, axis: int | Sequence[int] | None = None) -> Array:
     x = as_array(x)
     if axis is None:
         axes = tuple(i for i, d in enumerate(x.shape) if isinstance(d, int) and d == 1)
     else:
         requested = (axis,) if isinstance(axis, (int, np.integer)) else axis
-        axes = tuple(sorted({normalize_axis(a, x.ndim) for a in requested}))
+        axes = tuple(sorted({normalize_axis(a, x.ndim, op="squeeze") for a in requested}))
     return squeeze_p.bind(x, axes=axes) if axes else x
 
 
@@ -159,11 +219,12 @@ expand_dims_p = primitive("expand_dims", _expand_dims_rule, lambda x, *, axes: n
                           doc="Insert size-1 dims at output positions `axes`.")
 
 
+@_view
 def expand_dims(x: Any, axis: int | Sequence[int]) -> Array:
     x = as_array(x)
     axis = (axis,) if isinstance(axis, (int, np.integer)) else tuple(axis)
     out_ndim = x.ndim + len(axis)
-    axes = tuple(sorted(normalize_axis(a, out_ndim) for a in axis))
+    axes = tuple(sorted(normalize_axis(a, out_ndim, op="expand_dims") for a in axis))
     if len(set(axes)) != len(axes):
         raise ShapeError(f"expand_dims: repeated axis in {axis}", location=user_location())
     return expand_dims_p.bind(x, axes=axes)
@@ -194,18 +255,22 @@ def concatenate(arrays: Sequence[Any], axis: int = 0, out: Any = None, dtype: An
     arrays = list(arrays)
     if not arrays:
         raise ShapeError("concatenate needs at least one array", location=user_location())
-    ops = promote(*arrays) if dtype is None else promote(*arrays, to=dtypes.canonical_dtype(dtype))
+    target = None if dtype is None else dtypes.canonical_dtype(dtype)
+    ops = promote(*arrays, to=target, op="concatenate")
     ndim = ops[0].ndim
     if ndim == 0:
         raise ShapeError("zero-dimensional arrays cannot be concatenated", location=user_location())
-    return concatenate_p.bind(*ops, axis=normalize_axis(axis, ndim))
+    return concatenate_p.bind(*ops, axis=normalize_axis(axis, ndim, op="concatenate"))
 
 
 def stack(arrays: Sequence[Any], axis: int = 0) -> Array:
     arrays = [as_array(a) for a in arrays]
     if not arrays:
         raise ShapeError("stack needs at least one array", location=user_location())
-    axis = normalize_axis(axis, arrays[0].ndim + 1)
+    if any(a.shape != arrays[0].shape for a in arrays):
+        raise ShapeError(f"arrays must have one shape, got {', '.join(str(ShapeDtype.of(a)) for a in arrays)}",
+                         op="stack", location=user_location())
+    axis = normalize_axis(axis, arrays[0].ndim + 1, op="stack")
     return concatenate([expand_dims(a, axis) for a in arrays], axis=axis)
 
 
@@ -230,7 +295,7 @@ split_p = primitive("split", _split_rule, _split_impl, multiple_results=True,
 def split(x: Any, indices_or_sections: int | Sequence[int], axis: int = 0) -> list[Array]:
     """`np.split`: a number of equal sections or a list of cut indices."""
     x = as_array(x)
-    axis = normalize_axis(axis, x.ndim)
+    axis = normalize_axis(axis, x.ndim, op="split")
     dim = x.shape[axis]
     if isinstance(indices_or_sections, (int, np.integer)):
         size = exact_divide(dim, int(indices_or_sections))
@@ -298,9 +363,10 @@ def slice(x: Any, slices: Sequence[builtins.slice | None]) -> Array:  # noqa: A0
     x = as_array(x)
     full = [(s.start, s.stop, 1 if s.step is None else s.step) if s is not None else (None, None, 1)
             for s in slices] + [(None, None, 1)] * (x.ndim - len(slices))
+    full = [tuple(_static_index(v) if v is not None else None for v in f) for f in full]  # before comparing
     if all(f == (None, None, 1) for f in full):
         return x
-    return slice_p.bind(x, slices=tuple(tuple(_static_index(v) if v is not None else None for v in f) for f in full))
+    return slice_p.bind(x, slices=tuple(full))
 
 
 def _static_index(value: Any) -> int:
@@ -332,7 +398,20 @@ def take(a: Any, indices: Any, axis: int | None = None, out: Any = None, mode: A
     a, indices = as_array(a), as_array(indices)
     if axis is None:
         a, axis = reshape(a, (-1,)), 0
-    return take_p.bind(a, indices, axis=normalize_axis(axis, a.ndim))
+    axis = normalize_axis(axis, a.ndim, op="take")
+    _check_constant_indices(indices, a, axis, "take")
+    return take_p.bind(a, indices, axis=axis)
+
+
+def _check_constant_indices(indices: Any, x: Any, axis: int, op: str) -> None:
+    """Constant (numpy) indices past a static dim fail here, as numpy fails, not when the model runs."""
+    dim = x.shape[axis] if axis < x.ndim else None
+    if isinstance(indices, np.ndarray) and isinstance(dim, int) and indices.size and dtypes.is_integer(indices.dtype):
+        low, high = int(indices.min()), int(indices.max())
+        if low < -dim or high >= dim:
+            bad = high if high >= dim else low
+            raise ShapeError(f"index {bad} is out of bounds for axis {axis} of {ShapeDtype.of(x)}", op=op,
+                             location=user_location())
 
 
 def _gather_rule(x: ShapeDtype, *indices: ShapeDtype, axis: int) -> ShapeDtype:
@@ -352,7 +431,11 @@ gather_p = primitive("gather", _gather_rule,
 def gather(x: Any, indices: Sequence[Any], axis: int = 0) -> Array:
     """`x[:, ..., i0, i1, ...]` with index arrays i0, i1 (broadcast together) on axes axis, axis+1, ..."""
     x = as_array(x)
-    return gather_p.bind(x, *[as_array(i) for i in indices], axis=normalize_axis(axis, x.ndim))
+    axis = normalize_axis(axis, x.ndim, op="gather")
+    arrays = [as_array(i) for i in indices]
+    for k, index in enumerate(arrays):
+        _check_constant_indices(index, x, axis + k, "gather")
+    return gather_p.bind(x, *arrays, axis=axis)
 
 
 # -- numpy indexing -----------------------------------------------------------------------------------
@@ -434,7 +517,10 @@ def getitem(x: Any, key: Any) -> Array:
             seen_advanced = True
         elif isinstance(k, builtins.slice):
             position += 1
-    return expand_dims(result, new_axes) if new_axes else result
+    result = expand_dims(result, new_axes) if new_axes else result
+    if not has_arrays:  # basic indexing: numpy gives a view of the selected region
+        note_view(result, x, tuple(slices))
+    return result
 
 
 # -- index_put: x[key] = updates, recorded functionally -----------------------------------------------
@@ -497,14 +583,27 @@ def index_put(data: Any, indices: Any, updates: Any) -> Array:
                          None if k.stop is None else _static_index(k.stop), 1 if k.step is None else _static_index(k.step)))
     _advanced_span([k for k in key if not isinstance(k, (int, np.integer)) or has_arrays])
     # An int index removes its axis from the indexed region: updates gain that size-1 axis back.
-    updates = as_array(promote(updates, to=data.dtype)[0])
+    updates = as_array(promote(updates, to=data.dtype, op="index_put")[0])
     if not has_arrays:
         int_axes = [axis for axis, k in enumerate(key) if isinstance(k, (int, np.integer))]
         if int_axes:
             region = _index_shape(ShapeDtype.of(data), tuple(spec), [])
             squeezed = tuple(d for a, d in enumerate(region) if a not in int_axes)
-            updates = broadcast_to(updates, squeezed) if updates.shape != squeezed else updates
+            if updates.shape != squeezed:
+                try:
+                    fits = broadcast_shapes(updates.shape, squeezed) == squeezed
+                except ShapeError:
+                    fits = False
+                if not fits:
+                    raise ShapeError(f"updates {ShapeDtype.of(updates)} do not broadcast to the indexed region "
+                                     f"[{shape_str(squeezed)}] of {ShapeDtype.of(data)}", op="index_put",
+                                     location=user_location())
+                updates = broadcast_to(updates, squeezed)
             updates = expand_dims(updates, int_axes)
+    region = _index_shape(ShapeDtype.of(data), tuple(spec), [ShapeDtype.of(a).shape for a in arrays])
+    if 0 in region:  # nothing is written (x[0:0] = v): a scatter of no elements is no model at all
+        index_put_p.abstract_eval([ShapeDtype.of(v) for v in (data, updates, *arrays)], {"spec": tuple(spec)})
+        return data
     return index_put_p.bind(data, updates, *arrays, spec=tuple(spec))
 
 
@@ -512,7 +611,21 @@ def setitem(x: Any, key: Any, value: Any) -> None:
     """`x[key] = value` on a traced value: records index_put and rebinds x to the result."""
     if not isinstance(x, Tracer):
         raise UnsupportedError("setitem on a non-traced array", location=user_location())
-    x.value = index_put(x, key, value).value
+    result = index_put(x, key, value)
+    node = result.value.producer if result is not x else None
+    if node is not None and node.op == "index_put":
+        trace = current_trace()
+        if trace is not None:
+            trace.assignments.append((x.value, node, node.params["spec"]))
+    x.value = result.value
+
+
+def copy(x: Any, order: str = "K") -> Array:
+    """`x.copy()` / `np.copy(x)`: a new array (for traced values, a value no assignment aliases)."""
+    from .elementwise import cast_p
+
+    x = as_array(x)
+    return cast_p.bind(x, dtype=x.dtype) if isinstance(x, Tracer) else x.copy()
 
 
 # -- repeat (GQA's repeat_kv) -------------------------------------------------------------------------
@@ -525,7 +638,7 @@ def repeat(x: Any, repeats: int, axis: int | None = None) -> Array:
         x, axis = reshape(x, (-1,)), 0
     if not isinstance(repeats, (int, np.integer)):
         raise UnsupportedError("repeat counts must be one static int", location=user_location())
-    axis = normalize_axis(axis, x.ndim)
+    axis = normalize_axis(axis, x.ndim, op="repeat")
     expanded = expand_dims(x, axis + 1)
     target = x.shape[:axis + 1] + (int(repeats),) + x.shape[axis + 1:]
     tiled = broadcast_to(expanded, target)

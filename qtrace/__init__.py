@@ -13,8 +13,9 @@ from typing import Any
 from . import primitives  # noqa: F401  (fills the Tracer operator tables)
 from .core import Primitive, Tracer, scope
 from .dims import Dim
-from .errors import (CheckError, ConcretizationError, DTypeError, LoweringError, QtraceError, ShapeError,
-                     TraceError, UnsupportedError)
+from .errors import (CheckError, ConcretizationError, DTypeError, FileError, LoweringError, NonFiniteWeightsWarning,
+                     NumericsError, QtraceError, RunError, ShapeError, TraceError,
+                     UnsupportedError, UsageError)
 from .ir import Graph, ShapeDtype
 from .tracing import function, trace
 
@@ -30,4 +31,5 @@ def lower(*args: Any, **kwargs: Any) -> Any:
 
 __all__ = ["trace", "lower", "function", "scope", "ShapeDtype", "Graph", "Dim", "Primitive", "Tracer",
            "QtraceError", "ShapeError", "DTypeError", "ConcretizationError", "UnsupportedError", "TraceError",
-           "LoweringError", "CheckError", "primitives"]
+           "LoweringError", "CheckError", "FileError", "NonFiniteWeightsWarning", "UsageError",
+           "NumericsError", "RunError", "primitives"]

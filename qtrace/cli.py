@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import collections
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -15,7 +14,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import QtraceError
+from .errors import FileError, NumericsError, QtraceError, UsageError, user_location
 
 
 def _progress(message: str) -> None:
@@ -203,23 +202,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.checkpoint is None or args.output is None:
         raise QtraceError("export needs a CHECKPOINT_DIR and -o OUT (or --list-architectures)")
     _check_export_flags(args)
-    if args.kv_cache_batch_size is not None and (args.full_batch_size is None or
-                                                 args.kv_cache_batch_size < args.full_batch_size):
-        raise QtraceError(f"--kv-cache-batch-size {args.kv_cache_batch_size} needs --full-batch-size at most as "
-                          f"large (got {args.full_batch_size}): cache slots for prefix caching, beyond the decode lanes")
-    if args.head_block_size and (args.head_block_size < 0 or not args.kv_blocks):
-        raise QtraceError(f"--head-block-size {args.head_block_size} needs --kv-blocks (head blocking splits "
-                          "blocked attention) and a positive size")
-    if not 0 <= args.kv_blocks <= args.ctx_len:
-        raise QtraceError(f"--kv-blocks {args.kv_blocks} must be between 1 and --ctx-len {args.ctx_len} (0: unblocked)")
-    serving = _serving_options(args)
-    if args.kv_blocks and serving.ccl:
-        raise QtraceError("--kv-blocks with compute-context lengths: blocked attention reads the whole context in "
-                          "fixed blocks")
     from .examples.checkpoint import export_model, load_checkpoint
     from .examples.tokenizer import tokenizer_files
-    from .lowering.side_files import CompileOptions
+    from .lowering.side_files import CompileOptions, check_export_options
 
+    compile_options = CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
+                                     args.kv_cache_precision, num_devices=args.num_devices, hw_version=args.hw)
+    check_export_options(args.ctx_len, _prefill_seq_len(args), args.batch_size, args.full_batch_size, compile_options)
+    if args.kv_cache_batch_size is not None and (args.full_batch_size is None or
+                                                 args.kv_cache_batch_size < args.full_batch_size):
+        raise UsageError(f"--kv-cache-batch-size {args.kv_cache_batch_size} needs --full-batch-size at most as "
+                         f"large (got {args.full_batch_size}): cache slots for prefix caching, beyond the decode lanes")
+    if args.head_block_size and (args.head_block_size < 0 or not args.kv_blocks):
+        raise UsageError(f"--head-block-size {args.head_block_size} needs --kv-blocks (head blocking splits "
+                         "blocked attention) and a positive size")
+    if not 0 <= args.kv_blocks <= args.ctx_len:
+        raise UsageError(f"--kv-blocks {args.kv_blocks} must be between 1 and --ctx-len {args.ctx_len} (0: unblocked)")
+    serving = _serving_options(args)
+    if args.kv_blocks and serving.ccl:
+        raise UsageError("--kv-blocks with compute-context lengths: blocked attention reads the whole context in "
+                         "fixed blocks")
+    if os.path.exists(args.output) and not os.path.isdir(args.output):
+        raise UsageError(f"-o {args.output} is a file; give a directory (created when missing)")
     start = time.perf_counter()
     # ai100 runs float32 (or float16); an ai200 keeps the checkpoint's own dtype, bfloat16 included.
     dtype = args.dtype or ("float32" if args.hw == "ai100" else None)
@@ -242,9 +246,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                           kv_cache_batch_size=args.kv_cache_batch_size, dtype=args.dtype or model.dtype.name,
                           weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
                           kv_blocks=args.kv_blocks, head_block_size=args.head_block_size,
-                          compile_options=CompileOptions(args.num_cores, args.mxfp6_matmul, args.mos, args.depth_first,
-                                                         args.kv_cache_precision, num_devices=args.num_devices,
-                                                         hw_version=args.hw),
+                          compile_options=compile_options,
                           bytes_progress=_ProgressBar(), serving=serving, copy_files=tokenizer_files(args.checkpoint))
     print(f"{model.cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
     print(_weights_summary(report.weights, args.weights == "reference"))
@@ -254,9 +256,46 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _parse_ids(text: str) -> list[int]:
     try:
-        return [int(t) for t in text.split(",") if t.strip()]
+        ids = [int(t) for t in text.split(",") if t.strip()]
     except ValueError:
-        raise QtraceError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+        raise UsageError(f"--prompt-ids must be comma-separated integers, got {text!r}") from None
+    if not ids:
+        raise UsageError(f"--prompt-ids {text!r} holds no token id")
+    return ids
+
+
+def _check_token_ids(prompts: list[list[int]], model_dir: str) -> None:
+    """Token ids in the vocabulary (the last dim of the export's logits): onnxruntime would fail on a
+    Gather index past it, and a negative one would wrap around."""
+    import onnx
+
+    model = onnx.load(os.path.join(model_dir, "model.onnx"), load_external_data=False)
+    logits = next((o for o in model.graph.output if o.name == "logits"), None)
+    dims = logits.type.tensor_type.shape.dim if logits is not None else []
+    vocab = dims[-1].dim_value if dims and dims[-1].HasField("dim_value") else None
+    for prompt in prompts:
+        for token in prompt:
+            if token < 0 or (vocab is not None and token >= vocab):
+                bound = f"0..{vocab - 1}" if vocab is not None else "non-negative"
+                raise UsageError(f"--prompt-ids: token id {token} is outside the vocabulary of the export ({bound})")
+
+
+def _stop_on_nonfinite_logits(executable: Any) -> Any:
+    """Make an export's runs stop with a NumericsError on NaN or inf logits (greedy decoding would pick
+    token 0 from them forever)."""
+    run = executable.run
+
+    def checked(feeds: dict[str, Any]) -> dict[str, Any]:
+        outputs = run(feeds)
+        logits = outputs.get("logits")
+        if logits is not None and not np.isfinite(logits).all():
+            bad = int((~np.isfinite(logits)).sum())
+            raise NumericsError(f"{executable.name}: the logits hold NaN or inf ({bad} of {logits.size}); check the "
+                                "weights for NaN or inf (qtrace.lowering.nonfinite_weights names them)")
+        return outputs
+
+    executable.run = checked
+    return executable
 
 
 def _sampling_params(args: argparse.Namespace) -> Any:
@@ -353,8 +392,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise GenerationError(f"{path}: no model.onnx (not a qtrace export directory)")
         if path is not None:
             _check_runnable(path)
-    decoder = Decoder(Executable.load(args.model_dir),
-                      Executable.load(args.decode_model) if args.decode_model else None, sampling=sampling)
+            if path != args.draft:
+                _check_token_ids(prompts, path)
+    decoder = Decoder(_stop_on_nonfinite_logits(Executable.load(args.model_dir)),
+                      _stop_on_nonfinite_logits(Executable.load(args.decode_model)) if args.decode_model else None,
+                      sampling=sampling)
+    if not 1 <= decoder.prefill_len <= (decoder.ctx_len or decoder.prefill_len):
+        raise FileError(f"{os.path.join(args.model_dir, 'specializations.json')}: Prefill seq_len "
+                        f"{decoder.prefill_len} with ctx_len {decoder.ctx_len} cannot run (1 <= seq_len <= ctx_len)")
     if args.draft or args.prompt_lookup is not None:
         draft = Decoder(Executable.load(args.draft)) if args.draft else None
         tokens, stats = decoder.speculate(prompts, args.max_new_tokens, draft=draft, prompt_lookup=args.prompt_lookup,
@@ -393,12 +438,19 @@ def _load_target(target: str) -> Any:
 
 def _parse_spec(text: str) -> Any:
     """`f32[batch_size,seq_len,64]` or `i64[b,s]` -> ShapeDtype."""
+    import re
+
     from .dtypes import from_short_name
     from .ir import ShapeDtype
 
-    dtype, _, rest = text.partition("[")
-    dims = [d.strip() for d in rest.rstrip("]").split(",") if d.strip()]
-    return ShapeDtype(tuple(int(d) if d.lstrip("-").isdigit() else d for d in dims), from_short_name(dtype))
+    match = re.fullmatch(r"\s*(\w+)\[([^\[\]]*)\]\s*", text)
+    if match is None:
+        raise UsageError(f"--example {text!r} is not a spec like f32[batch_size,seq_len,64]")
+    dims = [d.strip() for d in match.group(2).split(",") if d.strip()]
+    try:
+        return ShapeDtype(tuple(int(d) if d.lstrip("-").isdigit() else d for d in dims), from_short_name(match.group(1)))
+    except QtraceError as exc:
+        raise UsageError(f"--example {text!r}: {exc.message}") from None
 
 
 def cmd_dump(args: argparse.Namespace) -> int:
@@ -417,7 +469,7 @@ def cmd_dump(args: argparse.Namespace) -> int:
     passes = list(DEFAULT_PIPELINE)
     if args.after is not None:
         if args.after not in passes and args.after != "trace":
-            raise QtraceError(f"--after must be trace or one of {passes}")
+            raise UsageError(f"--after must be trace or one of {passes}, got {args.after!r}")
         passes = [] if args.after == "trace" else passes[:passes.index(args.after) + 1]
     report = run_pipeline(graph, passes)
     if args.svg:
@@ -554,6 +606,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.run(args)
     except QtraceError as exc:
+        caller = user_location()
+        if exc.location is not None and caller is not None and exc.location.file == caller.file:
+            exc.location = None  # located at whoever called main (the `qtrace` script): no user line
         print(f"qtrace {args.command}: error: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except (OSError, ValueError) as exc:

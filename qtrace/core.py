@@ -27,6 +27,10 @@ from .ir import Graph, ShapeDtype, Value
 from .weights import ConvertedWeight
 
 
+class UnsupportedAttributeError(UnsupportedError, AttributeError):
+    """An ndarray attribute traced values do not have (an AttributeError too, so hasattr() is False)."""
+
+
 # -- primitive traits -----------------------------------------------------------------------------------
 # What a pass may rely on without knowing the operation (docs/architecture.md, "Primitives and traits").
 COMMUTATIVE = "commutative"  # two operands; swapping them gives the same result
@@ -124,6 +128,10 @@ class Trace:
         self.function_cache: dict[Any, Any] = {} if root is None else root.function_cache
         self.used_constant_names: set[str] = set()
         self.constant_counter = 0
+        # numpy aliasing, for `x[...] = v`: values numpy would give as views (value -> its base, the region
+        # of the base it shows or None for all of it, where it was taken) and the assignments recorded
+        self.views: dict[Value, tuple[Value, Any, Any]] = {}
+        self.assignments: list[tuple[Value, Any, tuple]] = []  # (value written over, index_put node, spec)
 
     @contextlib.contextmanager
     def active(self) -> Iterator["Trace"]:
@@ -291,10 +299,13 @@ class Tracer:
         return self._concretize("float()")
 
     def __index__(self) -> int:
-        return self._concretize("use as a Python index")
+        return self._concretize("use as a Python index (to index a numpy array with traced indices, use "
+                                "qtrace.primitives.take(array, indices))")
 
     def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
-        return self._concretize("conversion to a numpy array")
+        return self._concretize("conversion to a numpy array (numpy indexing a numpy array with a traced "
+                                "value, or np.asarray of one, needs it; index with qtrace.primitives.take"
+                                "(array, indices))")
 
     def tolist(self) -> Any:
         return self._concretize("tolist()")
@@ -317,10 +328,24 @@ class Tracer:
 
     __hash__ = object.__hash__
 
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for attributes Tracer lacks: an ndarray method qtrace does not trace is named as
+        # such (an AttributeError too, so hasattr() stays False).
+        if not name.startswith("_") and hasattr(np.ndarray, name):
+            methods = sorted(n for n in TRACER_OPS if not n.startswith("_") and hasattr(np.ndarray, n))
+            raise UnsupportedAttributeError(
+                f"ndarray.{name} is not supported on traced values {self.aval}; traced values have "
+                f"{', '.join(methods)}, .shape, .dtype, .ndim, .size, .T and numpy's operators",
+                op=name, location=user_location())
+        raise AttributeError(f"{type(self).__name__} object has no attribute {name!r}")
+
     # numpy protocols: np.exp(tracer), np.concatenate([tracer, ...]) record qtrace primitives.
     def __array_ufunc__(self, ufunc: Any, method: str, *inputs: Any, **kwargs: Any) -> Any:
         fn = NUMPY_UFUNCS.get(ufunc) if method == "__call__" else None
-        if fn is None or kwargs.get("out") is not None:
+        if fn is not None and kwargs.get("out") is not None:
+            raise UnsupportedError(f"numpy.{ufunc.__name__}: out= is not supported on traced values (they are "
+                                   "not buffers); use the returned value", location=user_location())
+        if fn is None:
             what = ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"
             raise UnsupportedError(
                 f"numpy.{what} is not supported on traced values; supported ufuncs: "
@@ -354,6 +379,6 @@ for _dunder, _name in {"lt": "less", "le": "less_equal", "gt": "greater", "ge": 
 for _dunder, _name in {"neg": "negative", "pos": "positive", "abs": "abs", "invert": "invert"}.items():
     setattr(Tracer, f"__{_dunder}__", _unary(_name))
 for _name in ("reshape", "transpose", "astype", "sum", "mean", "var", "std", "max", "min", "argmax", "squeeze",
-              "swapaxes", "flatten", "__getitem__", "__setitem__", "take", "clip"):
+              "swapaxes", "flatten", "__getitem__", "__setitem__", "take", "clip", "copy"):
     setattr(Tracer, _name, _method(_name))
 Tracer.T = property(lambda self: _op("transpose")(self))  # type: ignore[attr-defined]

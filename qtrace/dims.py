@@ -211,7 +211,12 @@ def canonical_dim(value: object) -> DimLike:
 def canonical_shape(shape: Iterable[object]) -> tuple[DimLike, ...]:
     if isinstance(shape, (int, str, Dim)):
         shape = (shape,)
-    return tuple(canonical_dim(d) for d in shape)
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        raise ShapeError(f"a shape must be a tuple of ints and symbolic names, got {shape!r}",
+                         location=user_location()) from None
+    return tuple(canonical_dim(d) for d in dims)
 
 
 def symbolic_names(value: object) -> set[str]:

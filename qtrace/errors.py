@@ -16,10 +16,14 @@ including the model zoo `qtrace.examples`, which a normal install puts inside th
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from dataclasses import dataclass
 from types import FrameType
+from typing import Any, Callable, TypeVar
+
+T = TypeVar("T")
 
 CORE_PACKAGE = "qtrace"  # its own modules are library code; its subpackages only when registered
 _LIBRARY_PACKAGES: set[str] = {"numpy"}  # with their subpackages
@@ -130,5 +134,42 @@ class LoweringError(QtraceError):
     """The IR cannot be expressed as the requested ONNX model."""
 
 
+class FileError(QtraceError, OSError):
+    """A file could not be written or read (a full disk, a missing directory, a malformed file)."""
+
+
+class UsageError(QtraceError, ValueError):
+    """An argument or command-line flag has a value qtrace cannot use (the message names the flag)."""
+
+
+class RunError(QtraceError, RuntimeError):
+    """onnxruntime could not run a lowered model on these inputs (a data-dependent failure such as an
+    index out of range: the feeds' types and shapes were checked before)."""
+
+
+class NumericsError(QtraceError, ArithmeticError):
+    """A model computed NaN or inf where a finite value is needed (logits to pick a token from)."""
+
+
+class NonFiniteWeightsWarning(UserWarning):
+    """Weights hold NaN or inf: the export still works, but the model cannot compute finite values."""
+
+
 class CheckError(QtraceError):
     """A graph failed a consistency check (shape_check, invariants, a pass broke numerics)."""
+
+
+def located(fn: Callable[..., T]) -> Callable[..., T]:
+    """For public entry points (`trace`, `lower`, `Lowered.run`, ...): an error raised inside without a
+    user line (a bad argument of the call itself) gets the line that made the call."""
+
+    @functools.wraps(fn)
+    def entry_point(*args: Any, **kwargs: Any) -> T:
+        try:
+            return fn(*args, **kwargs)
+        except QtraceError as exc:
+            if exc.location is None:
+                exc.location = user_location()
+            raise
+
+    return entry_point

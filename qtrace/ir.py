@@ -20,7 +20,7 @@ import numpy as np
 
 from . import dtypes
 from .dims import DimLike, canonical_shape, shape_str
-from .errors import CheckError, DTypeError, ShapeError, SourceLocation, TraceError
+from .errors import CheckError, DTypeError, ShapeError, SourceLocation, TraceError, located
 
 if TYPE_CHECKING:  # pragma: no cover
     from .core import Primitive
@@ -366,6 +366,7 @@ class Graph:
                 env[out] = np.asarray(result)
         return [env[v] for v in self.outputs]
 
+    @located
     def eval(self, *args: Any, **kwargs: Any) -> Any:
         """Run the graph on the traced function's arguments (same pytree; static leaves ignored)."""
         from . import pytree

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
+import linecache
+import os
+import sys
+import types
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from . import pytree
 from .core import Primitive, Trace, Tracer, current_trace
-from .errors import QtraceError, TraceError, user_location
+from .errors import QtraceError, SourceLocation, TraceError, is_library_frame, located, user_location
 from .ir import Function, Graph, ShapeDtype
 from .weights import ConvertedWeight
 
@@ -119,16 +124,222 @@ def _output_values(trace: Trace, leaves: Sequence[Any], names: Sequence[str]) ->
     return values
 
 
+def check_view_writes(trace_: Trace, graph: Graph) -> None:
+    """Refuse an assignment `x[...] = v` that numpy would see through a view read afterwards: a view
+    of x taken before (`y = x[:2]`), or the array x is a view of (`x = base[1:]`), or another view of
+    that array. qtrace values do not alias, so the model would compute what numpy does not."""
+    if not trace_.assignments:
+        return
+    children: dict[Any, list[Any]] = {}
+    for view, (base, _, _) in trace_.views.items():
+        children.setdefault(base, []).append(view)
+    for written, node, spec in trace_.assignments:
+        root = written
+        while root in trace_.views:
+            root = trace_.views[root][0]
+        stack = [root]
+        while stack:
+            value = stack.pop()
+            if value is not written and _disjoint_view(trace_, value, written, spec):
+                continue  # a view of another region of the written array, and so are its views
+            stack.extend(children.get(value, []))
+            if value is written:
+                continue
+            reader = _read_after(graph, value, node)
+            if reader is not None:
+                view = trace_.views.get(value)
+                how = (f"a view of it taken at {view[2]}" if value in children.get(written, [])
+                       else f"the array it is a view of" if value is root and root is not written
+                       else f"an array sharing its data (taken at {view[2] if view else 'the start'})")
+                raise TraceError(
+                    f"this assignment changes, in numpy, {how}, which is read afterwards ({reader}); qtrace "
+                    "arrays are values, so the model would not see the change. Copy the view before assigning "
+                    "(`y = x[...].copy()`), or assign before taking it", op="index_put", location=node.location)
+
+
+def _disjoint_view(trace_: Trace, value: Any, written: Any, spec: tuple) -> bool:
+    """Whether `value` is a basic-indexing view of `written` over a region the assignment misses on
+    some static axis."""
+    view = trace_.views.get(value)
+    if view is None or view[0] is not written or view[1] is None:
+        return False
+    for dim, taken, item in zip(written.shape, view[1], spec):
+        if not isinstance(dim, int) or item[0] != "slice":
+            continue
+        if not set(range(*taken.indices(dim))) & set(range(*slice(*item[1:]).indices(dim))):
+            return True
+    return False
+
+
+def _read_after(graph: Graph, value: Any, node: Any) -> str | None:
+    """Where `value` is read after `node` was recorded (a later operation, or a graph output)."""
+    for user, _ in graph.consumers(value):
+        if user.index > node.index:
+            return f"{user.op} at {user.location}" if user.location else user.op
+    if graph.is_output(value):
+        return "returned as an output"
+    return None
+
+
+def _check_has_outputs(fn: Callable[..., Any], out_leaves: list[Any], result: Any) -> None:
+    """A model computes something: a function returning None or only empty containers is refused."""
+    if out_leaves:
+        return
+    inner = _unwrap(fn)[0]
+    code = getattr(inner, "__code__", None)
+    where = f" (defined at {os.path.basename(code.co_filename)}:{code.co_firstlineno})" if code is not None else ""
+    raise TraceError(f"{_function_name(fn)}{where} returned {result!r:.40}: a traced function must return at least "
+                     "one array (a model with no outputs computes nothing; did it forget `return`?)",
+                     location=user_location())
+
+
 def _run_on_tracers(trace_: Trace, fn: Callable[..., Any], leaves: list[Any], mask: list[bool], in_tree: Any,
                     input_names: Sequence[str]) -> Any:
-    """Call fn with the masked argument leaves replaced by new inputs of the trace (named in order)."""
-    with trace_.active():
+    """Call fn with the masked argument leaves replaced by new inputs of the trace (named in order).
+
+    The numpy arrays fn reaches (closure, globals, partial arguments) are read-only meanwhile: they
+    become constants of the model, so a function that writes into one would lower to a model that
+    differs from the eager run. Such a write is reported at the user's line."""
+    with trace_.active(), _ReadOnlyArrays(fn) as guarded:
         names = iter(input_names)
         traced = [trace_.new_input(next(names), ShapeDtype.of(leaf)) if m else leaf for leaf, m in zip(leaves, mask)]
         args, kwargs = pytree.unflatten(in_tree, traced)
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except QtraceError:
+            raise
+        except (ValueError, TypeError) as exc:
+            inner = exc.__cause__ or exc.__context__
+            if isinstance(inner, QtraceError):  # numpy wrapped our error (float(tracer) in `a[0] = tracer`)
+                raise inner.with_traceback(None) from None
+            if isinstance(exc, ValueError) and guarded.arrays and "read-only" in str(exc):
+                raise guarded.mutation_error(exc, trace_.constant_names) from None
+            raise
+        except RecursionError:
+            raise TraceError(f"maximum recursion depth exceeded while tracing {_function_name(fn)}: a recursive "
+                             "function needs a base case that static Python values reach",
+                             location=_traceback_location(sys.exc_info()[2])) from None
 
 
+def _traceback_location(tb: Any) -> SourceLocation | None:
+    """The innermost frame of a traceback that is the user's code."""
+    found = None
+    while tb is not None:
+        if not is_library_frame(tb.tb_frame):
+            found = SourceLocation(tb.tb_frame.f_code.co_filename, tb.tb_lineno, tb.tb_frame.f_code.co_name)
+        tb = tb.tb_next
+    return found
+
+
+def _reachable_arrays(fn: Any, depth: int = 3) -> list[np.ndarray]:
+    """The numpy arrays a function reaches without taking them as arguments: partial arguments,
+    closure cells, the globals its code (and nested code) names, a bound method's instance, and the
+    same for the functions among those, `depth` levels deep."""
+    found: dict[int, np.ndarray] = {}
+    seen: set[int] = set()
+
+    def visit(obj: Any, level: int) -> None:
+        if id(obj) in seen or level < 0:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray):
+            found.setdefault(id(obj), obj)
+        elif isinstance(obj, (dict, list, tuple)):
+            for child in (obj.values() if isinstance(obj, dict) else obj):
+                visit(child, level)
+        elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+            for field in dataclasses.fields(obj):
+                visit(getattr(obj, field.name, None), level)
+        elif isinstance(obj, functools.partial):
+            visit(obj.func, level)
+            visit(obj.args, level)
+            visit(obj.keywords, level)
+        elif isinstance(obj, types.MethodType):
+            visit(obj.__func__, level)
+            visit(getattr(obj.__self__, "__dict__", None), level - 1)
+        elif isinstance(obj, types.FunctionType):
+            visit(getattr(obj, "__wrapped__", None), level)  # a @qtrace.function's own function
+            for cell in obj.__closure__ or ():
+                try:
+                    visit(cell.cell_contents, level - 1)
+                except ValueError:  # an empty cell
+                    pass
+            globals_ = obj.__globals__
+            for name in _code_names(obj.__code__):
+                if name in globals_ and not isinstance(globals_[name], types.ModuleType):
+                    visit(globals_[name], level - 1)
+
+    visit(fn, depth)
+    return list(found.values())
+
+
+def _code_names(code: types.CodeType) -> set[str]:
+    names = set(code.co_names)
+    for const in code.co_consts:  # lambdas, comprehensions and inner functions
+        if isinstance(const, types.CodeType):
+            names |= _code_names(const)
+    return names
+
+
+class _ReadOnlyArrays:
+    """Make the arrays a function reaches read-only for the duration of a `with` block."""
+
+    def __init__(self, fn: Any):
+        self.fn = fn
+        self.arrays: list[np.ndarray] = []
+
+    def __enter__(self) -> "_ReadOnlyArrays":
+        for array in _reachable_arrays(self.fn):
+            if array.flags.writeable:
+                array.flags.writeable = False
+                self.arrays.append(array)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        pending = self.arrays
+        while pending:  # a view can become writeable again only after its base has
+            failed = []
+            for array in pending:
+                try:
+                    array.flags.writeable = True
+                except ValueError:
+                    failed.append(array)
+            if len(failed) == len(pending):
+                break
+            pending = failed
+
+    def mutation_error(self, exc: ValueError, constant_names: dict[int, str]) -> TraceError:
+        """The error for a write into one of the guarded arrays, naming it when the line does."""
+        tb, frame = exc.__traceback__, None
+        while tb is not None:
+            if not is_library_frame(tb.tb_frame):
+                frame, line = tb.tb_frame, tb.tb_lineno
+            tb = tb.tb_next
+        guarded = {id(a) for a in self.arrays}
+        names: list[str] = []
+        location = None
+        if frame is not None:
+            location = SourceLocation(frame.f_code.co_filename, line, frame.f_code.co_name)
+            text = linecache.getline(frame.f_code.co_filename, line)
+            scope = {**frame.f_globals, **frame.f_locals}
+            names = sorted({constant_names.get(id(v), n) for n, v in scope.items()
+                            if isinstance(v, np.ndarray) and id(v) in guarded and n in text})
+        what = f"numpy array {', '.join(names)}" if names else "a numpy array"
+        return TraceError(
+            f"the traced function writes into {what}, which it reads from its closure, its globals or a "
+            "partial argument: that array is a constant of the model, so the model would not compute what "
+            "the function computes on its next call. Copy it first (`a = a.copy()`) or pass it as an argument "
+            f"({exc})", location=location)
+
+
+def argument_leaf_names(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> list[str]:
+    """A dotted name per leaf of fn's arguments (parameter names, dict keys), in flatten order."""
+    inner, _, bound_positional = _unwrap(fn)
+    arg_names = _parameter_names(inner, len(args), skip=bound_positional)
+    return _named_leaves(list(zip(arg_names, args)) + list(kwargs.items()))
+
+
+@located
 def trace(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwargs: dict[str, Any] | None = None,
           *, input_names: Sequence[str] | None = None, output_names: Sequence[str] | None = None,
           name: str | None = None) -> Graph:
@@ -138,13 +349,13 @@ def trace(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwar
     dict keys, or by `input_names`); other leaves are static Python values. numpy arrays the function
     reaches through partial arguments, its closure or its globals become named constants.
     """
+    if not callable(fn):
+        raise TraceError(f"the function to trace is {type(fn).__name__} {fn!r:.60}, not a callable")
     if not isinstance(example_args, (tuple, list)):
         raise TraceError(f"example_args must be a tuple or list of arguments, got {type(example_args).__name__}")
     example_kwargs = dict(example_kwargs or {})
-    inner, _, bound_positional = _unwrap(fn)
-    arg_names = _parameter_names(inner, len(example_args), skip=bound_positional)
     leaves, in_tree = pytree.flatten((tuple(example_args), example_kwargs))
-    leaf_names = _named_leaves(list(zip(arg_names, example_args)) + list(example_kwargs.items()))
+    leaf_names = argument_leaf_names(fn, example_args, example_kwargs)
     mask = [_is_array_leaf(leaf) for leaf in leaves]
     names = [n for n, m in zip(leaf_names, mask) if m]
     if input_names is not None:
@@ -159,6 +370,7 @@ def trace(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwar
     tracer_trace.constant_names.update(_constant_names(fn))
     result = _run_on_tracers(tracer_trace, fn, leaves, mask, in_tree, names)
     out_leaves, out_tree = pytree.flatten(result)
+    _check_has_outputs(fn, out_leaves, result)
     if output_names is not None:
         if len(output_names) != len(out_leaves):
             raise TraceError(f"output_names has {len(output_names)} names for {len(out_leaves)} outputs")
@@ -167,6 +379,7 @@ def trace(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwar
         out_names = pytree.leaf_paths(result, "" if isinstance(result, dict) else "output")
     _check_unique(out_names, "outputs")
     graph.set_outputs(_output_values(tracer_trace, out_leaves, out_names), out_names)
+    check_view_writes(tracer_trace, graph)
     graph.in_tree, graph.input_leaf_mask, graph.out_tree = in_tree, mask, out_tree
     return graph
 
@@ -188,6 +401,9 @@ call_p = Primitive("call", _call_rule, _call_impl, multiple_results=True,
                    doc="Call a @qtrace.function body; lowered as an ONNX local function.")
 
 
+_TRACING = object()  # function_cache marker: this signature's body is being traced right now
+
+
 def _static_key(leaf: Any) -> Any:
     try:
         hash(leaf)
@@ -206,6 +422,9 @@ def function(fn: Callable[..., Any] | None = None, *, name: str | None = None) -
     """
     if fn is None:
         return functools.partial(function, name=name)
+    if not callable(fn):
+        raise TraceError(f"@qtrace.function needs a function, got {type(fn).__name__} {fn!r:.60}",
+                         location=user_location())
     fn_name = name or _function_name(fn)
 
     @functools.wraps(fn)
@@ -219,8 +438,16 @@ def function(fn: Callable[..., Any] | None = None, *, name: str | None = None) -
         key = (wrapper, in_tree, tuple(ShapeDtype.of(leaf) if m else _static_key(leaf)
                                        for leaf, m in zip(leaves, mask)))
         cached = outer.function_cache.get(key)
+        if cached is _TRACING:
+            raise TraceError(f"@qtrace.function {fn_name} calls itself with the same signature (argument shapes, "
+                             "dtypes and static values) while it is being traced: this recursion never ends. "
+                             "Recurse on a static argument that reaches a base case", location=user_location())
         if cached is None:
-            cached = _trace_body(outer, fn, fn_name, args, kwargs, leaves, in_tree, mask)
+            outer.function_cache[key] = _TRACING
+            try:
+                cached = _trace_body(outer, fn, fn_name, args, kwargs, leaves, in_tree, mask)
+            finally:
+                del outer.function_cache[key]
             outer.function_cache[key] = cached
         function_obj, out_tree = cached
         results = call_p.bind(*arrays, function=function_obj)
@@ -233,11 +460,7 @@ def function(fn: Callable[..., Any] | None = None, *, name: str | None = None) -
 def _trace_body(outer: Trace, fn: Callable[..., Any], fn_name: str, args: Sequence[Any],
                 kwargs: dict[str, Any], leaves: list[Any], in_tree: Any, mask: list[bool]) -> tuple[Function, Any]:
     root_graph = outer.root.graph
-    unique = fn_name
-    suffix = 1
-    while unique in root_graph.functions:
-        unique, suffix = f"{fn_name}_{suffix}", suffix + 1
-    body = Graph(unique)
+    body = Graph(fn_name)
     body_trace = Trace(body, root=outer.root, scope=fn_name)
     for array_id, const_name in _constant_names(fn).items():
         body_trace.constant_names.setdefault(array_id, const_name)
@@ -246,8 +469,16 @@ def _trace_body(outer: Trace, fn: Callable[..., Any], fn_name: str, args: Sequen
     _check_unique(input_names, "function inputs")
     result = _run_on_tracers(body_trace, fn, leaves, mask, in_tree, input_names)
     out_leaves, out_tree = pytree.flatten(result)
+    _check_has_outputs(fn, out_leaves, result)
     out_names = pytree.leaf_paths(result, "" if isinstance(result, dict) else "output")
     body.set_outputs(_output_values(body_trace, out_leaves, out_names), out_names)
+    check_view_writes(body_trace, body)
+    # Named once the body is traced: a body that calls this function with another signature (bounded
+    # recursion) registers its callee first, under the first free name.
+    unique, suffix = fn_name, 1
+    while unique in root_graph.functions:
+        unique, suffix = f"{fn_name}_{suffix}", suffix + 1
+    body.name = unique
     function_obj = Function(unique, body)
     root_graph.add_function(function_obj)
     return function_obj, out_tree

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from onnx import helper
 
 from qtrace.lowering import custom_ops
-from qtrace.lowering.api import onnxruntime_session
+from qtrace.lowering.session import inference_session
 
 INT32_MAX = 2147483647
 QUALCOMM = "com.qualcomm.cloud"
@@ -78,7 +78,7 @@ def make_model(op_type, inputs, *, opset=17, attributes=None, input_dims=None):
 
 
 def run(model, inputs):
-    session = onnxruntime_session(model.SerializeToString())
+    session = inference_session(model.SerializeToString())
     (out,) = session.run(None, inputs)
     return out
 
@@ -703,7 +703,7 @@ def test_one_model_with_symbolic_dims_runs_at_two_sizes(op_type):
     symbolic = {name: [f"{name}_{axis}" for axis in range(array.ndim)] for name, array in inputs.items()}
     model = make_model(op_type, inputs, attributes=attributes_for(op_type), input_dims=symbolic)
     onnx.checker.check_model(model, full_check=True)
-    session = onnxruntime_session(model.SerializeToString())
+    session = inference_session(model.SerializeToString())
     rng = np.random.default_rng(15)
     for batch, ctx_len in [(2, 8), (4, 16)]:
         feeds, expected = sized_inputs(op_type, rng, batch, ctx_len)

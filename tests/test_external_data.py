@@ -25,7 +25,7 @@ from onnx import numpy_helper
 import qtrace
 import qtrace.primitives as qp
 from qtrace import ShapeDtype
-from qtrace.lowering.api import onnxruntime_session
+from qtrace.lowering.session import inference_session
 
 from test_lowering import assert_matches
 
@@ -150,7 +150,7 @@ def test_big_model_external_data_reads_back_exactly(big: dict[str, Any]) -> None
 
 
 def test_big_model_runs_on_onnxruntime_from_its_files(big: dict[str, Any]) -> None:
-    session = onnxruntime_session(big["path"])
+    session = inference_session(big["path"])
     ids = np.array([0, ROWS - 1, 12_345, 7, 100], np.int64)
     (got,) = session.run(None, {"ids": ids})
     assert_matches(got, expected_rows(big["data"], ids))
@@ -205,7 +205,7 @@ def test_external_data_on_request_runs_from_the_files(tmp_path: Any) -> None:
     assert [os.path.basename(f) for f in files] == ["small.onnx", "small.onnx.data"]
     onnx.checker.check_model(str(tmp_path / "small.onnx"), full_check=True)
     x = np.random.default_rng(0).standard_normal((3, 64)).astype(np.float32)
-    (got,) = onnxruntime_session(str(tmp_path / "small.onnx")).run(None, {"x": x})
+    (got,) = inference_session(str(tmp_path / "small.onnx")).run(None, {"x": x})
     assert_matches(got, small_model(x))
 
 
@@ -240,7 +240,7 @@ def test_strided_weights_are_written_in_c_order(tmp_path: Any, monkeypatch: Any)
     lowered = qtrace.lower(lambda x: x @ transposed[:, :24] + broadcast[:3], (ShapeDtype((3, 24)),))
     lowered.save(tmp_path / "m.onnx", external_data=True, size_threshold=0)
     x = np.random.default_rng(1).standard_normal((3, 24)).astype(np.float32)
-    (got,) = onnxruntime_session(str(tmp_path / "m.onnx")).run(None, {"x": x})
+    (got,) = inference_session(str(tmp_path / "m.onnx")).run(None, {"x": x})
     assert_matches(got, x @ np.ascontiguousarray(transposed)[:, :24] + np.ascontiguousarray(broadcast)[:3])
 
 

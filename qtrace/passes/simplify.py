@@ -249,7 +249,8 @@ def fold_constants(graph: Graph) -> int:
         results = node.primitive.impl(*[v.const for v in node.inputs], **node.params)
         results = results if node.primitive.multiple_results else [results]
         for out, result in zip(node.outputs, results):
-            array = np.ascontiguousarray(np.asarray(result, dtype=out.dtype))
+            # reshape: np.ascontiguousarray makes a 0-d result 1-d, and the rank must not change
+            array = np.ascontiguousarray(np.asarray(result, dtype=out.dtype)).reshape(out.shape)
             # A transformed weight keeps the weight's name (lm_head.transpose); lowering keeps names unique.
             source = node.inputs[0].name if len(node.inputs) == 1 else out.name
             folded = graph.add_constant(array, f"{source}.{node.op}")
