@@ -182,9 +182,12 @@ def main() -> None:
         print("\nblocked attention (tiny Llama, ctx_len 128): main / layers inlined / fully inlined nodes")
         from qtrace.examples.checkpoint import export_model, load_checkpoint
 
+        tiny_checkpoint = os.path.join(workdir, "tiny-checkpoint")
+        if not os.path.isdir(tiny_checkpoint):  # `--models 1B` alone
+            write_checkpoint(tiny_checkpoint, MODELS["tiny"])
         for blocks in (0, 4, 16):
             out = os.path.join(workdir, "blocked")
-            export_model(load_checkpoint(os.path.join(workdir, "tiny-checkpoint")), out, ctx_len=128, prefill_seq_len=32,
+            export_model(load_checkpoint(tiny_checkpoint), out, ctx_len=128, prefill_seq_len=32,
                          kv_blocks=blocks, weights="reference")
             counts = node_counts(onnx.load(os.path.join(out, "model.onnx"), load_external_data=False))
             print(f"  --kv-blocks {blocks:<3} {counts[0]:5d} {counts[1]:6d} {counts[2]:6d}")

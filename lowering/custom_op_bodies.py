@@ -179,17 +179,26 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
         return out
 
     # ---- RMS norm --------------------------------------------------------------------------
-    # ReduceSum (axes an input since opset 13) divided by D instead of ReduceMean, whose axes moved
-    # from attribute to input at opset 18: one body is valid for every supported opset.
+    # Written as Pow(2) -> ReduceMean(-1) -> Add(epsilon) -> Sqrt -> Div -> Mul(weight): onnxruntime
+    # fuses exactly this chain into one SimplifiedLayerNormalization kernel. ReduceMean's axes moved
+    # from attribute to input at opset 18, so the body is written once per side of that change.
 
-    @onnxscript.script(qti_aisw, default_opset=op)
-    def CustomRMSNorm(hidden, weight, epsilon: float):
-        """hidden[...,D], weight[D] -> [...,D]:
-        weight * hidden / sqrt(mean(hidden**2, -1) + epsilon), computed in hidden's dtype."""
-        dim = op.CastLike(op.Shape(hidden, start=-1), hidden)
-        mean_square = op.ReduceSum(hidden * hidden, [-1], keepdims=1) / dim
-        out = weight * hidden / op.Sqrt(mean_square + op.CastLike(epsilon, hidden))
-        return out
+    if opset >= 18:
+        @onnxscript.script(qti_aisw, default_opset=op)
+        def CustomRMSNorm(hidden, weight, epsilon: float):
+            """hidden[...,D], weight[D] -> [...,D]:
+            weight * hidden / sqrt(mean(hidden**2, -1) + epsilon), computed in hidden's dtype."""
+            mean_square = op.ReduceMean(op.Pow(hidden, op.Constant(value_float=2.0)), [-1], keepdims=1)
+            out = weight * (hidden / op.Sqrt(mean_square + op.CastLike(epsilon, hidden)))
+            return out
+    else:
+        @onnxscript.script(qti_aisw, default_opset=op)
+        def CustomRMSNorm(hidden, weight, epsilon: float):
+            """hidden[...,D], weight[D] -> [...,D]:
+            weight * hidden / sqrt(mean(hidden**2, -1) + epsilon), computed in hidden's dtype."""
+            mean_square = op.ReduceMean(op.Pow(hidden, op.Constant(value_float=2.0)), axes=[-1], keepdims=1)
+            out = weight * (hidden / op.Sqrt(mean_square + op.CastLike(epsilon, hidden)))
+            return out
 
     bodies = [
         CtxScatter, CtxScatter3D, CtxScatterCB, CtxScatterCB3D,
