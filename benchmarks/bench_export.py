@@ -63,7 +63,9 @@ CTX_LEN, PREFILL_LEN = 128, 32
 def tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     d, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
     q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
-    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,), "lm_head.weight": (v, d)}
+    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
+    if not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (v, d)
     for n in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{n}."
         shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),

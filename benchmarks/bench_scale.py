@@ -44,6 +44,9 @@ import tempfile
 import time
 from typing import Any
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_export import tensor_shapes  # noqa: E402  (the Llama checkpoint layout, tied head or not)
+
 GIB = 2**30
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                 "original_max_position_embeddings": 8192}
@@ -68,22 +71,6 @@ SAMPLE_SECONDS = 0.002
 
 
 # -- sparse checkpoints ---------------------------------------------------------------------------------
-
-
-def tensor_shapes(cfg: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    d, i, v = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    q, kv = cfg["num_attention_heads"] * cfg["head_dim"], cfg["num_key_value_heads"] * cfg["head_dim"]
-    shapes = {"model.embed_tokens.weight": (v, d), "model.norm.weight": (d,)}
-    if not cfg["tie_word_embeddings"]:
-        shapes["lm_head.weight"] = (v, d)
-    for n in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{n}."
-        shapes.update({p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-                       p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-                       p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-                       p + "mlp.gate_proj.weight": (i, d), p + "mlp.up_proj.weight": (i, d),
-                       p + "mlp.down_proj.weight": (d, i)})
-    return shapes
 
 
 def elements(cfg: dict[str, Any]) -> int:
