@@ -64,6 +64,13 @@ def is_float(dtype: np.dtype) -> bool:
     return np.dtype(dtype).kind == "f" or (bfloat16 is not None and np.dtype(dtype) == bfloat16)
 
 
+def machine_epsilon(dtype: np.dtype) -> float:
+    """The gap between 1 and the next representable number of a float dtype (bfloat16: 2**-7)."""
+    if bfloat16 is not None and np.dtype(dtype) == bfloat16:
+        return 2.0**-7
+    return float(np.finfo(dtype).eps)
+
+
 def is_integer(dtype: np.dtype) -> bool:
     return np.dtype(dtype).kind in "iu"
 

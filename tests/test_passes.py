@@ -331,6 +331,32 @@ def test_debug_mode_names_a_pass_that_changes_values(temporary_pass):
         run_pipeline(graph, ["canonicalize", "test_turn_adds_into_subs", "dce"], debug=True)
 
 
+def test_debug_mode_accepts_a_fusion_that_rounds_once_in_float16():
+    # the fused GELU rounds once where the written-out chain rounded at each of its steps: in float16
+    # that moves outputs by about 1e-3, which is float rounding, not a changed function
+    graph = qtrace.trace(lambda x: 0.5 * x * (1 + qp.erf(x / np.float16(math.sqrt(2)))),
+                         (ShapeDtype((64, 64), "float16"),))
+    report = run_pipeline(graph, ["canonicalize", "fuse"], debug=True)
+    assert collections.Counter(n.op for n in graph.nodes)["gelu"] == 1, report
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+def test_the_debug_tolerance_follows_the_dtypes_epsilon(dtype):
+    import ml_dtypes
+
+    from qtrace.dtypes import bfloat16, machine_epsilon
+
+    dtype = bfloat16 if dtype == "bfloat16" else np.dtype(dtype)
+    assert machine_epsilon(dtype) == float(ml_dtypes.finfo(dtype).eps)
+
+
+def test_debug_mode_names_a_float16_pass_that_changes_values(temporary_pass):
+    temporary_pass("test_turn_adds_into_subs", turn_adds_into_subs)
+    graph = qtrace.trace(lambda x, y: x + y, (ShapeDtype((4, 8), "float16"),) * 2)
+    with pytest.raises(CheckError, match="pass test_turn_adds_into_subs changed the value of output"):
+        run_pipeline(graph, ["test_turn_adds_into_subs"], debug=True)
+
+
 def test_debug_mode_names_a_pass_that_breaks_types(temporary_pass):
     temporary_pass("test_mislabel_a_dtype", mislabel_a_dtype)
     graph = qtrace.trace(lambda x: np.exp(x) * 2.0, (SCORES,))
