@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from qtrace.dims import Dim, DimLike
+from qtrace.dims import Dim, DimLike, quotient_of
 from qtrace.errors import LoweringError, SourceLocation
 from qtrace.ir import Graph, Node, Value
 
@@ -164,6 +164,12 @@ class LoweringContext:
         cached = self._dim_cache.get(name)
         if cached is None:
             source = self._dim_sources.get(name)
+            quotient = quotient_of(name) if source is None else None
+            if quotient is not None:  # a floor quotient no input carries: from its numerator
+                numerator, divisor = quotient
+                cached = self.op("Div", self.dim(numerator), self.ints([divisor]))  # int64 Div floors (>= 0)
+                self._dim_cache[name] = cached
+                return cached
             if source is None:
                 node = self.current
                 raise LoweringError(f"symbolic dim {name} is used but no input of {self.graph.name} carries it: a "

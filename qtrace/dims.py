@@ -94,9 +94,12 @@ class Dim:
 
     def __floordiv__(self, other: "DimLike") -> "DimLike":
         quotient = exact_divide(self, other)
-        if quotient is None:
-            raise ShapeError(f"cannot divide symbolic dim {self} by {other} exactly", location=user_location())
-        return quotient
+        if quotient is not None:
+            return quotient
+        if isinstance(other, int) and not isinstance(other, bool) and other > 0:
+            return floor_quotient(self, other)
+        raise ShapeError(f"cannot divide symbolic dim {self} by {other}: a floor division needs a positive int "
+                         "divisor, or a divisor that divides it exactly", location=user_location())
 
     # -- comparison -------------------------------------------------------------------------------
     def __eq__(self, other: object) -> bool:
@@ -151,6 +154,23 @@ class Dim:
 
 
 DimLike = Union[int, Dim]
+
+# Floor quotients `numerator // divisor` that are not polynomials (ceil(ctx_len / 7) is (ctx_len+6)//7)
+# enter the polynomials as opaque names, "(ctx_len+6)//7", whose value follows from the numerator's
+# names: this table keeps (numerator, divisor) by name. A name is its own definition, so one quotient
+# made twice is one name.
+_QUOTIENTS: dict[str, tuple[Dim, int]] = {}
+
+
+def floor_quotient(numerator: Dim, divisor: int) -> Dim:
+    name = f"({numerator})//{divisor}"
+    _QUOTIENTS.setdefault(name, (numerator, divisor))
+    return Dim({(name,): 1})
+
+
+def quotient_of(name: str) -> tuple[Dim, int] | None:
+    """(numerator, divisor) when `name` is a floor quotient, else None."""
+    return _QUOTIENTS.get(name)
 
 
 def _as_dim(value: DimLike) -> Dim:
@@ -240,13 +260,25 @@ def shape_str(shape: tuple[DimLike, ...]) -> str:
 
 
 def substitute(dim: DimLike, sizes: dict[str, int]) -> int:
-    """Evaluate a dim given concrete sizes for its names (KeyError names a missing one)."""
+    """Evaluate a dim given concrete sizes for its names (KeyError names a missing one). A floor
+    quotient is computed from its numerator's sizes, or, without them, taken from `sizes` itself
+    (a function body sees the quotient as the size of one of its inputs)."""
     if not isinstance(dim, Dim):
         return dim
     total = 0
     for mono, coef in dim.terms:
         value = coef
         for name in mono:
-            value *= sizes[name]
+            value *= _size_of(name, sizes)
         total += value
     return total
+
+
+def _size_of(name: str, sizes: dict[str, int]) -> int:
+    quotient = _QUOTIENTS.get(name)
+    if quotient is not None:
+        try:
+            return substitute(quotient[0], sizes) // quotient[1]
+        except KeyError:
+            pass
+    return sizes[name]

@@ -44,7 +44,8 @@ def exports(tmp_path_factory: Any) -> Any:
     return get
 
 
-def steps(model_dir: str, prompt: list[int], prefill_len: int, decode_steps: int = 8) -> tuple[np.ndarray, list[int]]:
+def steps(model_dir: str, prompt: list[int], prefill_len: int, decode_steps: int = 8,
+          ctx_len: int = CTX_LEN) -> tuple[np.ndarray, list[int]]:
     session = onnx_session(model_dir)
     step = onnx_step(session)
     seen = []
@@ -54,7 +55,7 @@ def steps(model_dir: str, prompt: list[int], prefill_len: int, decode_steps: int
         seen.append(logits[0, -1])
         return logits, cache
 
-    token, cache = prefill(recording, prompt, new_cache(cache_layout(session), 1, CTX_LEN), prefill_len)
+    token, cache = prefill(recording, prompt, new_cache(cache_layout(session), 1, ctx_len), prefill_len)
     logits, tokens = [seen[-1]], [token]
     for position in range(len(prompt), len(prompt) + decode_steps):
         out, cache = step(np.array([[tokens[-1]]]), np.array([[position]]), cache, None)
@@ -75,6 +76,35 @@ def test_blocked_attention_equals_unblocked(name: str, blocks: int, prefill_len:
     prompt = prompt_of(name)
     expected_logits, expected_tokens = steps(exports(name, 0, prefill_len), prompt, prefill_len)
     logits, tokens = steps(exports(name, blocks, prefill_len), prompt, prefill_len)
+    assert tokens == expected_tokens
+    assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
+
+
+def test_block_boundaries_follow_the_symbolic_ctx_len() -> None:
+    """Blocks of ceil(ctx_len / N) slots computed in the graph: the block reads are that long at
+    whatever context the export is specialized to, not at the exported one."""
+    import qtrace
+    from qtrace.dims import Dim
+
+    fn, args = load_checkpoint(os.path.join(FIXTURES, "llama")).signature(ctx_len="ctx_len", max_ctx_len=CTX_LEN,
+                                                                           kv_blocks=7)
+    graph = qtrace.trace(fn, args)
+    bodies = [graph] + [function.body for function in graph.functions.values()]
+    reads = [n for body in bodies for n in body.nodes if n.op == "ctx_gather" and n.params.get("blocked")]
+    # the block body is one shared function: its K and V reads see the block length as their own size
+    indices = [n for n in graph.nodes if n.op == "broadcast_to"]
+    block = (Dim.named("ctx_len") + 6) // 7
+    assert reads and {n.outputs[0].shape[2] for n in reads} == {block}
+    assert {n.outputs[0].shape[-1] for n in indices} == {block}
+
+
+@pytest.mark.parametrize("ctx_len", [12, 20])
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_blocked_attention_at_a_smaller_specialized_context_equals_unblocked(name: str, ctx_len: int,
+                                                                             exports: Any) -> None:
+    prompt = prompt_of(name)[:ctx_len - 9]
+    expected_logits, expected_tokens = steps(exports(name, 0), prompt, 8, ctx_len=ctx_len)
+    logits, tokens = steps(exports(name, 7), prompt, 8, ctx_len=ctx_len)
     assert tokens == expected_tokens
     assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
 

@@ -80,9 +80,31 @@ def test_inexact_division_is_none():
     assert exact_divide(7, 2) is None
 
 
-def test_floor_division_of_a_dim_that_does_not_divide_raises_shape_error():
-    with pytest.raises(qtrace.ShapeError):
-        (a + 1) // 2
+def test_floor_division_by_a_dim_that_does_not_divide_or_a_non_positive_int_raises_shape_error():
+    for divisor in (b, 0, -2):
+        with pytest.raises(qtrace.ShapeError, match="cannot divide symbolic dim a\\+1"):
+            (a + 1) // divisor
+
+
+@pytest.mark.parametrize("size", [1, 6, 7, 8, 20, 49])
+def test_floor_division_by_an_int_is_a_quotient_dim_worth_integer_floor_division(size):
+    block = (a + 6) // 7  # ceil(a / 7)
+    assert isinstance(block, Dim) and block == (a + 6) // 7 and block != (a + 5) // 7
+    assert str(block) == "(a+6)//7"
+    assert substitute(block, {"a": size}) == (size + 6) // 7
+    assert substitute(3 * block + a, {"a": size}) == 3 * ((size + 6) // 7) + size
+    assert substitute(block, {"(a+6)//7": 5}) == 5  # a body that sees only the quotient takes it as given
+
+
+@pytest.mark.parametrize("size", [5, 20])
+def test_a_quotient_dim_lowers_to_its_run_time_value(size):
+    def blocks_of_three(x):  # ceil(len / 3) block starts, computed from the input's symbolic length
+        return qp.arange((x.shape[0] + 2) // 3) * 3
+
+    lowered = qtrace.lower(blocks_of_three, (ShapeDtype(("n",), np.float32),))
+    x = np.zeros(size, np.float32)
+    np.testing.assert_array_equal(lowered.run(x), np.arange(0, size, 3))
+    np.testing.assert_array_equal(blocks_of_three(x), np.arange(0, size, 3))
 
 
 def test_str_writes_the_polynomial_with_the_highest_degree_first():

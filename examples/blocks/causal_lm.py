@@ -117,7 +117,7 @@ class Model:
         """The step function to lower (or run eagerly) and its example specs. RoPE tables cover the
         largest context the export will be specialized to (an int ctx_len, or max_ctx_len) and, failing
         that, max_position_embeddings. kv_blocks > 0: blocked attention over that many equal blocks of
-        the exported context (max_ctx_len or an int ctx_len), which the compiler is specialized to.
+        each cache, their boundaries computed from the cache's (symbolic) length.
 
         Without serving options the function is `fn(input_ids, position_ids, caches[, batch_index])`;
         with them it is `fn(input_ids, position_ids, caches, None, inputs)` where `inputs` maps the
@@ -131,7 +131,7 @@ class Model:
             raise ValueError(f"head_block_size {head_block_size} needs blocked attention (kv_blocks) and at most "
                              f"the model's {self.cfg.num_key_value_heads} KV heads")
         if kv_blocks and options.comp_ctx_lengths:
-            raise ValueError("blocked attention reads the whole exported context in fixed blocks: it does not "
+            raise ValueError("blocked attention reads the whole cache in equal blocks: it does not "
                              "combine with compute-context lengths")
         tables = model_rope_tables(self.cfg, positions, self.dtype)
         cache_batch = batch_size if full_batch_size is None else full_batch_size
@@ -146,7 +146,7 @@ class Model:
         fn = functools.partial(causal_lm_step, self.arch, self.cfg, self.params, tables,
                                layer_functions=layer_functions, sliding_cache=self.sliding_cache,
                                sampler=options.sampler,
-                               blocks=tuple(kv_block_slots(exported, kv_blocks)) if kv_blocks else (),
+                               kv_blocks=kv_blocks,
                                head_block_size=head_block_size)
         if not options.adds_inputs:
             return fn, args + ((batch_index,) if batch_index is not None else ())
@@ -207,10 +207,10 @@ class StepInputs:
     here is full length, slot c holding position c, so they hold positions < K); None: all of them."""
 
     def __init__(self, cfg: DecoderConfig, tables: dict[str, RopeTables], position_ids: Any, batch_index: Any,
-                 dtype: Any, blocks: tuple = (), sliding_cache: str = "full", comp_ctx_len: Any = None,
+                 dtype: Any, kv_blocks: int = 0, sliding_cache: str = "full", comp_ctx_len: Any = None,
                  head_block_size: int = 0):
         self.cfg, self.tables, self.position_ids, self.batch_index, self.dtype = cfg, tables, position_ids, batch_index, dtype
-        self.blocks = blocks  # the slot numbers of each KV block (blocked attention), or ()
+        self.kv_blocks = kv_blocks  # blocked attention over this many equal blocks of each cache (0: none)
         self.head_block_size = head_block_size
         self.sliding_cache = sliding_cache
         self.comp_ctx_len = comp_ctx_len
@@ -226,11 +226,13 @@ class StepInputs:
             self._made[key] = make()
         return self._made[key]
 
-    def _block_inputs(self, kind: str) -> tuple:
-        """(indices [B,KV,L], bias [B,1,G*S,L]) of every KV block, for layers of this kind."""
-        shape = (self.position_ids.shape[0], self.cfg.num_key_value_heads, len(self.blocks[0]))
+    def _block_inputs(self, kind: str, cache_len: Any) -> tuple:
+        """(indices [B,KV,L], bias [B,1,G*S,L]) of every KV block of a cache_len-slot cache, for layers of
+        this kind."""
+        blocks = self._once(("block slots", cache_len), lambda: kv_block_slots(cache_len, self.kv_blocks))
+        shape = (self.position_ids.shape[0], self.cfg.num_key_value_heads, blocks[0].shape[0])
         return tuple((broadcast_to(cache_indices(self.position_ids, slots), shape),
-                      score_bias(self.position_ids, slots, kind, self.cfg, self.dtype)) for slots in self.blocks)
+                      score_bias(self.position_ids, slots, kind, self.cfg, self.dtype)) for slots in blocks)
 
     def for_layer(self, layer: int, cache_len: Any) -> AttentionInputs:
         """The inputs of layer `layer`, whose cache has cache_len slots (a ring's own length for a ring)."""
@@ -242,8 +244,8 @@ class StepInputs:
             write = self._once(("ring writes", cache_len), lambda: ring_write_positions(self.position_ids, cache_len))
             bias = self._once(("ring bias", kind, cache_len),
                               lambda: score_bias(self.position_ids, cache_len, kind, self.cfg, self.dtype, held))
-        elif self.blocks:
-            blocks = self._once(("blocks", kind), lambda: self._block_inputs(kind))
+        elif self.kv_blocks:
+            blocks = self._once(("blocks", kind, cache_len), lambda: self._block_inputs(kind, cache_len))
         else:
             ctx_len = self.read_length(layer, cache_len)
             slots = self._once(("slots", ctx_len), lambda: arange(ctx_len))
@@ -262,7 +264,7 @@ class StepInputs:
 
 def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[str, RopeTables],
                    input_ids: Any, position_ids: Any, past_key_values: dict[str, Any], batch_index: Any = None,
-                   inputs: dict[str, Any] | None = None, *, layer_functions: bool = True, blocks: tuple = (),
+                   inputs: dict[str, Any] | None = None, *, layer_functions: bool = True, kv_blocks: int = 0,
                    head_block_size: int = 0,
                    sliding_cache: str = "full", sampler: SamplerOptions | None = None) -> dict[str, Any]:
     """One prefill or decode step: logits [B,1,vocab] at argmax(position_ids) of each row (or
@@ -274,7 +276,7 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
         batch_index = inputs.get("batch_index")
     ccl = inputs.get("comp_ctx_lengths")
     h = (arch.embed or token_embedding)(params, input_ids, position_ids, cfg)
-    step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, blocks, sliding_cache,
+    step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, kv_blocks, sliding_cache,
                       None if ccl is None else ccl.shape[0], head_block_size)
     with qtrace.scope("step"):
         layer_inputs = [step.for_layer(i, past_key_values[f"past_key.{i}"].shape[2]) for i in range(len(params["layers"]))]

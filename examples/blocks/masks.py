@@ -84,12 +84,18 @@ def score_bias(position_ids: Any, slots: Any, kind: str, cfg: DecoderConfig, dty
     return bias + alibi_bias(position_ids, slot_numbers(slots) if held is None else held, cfg, dtype)
 
 
-def kv_block_slots(ctx_len: int, count: int) -> list[np.ndarray]:
+def kv_block_slots(ctx_len: Any, count: int) -> list[Any]:
     """The slot numbers of `count` equal blocks covering a cache of ctx_len slots, ceil(ctx_len / count)
-    each. Slots past the cache (when count does not divide ctx_len) are past every position, so they
-    read at INT32_MAX and are hidden: equal blocks share one traced block body."""
-    size = -(-ctx_len // count)
-    return [np.arange(j * size, (j + 1) * size, dtype=np.int64) for j in range(count)]
+    each. ctx_len may be the cache's symbolic length: the boundaries are then computed in the graph, so
+    an export runs at whatever context it is specialized to. Slots past the cache (when count does not
+    divide ctx_len) are past every position, so they read at INT32_MAX and are hidden: equal blocks
+    share one traced block body."""
+    size = (ctx_len + count - 1) // count
+    if isinstance(size, int):
+        return [np.arange(j * size, (j + 1) * size, dtype=np.int64) for j in range(count)]
+    first = arange(size)
+    block_size = arange(size, size + 1)  # the block length as a value ([1]): the dim is symbolic
+    return [first] + [first + j * block_size for j in range(1, count)]
 
 
 # -- ring caches -------------------------------------------------------------------------------------------
