@@ -185,12 +185,13 @@ def main() -> None:
         tiny_checkpoint = os.path.join(workdir, "tiny-checkpoint")
         if not os.path.isdir(tiny_checkpoint):  # `--models 1B` alone
             write_checkpoint(tiny_checkpoint, MODELS["tiny"])
-        for blocks in (0, 4, 16):
+        for blocks, q_blocks in ((0, 0), (4, 0), (16, 0), (4, 2), (1, 4)):
             out = os.path.join(workdir, "blocked")
             export_model(load_checkpoint(tiny_checkpoint), out, ctx_len=128, prefill_seq_len=32,
-                         kv_blocks=blocks, weights="reference")
+                         kv_blocks=blocks, q_blocks=q_blocks, weights="reference")
             counts = node_counts(onnx.load(os.path.join(out, "model.onnx"), load_external_data=False))
-            print(f"  --kv-blocks {blocks:<3} {counts[0]:5d} {counts[1]:6d} {counts[2]:6d}")
+            flags = f"--kv-blocks {blocks}" + (f" --q-blocks {q_blocks}" if q_blocks else "")
+            print(f"  {flags:<26} {counts[0]:5d} {counts[1]:6d} {counts[2]:6d}")
             shutil.rmtree(out)
         print("\nnode counts per family (2 layers, ctx_len 128): main / layers inlined / fully inlined")
         from qtrace.examples.checkpoint import random_model

@@ -216,12 +216,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.head_block_size and (args.head_block_size < 0 or not args.kv_blocks):
         raise UsageError(f"--head-block-size {args.head_block_size} needs --kv-blocks (head blocking splits "
                          "blocked attention) and a positive size")
+    if args.q_blocks and (args.q_blocks < 0 or not args.kv_blocks):
+        raise UsageError(f"--q-blocks {args.q_blocks} needs --kv-blocks (query blocking splits blocked attention; "
+                         "--kv-blocks 1 reads the cache whole) and a positive count")
     if not 0 <= args.kv_blocks <= args.ctx_len:
         raise UsageError(f"--kv-blocks {args.kv_blocks} must be between 1 and --ctx-len {args.ctx_len} (0: unblocked)")
     serving = _serving_options(args)
     if args.kv_blocks and serving.ccl:
         raise UsageError("--kv-blocks with compute-context lengths: blocked attention reads the whole context in "
-                         "fixed blocks")
+                         "equal blocks")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
         raise UsageError(f"-o {args.output} is a file; give a directory (created when missing)")
     start = time.perf_counter()
@@ -245,7 +248,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                           batch_size=args.batch_size, full_batch_size=args.full_batch_size,
                           kv_cache_batch_size=args.kv_cache_batch_size, dtype=args.dtype or model.dtype.name,
                           weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
-                          kv_blocks=args.kv_blocks, head_block_size=args.head_block_size,
+                          kv_blocks=args.kv_blocks, head_block_size=args.head_block_size, q_blocks=args.q_blocks,
                           compile_options=compile_options,
                           bytes_progress=_ProgressBar(), serving=serving, copy_files=tokenizer_files(args.checkpoint))
     print(f"{model.cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
@@ -519,6 +522,9 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--head-block-size", type=int, default=0, metavar="H",
                         help="with --kv-blocks: blocked attention over H KV heads at a time (QEfficient's head "
                              "blocking; default: all heads together)")
+    export.add_argument("--q-blocks", type=int, default=0, metavar="Q",
+                        help="with --kv-blocks: blocked attention over Q equal blocks of query rows, each against "
+                             "every KV block (QEfficient's num_q_blocks; default: all rows together)")
     export.add_argument("--kv-blocks", type=int, default=0, metavar="N",
                         help="blocked attention: read each layer's cache in N blocks (CtxGatherBlockedKV) with an "
                              "exact online softmax, for long contexts (default: one whole read)")

@@ -32,12 +32,13 @@ def exports(tmp_path_factory: Any) -> Any:
     made: dict[tuple, str] = {}
 
     def get(name: str, blocks: int, prefill_len: int = 8, full_batch_size: int | None = None,
-            head_block_size: int = 0) -> str:
-        key = (name, blocks, prefill_len, full_batch_size, head_block_size)
+            head_block_size: int = 0, q_blocks: int = 0) -> str:
+        key = (name, blocks, prefill_len, full_batch_size, head_block_size, q_blocks)
         if key not in made:
             out = str(tmp_path_factory.mktemp(f"{name}-{blocks}"))
             export_model(load_checkpoint(os.path.join(FIXTURES, name)), out, ctx_len=CTX_LEN, prefill_seq_len=prefill_len,
-                         full_batch_size=full_batch_size, kv_blocks=blocks, head_block_size=head_block_size)
+                         full_batch_size=full_batch_size, kv_blocks=blocks, head_block_size=head_block_size,
+                         q_blocks=q_blocks)
             made[key] = out
         return made[key]
 
@@ -138,6 +139,38 @@ def test_head_blocking_equals_unblocked(name: str, exports: Any) -> None:
                  full_batch_size=3)
 
 
+@pytest.mark.parametrize("name, kv_blocks, q_blocks, head_block_size", [
+    ("llama", 1, 3, 0),      # query blocking alone (one KV block: the cache read whole)
+    ("gemma2", 4, 3, 0),     # softcap + window, query rows not divisible by 3
+    ("gpt_oss", 2, 2, 1),    # attention sinks (the log-sum-exp rows are cut and merged too), head blocking
+])
+def test_query_blocking_equals_unblocked(name: str, kv_blocks: int, q_blocks: int, head_block_size: int,
+                                         exports: Any) -> None:
+    """Blocks of ceil(G*S / Q) query rows (G query heads per KV head, S tokens), each against every KV
+    block: padded and chunked prefill, decode (G rows), and continuous batching."""
+    prompt = prompt_of(name)
+    for prefill_len in (8, 16):
+        expected_logits, expected_tokens = steps(exports(name, 0, prefill_len), prompt, prefill_len)
+        logits, tokens = steps(exports(name, kv_blocks, prefill_len, None, head_block_size, q_blocks), prompt,
+                               prefill_len)
+        assert tokens == expected_tokens
+        assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
+    prompts = [prompt, [5, 9, 2], [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]]
+    results = [generate(onnx_step(session), prompts, 6, prefill_len=8, ctx_len=CTX_LEN,
+                        layout=cache_layout(session), full_batch_size=3)
+               for session in (onnx_session(exports(name, 0, 8, 3)),
+                               onnx_session(exports(name, kv_blocks, 8, 3, head_block_size, q_blocks)))]
+    assert results[1] == results[0]
+
+
+def test_query_blocking_scores_each_block_of_rows_against_every_kv_block(exports: Any) -> None:
+    _, functions = op_counts(exports("llama", 2, 8, None, q_blocks=3))
+    layer = functions["llama_layer"]
+    # block 1's K and V are read once and scored by each of the 3 row blocks; block 2: one call per row block
+    assert layer["CtxGatherBlockedKV"] == 2 and layer["attention_kv_block"] == 3
+    assert layer["Softmax"] == 0 and layer["MatMul"] >= 2 * 3
+
+
 def test_head_blocking_slices_the_heads_apart(exports: Any) -> None:
     _, functions = op_counts(exports("llama", 4, 8, None, head_block_size=1))
     kv_heads = 2
@@ -175,6 +208,8 @@ def test_blocks_past_the_context_read_nothing(exports: Any) -> None:
 
 @pytest.mark.parametrize("argv, message", [
     (["--head-block-size", "1"], "--head-block-size 1 needs --kv-blocks"),
+    (["--q-blocks", "2"], "--q-blocks 2 needs --kv-blocks"),
+    (["--kv-blocks", "2", "--q-blocks", "-1"], "--q-blocks -1 needs --kv-blocks"),
     (["--kv-blocks", "64"], "--kv-blocks 64"),
 ])
 def test_cli_refuses_blocking_flags_that_cannot_apply(argv: list[str], message: str, tmp_path: Any,

@@ -113,11 +113,12 @@ class Model:
     def signature(self, *, ctx_len: int | str = "ctx_len", batch_size: int | str = "batch_size",
                   seq_len: int | str = "seq_len", full_batch_size: int | str | None = None,
                   layer_functions: bool = True, max_ctx_len: int = 0, kv_blocks: int = 0, head_block_size: int = 0,
-                  options: StepOptions = StepOptions()) -> tuple[Any, tuple]:
+                  q_blocks: int = 0, options: StepOptions = StepOptions()) -> tuple[Any, tuple]:
         """The step function to lower (or run eagerly) and its example specs. RoPE tables cover the
         largest context the export will be specialized to (an int ctx_len, or max_ctx_len) and, failing
         that, max_position_embeddings. kv_blocks > 0: blocked attention over that many equal blocks of
-        each cache, their boundaries computed from the cache's (symbolic) length.
+        each cache, their boundaries computed from the cache's (symbolic) length; head_block_size and
+        q_blocks cut it further into groups of KV heads and equal blocks of query rows.
 
         Without serving options the function is `fn(input_ids, position_ids, caches[, batch_index])`;
         with them it is `fn(input_ids, position_ids, caches, None, inputs)` where `inputs` maps the
@@ -130,6 +131,8 @@ class Model:
         if head_block_size and not (kv_blocks and 1 <= head_block_size <= self.cfg.num_key_value_heads):
             raise ValueError(f"head_block_size {head_block_size} needs blocked attention (kv_blocks) and at most "
                              f"the model's {self.cfg.num_key_value_heads} KV heads")
+        if q_blocks and not (kv_blocks and q_blocks >= 1):
+            raise ValueError(f"q_blocks {q_blocks} needs blocked attention (kv_blocks; 1 reads the cache whole)")
         if kv_blocks and options.comp_ctx_lengths:
             raise ValueError("blocked attention reads the whole cache in equal blocks: it does not "
                              "combine with compute-context lengths")
@@ -147,7 +150,7 @@ class Model:
                                layer_functions=layer_functions, sliding_cache=self.sliding_cache,
                                sampler=options.sampler,
                                kv_blocks=kv_blocks,
-                               head_block_size=head_block_size)
+                               head_block_size=head_block_size, q_blocks=q_blocks)
         if not options.adds_inputs:
             return fn, args + ((batch_index,) if batch_index is not None else ())
         inputs: dict[str, Any] = {}
@@ -208,10 +211,11 @@ class StepInputs:
 
     def __init__(self, cfg: DecoderConfig, tables: dict[str, RopeTables], position_ids: Any, batch_index: Any,
                  dtype: Any, kv_blocks: int = 0, sliding_cache: str = "full", comp_ctx_len: Any = None,
-                 head_block_size: int = 0):
+                 head_block_size: int = 0, q_blocks: int = 0):
         self.cfg, self.tables, self.position_ids, self.batch_index, self.dtype = cfg, tables, position_ids, batch_index, dtype
         self.kv_blocks = kv_blocks  # blocked attention over this many equal blocks of each cache (0: none)
         self.head_block_size = head_block_size
+        self.q_blocks = q_blocks
         self.sliding_cache = sliding_cache
         self.comp_ctx_len = comp_ctx_len
         self._made: dict[Any, Any] = {}
@@ -259,13 +263,13 @@ class StepInputs:
             cos, sin = self._once(("rope", rope_name(self.cfg, spec)), lambda: rope_at(table, self.position_ids))
             rotation = table.rotation
         return AttentionInputs(self.position_ids, indices, bias, self.batch_index, cos, sin, rotation, blocks or (),
-                               write, self.head_block_size if blocks else 0)
+                               write, self.head_block_size if blocks else 0, self.q_blocks if blocks else 0)
 
 
 def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[str, RopeTables],
                    input_ids: Any, position_ids: Any, past_key_values: dict[str, Any], batch_index: Any = None,
                    inputs: dict[str, Any] | None = None, *, layer_functions: bool = True, kv_blocks: int = 0,
-                   head_block_size: int = 0,
+                   head_block_size: int = 0, q_blocks: int = 0,
                    sliding_cache: str = "full", sampler: SamplerOptions | None = None) -> dict[str, Any]:
     """One prefill or decode step: logits [B,1,vocab] at argmax(position_ids) of each row (or
     [B,nlk,vocab] with num_logits_to_keep, or the sampler's outputs) and the updated caches under
@@ -277,7 +281,7 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
     ccl = inputs.get("comp_ctx_lengths")
     h = (arch.embed or token_embedding)(params, input_ids, position_ids, cfg)
     step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, kv_blocks, sliding_cache,
-                      None if ccl is None else ccl.shape[0], head_block_size)
+                      None if ccl is None else ccl.shape[0], head_block_size, q_blocks)
     with qtrace.scope("step"):
         layer_inputs = [step.for_layer(i, past_key_values[f"past_key.{i}"].shape[2]) for i in range(len(params["layers"]))]
     linear_names = _linear_names(arch, cfg)
