@@ -9,6 +9,7 @@ Checkpoint loading, `qtrace export` and `qtrace generate` find architectures onl
 from __future__ import annotations
 
 import importlib
+import os
 import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -53,6 +54,26 @@ def _load_families() -> None:
     _loaded = True
 
 
+def _find(name: str) -> Architecture | None:
+    """The architecture registered under `name`, importing first only the family modules whose source
+    spells the name out (a fresh `qtrace export` imports one family, not the whole zoo), then, if
+    that did not register it, every family."""
+    if name not in _REGISTRY and not _loaded:
+        from . import families
+
+        for module in sorted(m.name for m in pkgutil.iter_modules(families.__path__)):
+            try:
+                with open(os.path.join(families.__path__[0], module + ".py"), encoding="utf-8") as f:
+                    names_it = f'"{name}"' in f.read()
+            except OSError:  # not a plain file (a zipped install): the full load below finds it
+                continue
+            if names_it:
+                importlib.import_module(f"{families.__name__}.{module}")
+    if name not in _REGISTRY:
+        _load_families()
+    return _REGISTRY.get(name)
+
+
 def architectures() -> dict[str, Architecture]:
     """Every registered architecture, by name (sorted)."""
     _load_families()
@@ -60,10 +81,10 @@ def architectures() -> dict[str, Architecture]:
 
 
 def get_architecture(name: str) -> Architecture:
-    known = architectures()
-    if name not in known:
-        raise ConfigError(f"unsupported architecture {name!r}; qtrace supports {', '.join(known)}")
-    return known[name]
+    arch = _find(name) if isinstance(name, str) else None
+    if arch is None:
+        raise ConfigError(f"unsupported architecture {name!r}; qtrace supports {', '.join(architectures())}")
+    return arch
 
 
 def architecture_of(config: dict[str, Any], source: str = "config.json") -> Architecture:
@@ -71,12 +92,12 @@ def architecture_of(config: dict[str, Any], source: str = "config.json") -> Arch
     names = config.get("architectures") or []
     if not isinstance(names, list):
         raise ConfigError(f"{source}: field 'architectures' must be a list, got {names!r}")
-    known = architectures()
     for name in names:
-        if name in known:
-            return known[name]
+        arch = _find(name) if isinstance(name, str) else None
+        if arch is not None:
+            return arch
     what = names or config.get("model_type") or "none given"
-    raise ConfigError(f"{source}: unsupported architecture {what!r}; qtrace supports {', '.join(known)}")
+    raise ConfigError(f"{source}: unsupported architecture {what!r}; qtrace supports {', '.join(architectures())}")
 
 
 def read_config(config: dict[str, Any], source: str = "config.json") -> tuple[Architecture, DecoderConfig]:

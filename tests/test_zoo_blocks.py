@@ -289,6 +289,20 @@ def test_every_registered_architecture_has_a_parity_fixture() -> None:
     assert set(architectures()) <= covered
 
 
+@pytest.mark.parametrize("fixture, module", [("llama", "llama"), ("gemma2", "gemma"), ("mixtral", "mixtral")])
+def test_loading_a_checkpoint_imports_only_its_family(fixture: str, module: str) -> None:
+    """A fresh process that loads one checkpoint imports the one family module that registers its
+    architecture, not the whole zoo (start-up time); listing still finds every family."""
+    import subprocess
+    import sys
+
+    script = ("import sys; from qtrace.examples.checkpoint import load_checkpoint; load_checkpoint(sys.argv[1]); "
+              "print(sorted(m.rsplit('.', 1)[1] for m in sys.modules if m.startswith('qtrace.examples.families.')))")
+    out = subprocess.run([sys.executable, "-c", script, os.path.join(FIXTURES, fixture)], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == repr([module])
+
+
 def test_cli_lists_the_architectures(capsys: Any) -> None:
     assert cli.main(["export", "--list-architectures"]) == 0
     printed = capsys.readouterr().out.split("\n")
