@@ -60,6 +60,9 @@ def child(config_json: str, layers: int) -> None:
     from qtrace.examples.checkpoint import export_model, random_model
 
     config = {**json.loads(config_json), "num_hidden_layers": layers}
+    for alias in ("n_layer", "n_layers", "num_layers"):  # the GPT-2 lineage's own names for it
+        if alias in config:
+            config[alias] = layers
     for per_layer in ("layer_types", "no_rope_layers", "moe_layers"):
         config.pop(per_layer, None)  # re-derived for the new layer count where the family has a default
     if config["architectures"][0] == "Gemma3ForCausalLM":
