@@ -264,7 +264,7 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
                  full_batch_size: int | None = None, kv_cache_batch_size: int | None = None,
                  dtype: str = "float32", weights: str = "copy",
                  layer_functions: bool = True, kv_blocks: int = 0, head_block_size: int = 0, q_blocks: int = 0,
-                 compile_options: CompileOptions = CompileOptions(),
+                 skip_kv: bool = False, compile_options: CompileOptions = CompileOptions(),
                  progress: Callable[[str], None] | None = None,
                  bytes_progress: Callable[[int, int], None] | None = None,
                  serving: ServingOptions = ServingOptions(), copy_files: Sequence[str] = ()) -> ExportReport:
@@ -273,7 +273,8 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
     `copy_files` (the checkpoint's tokenizer files). Everything is written in a scratch directory
     first: a failure leaves out_dir as it was. progress(stage) names each stage; bytes_progress(done,
     total) follows the weights. kv_blocks > 0: blocked attention, the cache read in that many blocks
-    (long contexts), optionally head_block_size KV heads and one of q_blocks blocks of query rows at a time. `serving` adds serving modes (CCL, a speculative-decoding target,
+    (long contexts), optionally head_block_size KV heads and one of q_blocks blocks of query rows at a time,
+    and with skip_kv a predicate per block that lets the accelerator skip blocks past every position. `serving` adds serving modes (CCL, a speculative-decoding target,
     prefill-only/decode-only, on-device sampling). kv_cache_batch_size > full_batch_size: prefix
     caching (more cache slots than decode lanes; the graph is the continuous-batching one).
 
@@ -297,7 +298,7 @@ def export_model(model: Model, out_dir: str, *, ctx_len: int = 128, prefill_seq_
     # make float16 keys and values); lowering to float16 converts whatever is still float32.
     fn, args = model.signature(full_batch_size="full_batch_size" if full_batch_size else None, ctx_len="ctx_len",
                                layer_functions=layer_functions, max_ctx_len=ctx_len, kv_blocks=kv_blocks,
-                               head_block_size=head_block_size, q_blocks=q_blocks,
+                               head_block_size=head_block_size, q_blocks=q_blocks, skip_kv=skip_kv,
                                options=serving.step_options(model.cfg.vocab_size))
     lowered = qtrace.lower(fn, args, dtype=np.float16 if dtype == "float16" else None)
     stages["lower"] = time.perf_counter() - start

@@ -219,6 +219,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.q_blocks and (args.q_blocks < 0 or not args.kv_blocks):
         raise UsageError(f"--q-blocks {args.q_blocks} needs --kv-blocks (query blocking splits blocked attention; "
                          "--kv-blocks 1 reads the cache whole) and a positive count")
+    if args.skip_kv and not args.kv_blocks:
+        raise UsageError("--skip-kv needs --kv-blocks (it marks the KV blocks that lie past every position)")
     if not 0 <= args.kv_blocks <= args.ctx_len:
         raise UsageError(f"--kv-blocks {args.kv_blocks} must be between 1 and --ctx-len {args.ctx_len} (0: unblocked)")
     serving = _serving_options(args)
@@ -249,6 +251,7 @@ def cmd_export(args: argparse.Namespace) -> int:
                           kv_cache_batch_size=args.kv_cache_batch_size, dtype=args.dtype or model.dtype.name,
                           weights=args.weights, layer_functions=not args.no_layer_functions, progress=_progress,
                           kv_blocks=args.kv_blocks, head_block_size=args.head_block_size, q_blocks=args.q_blocks,
+                          skip_kv=args.skip_kv,
                           compile_options=compile_options,
                           bytes_progress=_ProgressBar(), serving=serving, copy_files=tokenizer_files(args.checkpoint))
     print(f"{model.cfg.architecture} -> {args.output}: {', '.join(os.path.basename(f) for f in report.files)}")
@@ -525,6 +528,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--q-blocks", type=int, default=0, metavar="Q",
                         help="with --kv-blocks: blocked attention over Q equal blocks of query rows, each against "
                              "every KV block (QEfficient's num_q_blocks; default: all rows together)")
+    export.add_argument("--skip-kv", action="store_true",
+                        help="with --kv-blocks: a predicate per KV block, true when the block lies past every "
+                             "position, that keeps the running softmax unchanged so the accelerator may skip the "
+                             "block (QEfficient's skip_kv)")
     export.add_argument("--kv-blocks", type=int, default=0, metavar="N",
                         help="blocked attention: read each layer's cache in N blocks (CtxGatherBlockedKV) with an "
                              "exact online softmax, for long contexts (default: one whole read)")

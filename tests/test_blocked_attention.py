@@ -32,13 +32,13 @@ def exports(tmp_path_factory: Any) -> Any:
     made: dict[tuple, str] = {}
 
     def get(name: str, blocks: int, prefill_len: int = 8, full_batch_size: int | None = None,
-            head_block_size: int = 0, q_blocks: int = 0) -> str:
-        key = (name, blocks, prefill_len, full_batch_size, head_block_size, q_blocks)
+            head_block_size: int = 0, q_blocks: int = 0, skip_kv: bool = False) -> str:
+        key = (name, blocks, prefill_len, full_batch_size, head_block_size, q_blocks, skip_kv)
         if key not in made:
             out = str(tmp_path_factory.mktemp(f"{name}-{blocks}"))
             export_model(load_checkpoint(os.path.join(FIXTURES, name)), out, ctx_len=CTX_LEN, prefill_seq_len=prefill_len,
                          full_batch_size=full_batch_size, kv_blocks=blocks, head_block_size=head_block_size,
-                         q_blocks=q_blocks)
+                         q_blocks=q_blocks, skip_kv=skip_kv)
             made[key] = out
         return made[key]
 
@@ -163,6 +163,29 @@ def test_query_blocking_equals_unblocked(name: str, kv_blocks: int, q_blocks: in
     assert results[1] == results[0]
 
 
+@pytest.mark.parametrize("name", ["llama", "gemma2"])
+def test_skipping_future_blocks_equals_unblocked(name: str, exports: Any) -> None:
+    """--skip-kv: blocks past every position keep the running softmax as it was (prefill and decode
+    reach only the first of 7 blocks early on, and every block later), continuous batching included."""
+    prompt = prompt_of(name)
+    for prefill_len in (8, 16):
+        expected_logits, expected_tokens = steps(exports(name, 0, prefill_len), prompt, prefill_len)
+        logits, tokens = steps(exports(name, 7, prefill_len, skip_kv=True), prompt, prefill_len)
+        assert tokens == expected_tokens
+        assert np.abs(logits - expected_logits).max() <= 1e-5 * np.abs(expected_logits).max()
+    prompts = [prompt, [5, 9, 2], [3, 14, 15, 92, 65, 35, 89, 79, 32, 38]]
+    results = [generate(onnx_step(session), prompts, 6, prefill_len=8, ctx_len=CTX_LEN,
+                        layout=cache_layout(session), full_batch_size=3)
+               for session in (onnx_session(exports(name, 0, 8, 3)), onnx_session(exports(name, 7, 8, 3, skip_kv=True)))]
+    assert results[1] == results[0]
+
+
+def test_skip_kv_selects_the_running_state_when_a_block_lies_in_the_future(exports: Any) -> None:
+    _, plain = op_counts(exports("llama", 7))
+    _, skipping = op_counts(exports("llama", 7, skip_kv=True))
+    assert skipping["attention_kv_block"]["Where"] == plain["attention_kv_block"]["Where"] + 3
+
+
 def test_query_blocking_scores_each_block_of_rows_against_every_kv_block(exports: Any) -> None:
     _, functions = op_counts(exports("llama", 2, 8, None, q_blocks=3))
     layer = functions["llama_layer"]
@@ -209,6 +232,7 @@ def test_blocks_past_the_context_read_nothing(exports: Any) -> None:
 @pytest.mark.parametrize("argv, message", [
     (["--head-block-size", "1"], "--head-block-size 1 needs --kv-blocks"),
     (["--q-blocks", "2"], "--q-blocks 2 needs --kv-blocks"),
+    (["--skip-kv"], "--skip-kv needs --kv-blocks"),
     (["--kv-blocks", "2", "--q-blocks", "-1"], "--q-blocks -1 needs --kv-blocks"),
     (["--kv-blocks", "64"], "--kv-blocks 64"),
 ])

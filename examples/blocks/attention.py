@@ -38,7 +38,8 @@ class AttentionInputs:
     cos: Any = None          # [B,S,1,D] RoPE tables at the positions (None: no rotary)
     sin: Any = None
     rotation: Any = None     # [D,D] the RoPE pairing
-    blocks: tuple = ()       # blocked attention: ((indices [B,KV,L], bias [B,1,G*S,L]), ...), one per KV block
+    blocks: tuple = ()       # blocked attention: ((indices [B,KV,L], bias [B,1,G*S,L], future), ...), one per
+                             # KV block; future: bool [] true when the block lies past every position (or None)
     write_positions: Any = None  # [B,S] cache slots of the new keys/values when not position_ids (rings)
     head_block_size: int = 0     # blocked attention over this many KV heads at a time (0: all heads together)
     q_blocks: int = 0            # blocked attention over this many equal blocks of query rows (0: all rows together)
@@ -98,12 +99,18 @@ def _online_softmax_terms(scores: Any, running_max: Any) -> tuple[Any, Any, Any]
 @qtrace.function(name="attention_kv_block")
 def attention_kv_block(grouped_q: Any, key_cache: Any, value_cache: Any, block: tuple[Any, Any], batch_index: Any,
                        running: tuple[Any, Any, Any], softcap: float | None) -> tuple[Any, Any, Any]:
-    """Fold one KV block into the running (maximum, denominator, weighted sum)."""
-    indices, bias = block
+    """Fold one KV block into the running (maximum, denominator, weighted sum). A block wholly in the
+    future (its `future` predicate, --skip-kv) leaves them as they are: it would add exactly nothing,
+    and the predicate lets the accelerator skip the block's reads and products."""
+    indices, bias, future = block
     keys, values = read_cache_block(key_cache, indices, batch_index), read_cache_block(value_cache, indices, batch_index)
     running_max, denominator, total = running
     new_max, weights, correction = _online_softmax_terms(capped_scores(grouped_q, keys, softcap) + bias, running_max)
-    return new_max, denominator * correction + weights.sum(axis=-1, keepdims=True), total * correction + weights @ values
+    folded = (new_max, denominator * correction + weights.sum(axis=-1, keepdims=True),
+              total * correction + weights @ values)
+    if future is None:
+        return folded
+    return tuple(where(future, before, after) for before, after in zip(running, folded))
 
 
 def blocked_attention(grouped_q: Any, key_cache: Any, value_cache: Any, blocks: tuple, batch_index: Any,
@@ -122,8 +129,8 @@ def blocked_attention(grouped_q: Any, key_cache: Any, value_cache: Any, blocks: 
     parts = []
     for first in range(0, kv_heads, head_block_size):
         heads = slice(first, first + head_block_size)
-        group_blocks = tuple((indices[:, heads], bias[:, heads] if bias.shape[1] == kv_heads else bias)
-                             for indices, bias in blocks)
+        group_blocks = tuple((indices[:, heads], bias[:, heads] if bias.shape[1] == kv_heads else bias, future)
+                             for indices, bias, future in blocks)
         parts.append(_attention_over_query_blocks(grouped_q[:, heads], key_cache[:, heads], value_cache[:, heads],
                                                   group_blocks, batch_index, softcap, with_logsumexp, q_blocks))
     if with_logsumexp:
@@ -156,9 +163,9 @@ def _attention_over_query_blocks(grouped_q: Any, key_cache: Any, value_cache: An
         return _attention_over_blocks(grouped_q, key_cache, value_cache, blocks, batch_index, softcap, with_logsumexp)
     rows = grouped_q.shape[2]
     queries = query_row_blocks(grouped_q, q_blocks)
-    biases = [query_row_blocks(bias, q_blocks) for _, bias in blocks]  # every KV block's bias, cut the same way
+    biases = [query_row_blocks(bias, q_blocks) for _, bias, _ in blocks]  # every KV block's bias, cut the same way
     parts = [_attention_over_blocks(queries[j], key_cache, value_cache,
-                                    tuple((indices, bias[j]) for (indices, _), bias in zip(blocks, biases)),
+                                    tuple((indices, bias[j], future) for (indices, _, future), bias in zip(blocks, biases)),
                                     batch_index, softcap, with_logsumexp) for j in range(q_blocks)]
     if with_logsumexp:
         return tuple(merge_query_row_blocks([part[i] for part in parts], rows) for i in range(2))
@@ -167,7 +174,7 @@ def _attention_over_query_blocks(grouped_q: Any, key_cache: Any, value_cache: An
 
 def _attention_over_blocks(grouped_q: Any, key_cache: Any, value_cache: Any, blocks: tuple, batch_index: Any,
                            softcap: float | None, with_logsumexp: bool) -> Any:
-    (indices, bias), rest = blocks[0], blocks[1:]
+    (indices, bias, _), rest = blocks[0], blocks[1:]  # the first block starts at slot 0: never in the future
     keys = read_cache_block(key_cache, indices, batch_index)
     new_max, weights, _ = _online_softmax_terms(capped_scores(grouped_q, keys, softcap) + bias, None)
     running = (new_max, weights.sum(axis=-1, keepdims=True), weights @ read_cache_block(value_cache, indices, batch_index))

@@ -113,12 +113,14 @@ class Model:
     def signature(self, *, ctx_len: int | str = "ctx_len", batch_size: int | str = "batch_size",
                   seq_len: int | str = "seq_len", full_batch_size: int | str | None = None,
                   layer_functions: bool = True, max_ctx_len: int = 0, kv_blocks: int = 0, head_block_size: int = 0,
-                  q_blocks: int = 0, options: StepOptions = StepOptions()) -> tuple[Any, tuple]:
+                  q_blocks: int = 0, skip_kv: bool = False, options: StepOptions = StepOptions()) -> tuple[Any, tuple]:
         """The step function to lower (or run eagerly) and its example specs. RoPE tables cover the
         largest context the export will be specialized to (an int ctx_len, or max_ctx_len) and, failing
         that, max_position_embeddings. kv_blocks > 0: blocked attention over that many equal blocks of
         each cache, their boundaries computed from the cache's (symbolic) length; head_block_size and
-        q_blocks cut it further into groups of KV heads and equal blocks of query rows.
+        q_blocks cut it further into groups of KV heads and equal blocks of query rows; skip_kv marks
+        each block with a predicate, true when it lies past every position, that leaves the running
+        softmax as it is (the accelerator may then skip the block).
 
         Without serving options the function is `fn(input_ids, position_ids, caches[, batch_index])`;
         with them it is `fn(input_ids, position_ids, caches, None, inputs)` where `inputs` maps the
@@ -133,6 +135,8 @@ class Model:
                              f"the model's {self.cfg.num_key_value_heads} KV heads")
         if q_blocks and not (kv_blocks and q_blocks >= 1):
             raise ValueError(f"q_blocks {q_blocks} needs blocked attention (kv_blocks; 1 reads the cache whole)")
+        if skip_kv and not kv_blocks:
+            raise ValueError("skip_kv needs blocked attention (kv_blocks)")
         if kv_blocks and options.comp_ctx_lengths:
             raise ValueError("blocked attention reads the whole cache in equal blocks: it does not "
                              "combine with compute-context lengths")
@@ -150,7 +154,7 @@ class Model:
                                layer_functions=layer_functions, sliding_cache=self.sliding_cache,
                                sampler=options.sampler,
                                kv_blocks=kv_blocks,
-                               head_block_size=head_block_size, q_blocks=q_blocks)
+                               head_block_size=head_block_size, q_blocks=q_blocks, skip_kv=skip_kv)
         if not options.adds_inputs:
             return fn, args + ((batch_index,) if batch_index is not None else ())
         inputs: dict[str, Any] = {}
@@ -211,11 +215,12 @@ class StepInputs:
 
     def __init__(self, cfg: DecoderConfig, tables: dict[str, RopeTables], position_ids: Any, batch_index: Any,
                  dtype: Any, kv_blocks: int = 0, sliding_cache: str = "full", comp_ctx_len: Any = None,
-                 head_block_size: int = 0, q_blocks: int = 0):
+                 head_block_size: int = 0, q_blocks: int = 0, skip_kv: bool = False):
         self.cfg, self.tables, self.position_ids, self.batch_index, self.dtype = cfg, tables, position_ids, batch_index, dtype
         self.kv_blocks = kv_blocks  # blocked attention over this many equal blocks of each cache (0: none)
         self.head_block_size = head_block_size
         self.q_blocks = q_blocks
+        self.skip_kv = skip_kv
         self.sliding_cache = sliding_cache
         self.comp_ctx_len = comp_ctx_len
         self._made: dict[Any, Any] = {}
@@ -235,8 +240,10 @@ class StepInputs:
         this kind."""
         blocks = self._once(("block slots", cache_len), lambda: kv_block_slots(cache_len, self.kv_blocks))
         shape = (self.position_ids.shape[0], self.cfg.num_key_value_heads, blocks[0].shape[0])
+        last = self._once("last position", lambda: self.position_ids.max()) if self.skip_kv else None
         return tuple((broadcast_to(cache_indices(self.position_ids, slots), shape),
-                      score_bias(self.position_ids, slots, kind, self.cfg, self.dtype)) for slots in blocks)
+                      score_bias(self.position_ids, slots, kind, self.cfg, self.dtype),
+                      None if last is None else last < slots[0]) for slots in blocks)
 
     def for_layer(self, layer: int, cache_len: Any) -> AttentionInputs:
         """The inputs of layer `layer`, whose cache has cache_len slots (a ring's own length for a ring)."""
@@ -269,7 +276,7 @@ class StepInputs:
 def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[str, RopeTables],
                    input_ids: Any, position_ids: Any, past_key_values: dict[str, Any], batch_index: Any = None,
                    inputs: dict[str, Any] | None = None, *, layer_functions: bool = True, kv_blocks: int = 0,
-                   head_block_size: int = 0, q_blocks: int = 0,
+                   head_block_size: int = 0, q_blocks: int = 0, skip_kv: bool = False,
                    sliding_cache: str = "full", sampler: SamplerOptions | None = None) -> dict[str, Any]:
     """One prefill or decode step: logits [B,1,vocab] at argmax(position_ids) of each row (or
     [B,nlk,vocab] with num_logits_to_keep, or the sampler's outputs) and the updated caches under
@@ -281,7 +288,7 @@ def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any
     ccl = inputs.get("comp_ctx_lengths")
     h = (arch.embed or token_embedding)(params, input_ids, position_ids, cfg)
     step = StepInputs(cfg, tables, position_ids, batch_index, h.dtype, kv_blocks, sliding_cache,
-                      None if ccl is None else ccl.shape[0], head_block_size, q_blocks)
+                      None if ccl is None else ccl.shape[0], head_block_size, q_blocks, skip_kv)
     with qtrace.scope("step"):
         layer_inputs = [step.for_layer(i, past_key_values[f"past_key.{i}"].shape[2]) for i in range(len(params["layers"]))]
     linear_names = _linear_names(arch, cfg)
