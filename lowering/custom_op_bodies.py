@@ -180,8 +180,10 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
 
     # ---- RMS norm --------------------------------------------------------------------------
     # Written as Pow(2) -> ReduceMean(-1) -> Add(epsilon) -> Sqrt -> Div -> Mul(weight): onnxruntime
-    # fuses exactly this chain into one SimplifiedLayerNormalization kernel. ReduceMean's axes moved
-    # from attribute to input at opset 18, so the body is written once per side of that change.
+    # fuses exactly this chain into one SimplifiedLayerNormalization kernel. The weight is Mul's second
+    # operand: as the first, onnxruntime 1.32's fusion mis-wires a hidden size of 1 (the model then fails
+    # to load). ReduceMean's axes moved from attribute to input at opset 18, so the body is written once
+    # per side of that change.
 
     if opset >= 18:
         @onnxscript.script(qti_aisw, default_opset=op)
@@ -189,7 +191,7 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
             """hidden[...,D], weight[D] -> [...,D]:
             weight * hidden / sqrt(mean(hidden**2, -1) + epsilon), computed in hidden's dtype."""
             mean_square = op.ReduceMean(op.Pow(hidden, op.Constant(value_float=2.0)), [-1], keepdims=1)
-            out = weight * (hidden / op.Sqrt(mean_square + op.CastLike(epsilon, hidden)))
+            out = (hidden / op.Sqrt(mean_square + op.CastLike(epsilon, hidden))) * weight
             return out
     else:
         @onnxscript.script(qti_aisw, default_opset=op)
@@ -197,7 +199,7 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
             """hidden[...,D], weight[D] -> [...,D]:
             weight * hidden / sqrt(mean(hidden**2, -1) + epsilon), computed in hidden's dtype."""
             mean_square = op.ReduceMean(op.Pow(hidden, op.Constant(value_float=2.0)), axes=[-1], keepdims=1)
-            out = weight * (hidden / op.Sqrt(mean_square + op.CastLike(epsilon, hidden)))
+            out = (hidden / op.Sqrt(mean_square + op.CastLike(epsilon, hidden))) * weight
             return out
 
     bodies = [

@@ -608,6 +608,26 @@ def test_rms_norm_uses_the_epsilon_attribute():
         np.testing.assert_allclose(out, reference_rms_norm(hidden, weight, epsilon), rtol=1e-5)
 
 
+@pytest.mark.parametrize("opset", [17, 21])
+@pytest.mark.parametrize("shape", [(1,), (8,), (3, 1), (2, 3, 8)])
+def test_rms_norm_with_a_constant_weight_runs_in_a_default_onnxruntime_session(opset, shape):
+    """The body is the chain onnxruntime fuses into SimplifiedLayerNormalization; with the weight as
+    Mul's first operand its fusion mis-wired a hidden size of 1 and the model failed to load (found by
+    the fuzzer). A plain session with every optimization on, as a user would open one."""
+    import onnxruntime as ort
+
+    import qtrace
+    import qtrace.primitives as qp
+
+    weight = np.linspace(0.5, 1.5, shape[-1]).astype(np.float32)
+    lowered = qtrace.lower(lambda x: qp.rms_norm(x, weight, eps=1e-5), (qtrace.ShapeDtype(shape, np.float32),),
+                           opset=opset)
+    session = ort.InferenceSession(lowered.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    hidden = np.random.default_rng(3).standard_normal(shape).astype(np.float32)
+    (out,) = session.run(None, {session.get_inputs()[0].name: hidden})
+    np.testing.assert_allclose(out, reference_rms_norm(hidden, weight, 1e-5), rtol=1e-5, atol=1e-6)
+
+
 # ---- every op at every supported opset, shapes, symbolic dims ----------------------------------------
 
 
