@@ -105,22 +105,23 @@ def latencies(sess, vocab: int, ctx_len: int, repeats: int) -> tuple[float, floa
     cache = cache_feeds(sess, ctx_len)
     ids = (np.arange(PREFILL, dtype=np.int64)[None] * 7) % vocab
     prefill_feeds = {"input_ids": ids, "position_ids": np.arange(PREFILL, dtype=np.int64)[None], **cache}
-    sess.run(None, prefill_feeds)  # warm-up
-    prefill_times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        result = sess.run(None, prefill_feeds)
-        prefill_times.append(time.perf_counter() - start)
+    prefill_seconds = median_run_seconds(sess, prefill_feeds, repeats)
+    result = sess.run(None, prefill_feeds)
     state = {name[:-len("_RetainedState")]: value for name, value in zip(outputs, result)
              if name.endswith("_RetainedState")}
     decode_feeds = {"input_ids": np.array([[3]], np.int64), "position_ids": np.array([[PREFILL]], np.int64), **state}
-    sess.run(None, decode_feeds)
-    decode_times = []
+    return prefill_seconds, median_run_seconds(sess, decode_feeds, repeats)
+
+
+def median_run_seconds(sess, feeds: dict, repeats: int) -> float:
+    """Median seconds of sess.run(feeds) over `repeats` runs after one warm-up run."""
+    sess.run(None, feeds)
+    times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        sess.run(None, decode_feeds)
-        decode_times.append(time.perf_counter() - start)
-    return statistics.median(prefill_times), statistics.median(decode_times)
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -172,14 +173,7 @@ def projection_floor(config: dict, threads: int, repeats: int) -> float:
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    feeds = {"x": rng.standard_normal((PREFILL, hidden)).astype(np.float32)}
-    sess.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return median_run_seconds(sess, {"x": rng.standard_normal((PREFILL, hidden)).astype(np.float32)}, repeats)
 
 
 def decode_bytes(config: dict, weight_bytes: int, ctx_len: int) -> int:
