@@ -8,8 +8,11 @@ exporters in `--weights reference` mode, so both read the same bytes):
   vocab 32000, ctx_len 1024 (4.9 GB of weights: about 10 GB of disk while it runs).
 
 For each: prefill of 32 tokens and one decode step after it, at 1 and 2 onnxruntime threads, median of
-repeated runs. The prefill bound is the time of the projection MatMuls alone (same shapes and
-FLOPs, one small graph, same run): no export of the model can prefill faster. The decode floor is (bytes of weights a step reads + bytes of cache it reads) / the
+repeated runs, the two exports (and the projections bound) timed in turns of 10 runs so drift hits
+them alike.
+The prefill bound is the time of the projection MatMuls alone (same shapes and FLOPs, one small
+graph, same run): no export of the model can prefill faster. The decode floor is (bytes of weights
+a step reads + bytes of cache it reads) / the
 copy bandwidth numpy measures on this machine in the same run (a copy moves each byte twice, so this
 floor is, if anything, optimistic for the exporter).
 
@@ -86,6 +89,8 @@ def session(model_dir: str, threads: int):
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
+    # idle threads must not spin: the sessions are timed in turns, and a spinning pool steals the cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.log_severity_level = 3
     return ort.InferenceSession(os.path.join(model_dir, "model.onnx"), options, providers=["CPUExecutionProvider"])
 
@@ -99,44 +104,36 @@ def cache_feeds(sess, ctx_len: int) -> dict[str, np.ndarray]:
     return feeds
 
 
-def latencies(sess, vocab: int, ctx_len: int, repeats: int) -> tuple[float, float]:
-    """Median seconds of a 32-token prefill and of the decode step after it."""
+def step_feeds(sess, vocab: int, ctx_len: int) -> tuple[dict, dict]:
+    """Feeds of a 32-token prefill on an empty cache and of the decode step after it."""
     outputs = [o.name for o in sess.get_outputs()]
-    cache = cache_feeds(sess, ctx_len)
     ids = (np.arange(PREFILL, dtype=np.int64)[None] * 7) % vocab
-    prefill_feeds = {"input_ids": ids, "position_ids": np.arange(PREFILL, dtype=np.int64)[None], **cache}
-    prefill_seconds = median_run_seconds(sess, prefill_feeds, repeats)
+    prefill_feeds = {"input_ids": ids, "position_ids": np.arange(PREFILL, dtype=np.int64)[None],
+                     **cache_feeds(sess, ctx_len)}
     result = sess.run(None, prefill_feeds)
     state = {name[:-len("_RetainedState")]: value for name, value in zip(outputs, result)
              if name.endswith("_RetainedState")}
     decode_feeds = {"input_ids": np.array([[3]], np.int64), "position_ids": np.array([[PREFILL]], np.int64), **state}
-    return prefill_seconds, median_run_seconds(sess, decode_feeds, repeats)
+    return prefill_feeds, decode_feeds
 
 
-def median_run_seconds(sess, feeds: dict, repeats: int) -> float:
-    """Median seconds of sess.run(feeds) over `repeats` runs after one warm-up run."""
-    sess.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sess.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def interleaved_medians(runs: dict[str, tuple], repeats: int, chunk: int = 10) -> dict[str, float]:
+    """Median seconds of sess.run(feeds) for each (sess, feeds) in `runs`, taken in turns of `chunk`
+    runs each (after one untimed run), so drift in the machine's speed hits every entry alike while
+    each turn still runs with warm caches, as a served model does."""
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    for _ in range(max(1, repeats // chunk)):
+        for label, (sess, feeds) in runs.items():
+            sess.run(None, feeds)
+            for _ in range(chunk):
+                start = time.perf_counter()
+                sess.run(None, feeds)
+                times[label].append(time.perf_counter() - start)
+    return {label: statistics.median(values) for label, values in times.items()}
 
 
-def copy_bandwidth(nbytes: int = 1 << 30) -> float:
-    """Bytes per second numpy copies one large array to another (best of 5)."""
-    source, target = np.ones(nbytes // 8), np.empty(nbytes // 8)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
-        np.copyto(target, source)
-        best = min(best, time.perf_counter() - start)
-    return nbytes / best
-
-
-def projection_floor(config: dict, threads: int, repeats: int) -> float:
-    """Median seconds onnxruntime takes for the projections alone of a 32-token prefill: one graph of
+def projections_alone(config: dict, threads: int) -> tuple:
+    """(session, feeds) of the projections alone of a 32-token prefill on onnxruntime: one graph of
     the q, k, v, o, gate, up and down MatMuls of every layer (plus the head on the last row), chained
     so none is dead, with random weights of the model's shapes. Every export computes at least these
     FLOPs, so (export's prefill) / (this) bounds how much faster any export's prefill can be."""
@@ -172,8 +169,20 @@ def projection_floor(config: dict, threads: int, repeats: int) -> float:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    return median_run_seconds(sess, {"x": rng.standard_normal((PREFILL, hidden)).astype(np.float32)}, repeats)
+    return sess, {"x": rng.standard_normal((PREFILL, hidden)).astype(np.float32)}
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Bytes per second numpy copies one large array to another (best of 5)."""
+    source, target = np.ones(nbytes // 8), np.empty(nbytes // 8)
+    best = float("inf")
+    for _ in range(5):
+        start = time.perf_counter()
+        np.copyto(target, source)
+        best = min(best, time.perf_counter() - start)
+    return nbytes / best
 
 
 def decode_bytes(config: dict, weight_bytes: int, ctx_len: int) -> int:
@@ -214,10 +223,14 @@ def main() -> None:
                       f"fully inlined {counts[2]}")
             floor = decode_bytes(config, weight_bytes, ctx_len) / bandwidth
             for threads in (1, 2):
-                results = {label: latencies(session(out, threads), config["vocab_size"], ctx_len, args.repeats)
-                           for label, (out, _) in exports.items()}
-                (base_prefill, base_decode), (ours_prefill, ours_decode) = results["baseline"], results["qtrace"]
-                projections = projection_floor(config, threads, args.repeats)
+                sessions = {label: session(out, threads) for label, (out, _) in exports.items()}
+                feeds = {label: step_feeds(sess, config["vocab_size"], ctx_len) for label, sess in sessions.items()}
+                prefill = interleaved_medians({**{label: (sessions[label], feeds[label][0]) for label in sessions},
+                                               "projections": projections_alone(config, threads)}, args.repeats)
+                decode = interleaved_medians({label: (sessions[label], feeds[label][1]) for label in sessions},
+                                             args.repeats)
+                base_prefill, ours_prefill, projections = prefill["baseline"], prefill["qtrace"], prefill["projections"]
+                base_decode, ours_decode = decode["baseline"], decode["qtrace"]
                 print(f"  {threads} thread{'s' if threads > 1 else ' '}: prefill {ours_prefill * 1e3:8.2f} ms "
                       f"(baseline {base_prefill * 1e3:8.2f} ms, {base_prefill / ours_prefill:4.2f}x faster; "
                       f"projections alone {projections * 1e3:.2f} ms: at most {base_prefill / projections:4.2f}x "
