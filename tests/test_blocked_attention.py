@@ -143,6 +143,7 @@ def test_head_blocking_equals_unblocked(name: str, exports: Any) -> None:
     ("llama", 1, 3, 0),      # query blocking alone (one KV block: the cache read whole)
     ("gemma2", 4, 3, 0),     # softcap + window, query rows not divisible by 3
     ("gpt_oss", 2, 2, 1),    # attention sinks (the log-sum-exp rows are cut and merged too), head blocking
+    ("gpt2", 2, 2, 0),       # learned positions; its row numbers are built in the step, outside the layer
 ])
 def test_query_blocking_equals_unblocked(name: str, kv_blocks: int, q_blocks: int, head_block_size: int,
                                          exports: Any) -> None:
@@ -184,6 +185,13 @@ def test_skip_kv_selects_the_running_state_when_a_block_lies_in_the_future(expor
     _, plain = op_counts(exports("llama", 7))
     _, skipping = op_counts(exports("llama", 7, skip_kv=True))
     assert skipping["attention_kv_block"]["Where"] == plain["attention_kv_block"]["Where"] + 3
+
+
+def test_query_blocking_builds_no_range_inside_a_layer_function(exports: Any) -> None:
+    """The row numbers that cut and merge the query blocks are built once per step in the main graph:
+    the compiler rejects a Range of symbolic length inside a function."""
+    main, functions = op_counts(exports("gpt2", 2, 8, None, q_blocks=2))
+    assert main["Range"] >= 1 and all(ops["Range"] == 0 for ops in functions.values())
 
 
 def test_query_blocking_scores_each_block_of_rows_against_every_kv_block(exports: Any) -> None:

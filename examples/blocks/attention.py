@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 
 import qtrace
-from qtrace.primitives import (arange, clip, concatenate, exp, layer_norm, log, maximum, sigmoid, softmax, stack, take,
-                               tanh, where, zeros)
+from qtrace.primitives import (clip, concatenate, exp, layer_norm, log, maximum, sigmoid, softmax, stack, take, tanh,
+                               where)
 
 from ..config import DecoderConfig
 from .cache import read_cache, read_cache_block, write_cache
@@ -43,6 +43,7 @@ class AttentionInputs:
     write_positions: Any = None  # [B,S] cache slots of the new keys/values when not position_ids (rings)
     head_block_size: int = 0     # blocked attention over this many KV heads at a time (0: all heads together)
     q_blocks: int = 0            # blocked attention over this many equal blocks of query rows (0: all rows together)
+    query_rows: tuple = ()       # with q_blocks: (padded [Q*ceil(R/Q)], kept [R]) row numbers (masks.query_row_indices)
 
 
 def cached_attention(q: Any, k: Any, v: Any, inputs: AttentionInputs, past_key: Any, past_value: Any, *,
@@ -59,7 +60,7 @@ def cached_attention(q: Any, k: Any, v: Any, inputs: AttentionInputs, past_key: 
     if inputs.blocks:
         out = blocked_attention(grouped, key_cache, value_cache, inputs.blocks, inputs.batch_index, softcap,
                                 with_logsumexp=sinks is not None, head_block_size=inputs.head_block_size,
-                                q_blocks=inputs.q_blocks)
+                                q_blocks=inputs.q_blocks, query_rows=inputs.query_rows)
         if sinks is not None:
             out, total = out
     else:
@@ -115,61 +116,59 @@ def attention_kv_block(grouped_q: Any, key_cache: Any, value_cache: Any, block: 
 
 def blocked_attention(grouped_q: Any, key_cache: Any, value_cache: Any, blocks: tuple, batch_index: Any,
                       softcap: float | None, with_logsumexp: bool = False, head_block_size: int = 0,
-                      q_blocks: int = 0) -> Any:
+                      q_blocks: int = 0, query_rows: tuple = ()) -> Any:
     """softmax(scores + bias) @ values over the whole cache, read block by block: [B,KV,G*S,D]; with
     with_logsumexp, also log(sum(exp(scores + bias))) per row [B,KV,G*S,1] (for attention sinks).
     head_block_size (QEfficient's head blocking): the KV heads taken that many at a time, each group
     over its own slice of the caches and blocks, so every score tile covers only those heads.
     q_blocks (query blocking): the G*S query rows taken in that many equal blocks, each against every
-    KV block, so every score tile covers only those rows."""
+    KV block, so every score tile covers only those rows; query_rows holds the row numbers that cut
+    and merge them (masks.query_row_indices)."""
     kv_heads = grouped_q.shape[1]
     if not head_block_size or head_block_size >= kv_heads:
         return _attention_over_query_blocks(grouped_q, key_cache, value_cache, blocks, batch_index, softcap,
-                                            with_logsumexp, q_blocks)
+                                            with_logsumexp, q_blocks, query_rows)
     parts = []
     for first in range(0, kv_heads, head_block_size):
         heads = slice(first, first + head_block_size)
         group_blocks = tuple((indices[:, heads], bias[:, heads] if bias.shape[1] == kv_heads else bias, future)
                              for indices, bias, future in blocks)
         parts.append(_attention_over_query_blocks(grouped_q[:, heads], key_cache[:, heads], value_cache[:, heads],
-                                                  group_blocks, batch_index, softcap, with_logsumexp, q_blocks))
+                                                  group_blocks, batch_index, softcap, with_logsumexp, q_blocks,
+                                                  query_rows))
     if with_logsumexp:
         return concatenate([p[0] for p in parts], axis=1), concatenate([p[1] for p in parts], axis=1)
     return concatenate(parts, axis=1)
 
 
-def query_row_blocks(x: Any, count: int) -> list[Any]:
-    """x [B,H,R,...] cut into `count` blocks of ceil(R / count) rows along axis 2 (R may be symbolic);
-    the last block is padded with zero rows, which attend harmlessly and are dropped on merging."""
-    rows = x.shape[2]
-    size = (rows + count - 1) // count
-    padding = count * size - rows
-    if not isinstance(padding, int) or padding:
-        x = concatenate([x, zeros(x.shape[:2] + (padding,) + x.shape[3:], x.dtype)], axis=2)
-    x = x.reshape(x.shape[:2] + (count, size) + x.shape[3:])
+def query_row_blocks(x: Any, count: int, padded: Any) -> list[Any]:
+    """x [B,H,R,...] cut into `count` equal blocks of rows along axis 2: the rows in the order `padded`
+    lists them (every row, then copies of the last as padding; masks.query_row_indices)."""
+    x = take(x, padded, axis=2)
+    x = x.reshape(x.shape[:2] + (count, x.shape[2] // count) + x.shape[3:])
     return [x[:, :, j] for j in range(count)]
 
 
-def merge_query_row_blocks(parts: list[Any], rows: Any) -> Any:
-    """The inverse of query_row_blocks: the blocks back in order, the first `rows` rows kept."""
+def merge_query_row_blocks(parts: list[Any], kept: Any) -> Any:
+    """The inverse of query_row_blocks: the blocks back in order, the rows `kept` lists kept."""
     x = stack(parts, axis=2)
-    x = x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],) + x.shape[4:])
-    return x if x.shape[2] == rows else take(x, arange(rows), axis=2)
+    return take(x.reshape(x.shape[:2] + (x.shape[2] * x.shape[3],) + x.shape[4:]), kept, axis=2)
 
 
 def _attention_over_query_blocks(grouped_q: Any, key_cache: Any, value_cache: Any, blocks: tuple, batch_index: Any,
-                                 softcap: float | None, with_logsumexp: bool, q_blocks: int) -> Any:
+                                 softcap: float | None, with_logsumexp: bool, q_blocks: int,
+                                 query_rows: tuple = ()) -> Any:
     if q_blocks <= 1:
         return _attention_over_blocks(grouped_q, key_cache, value_cache, blocks, batch_index, softcap, with_logsumexp)
-    rows = grouped_q.shape[2]
-    queries = query_row_blocks(grouped_q, q_blocks)
-    biases = [query_row_blocks(bias, q_blocks) for _, bias, _ in blocks]  # every KV block's bias, cut the same way
+    padded, kept = query_rows
+    queries = query_row_blocks(grouped_q, q_blocks, padded)
+    biases = [query_row_blocks(bias, q_blocks, padded) for _, bias, _ in blocks]  # each KV block's, cut alike
     parts = [_attention_over_blocks(queries[j], key_cache, value_cache,
                                     tuple((indices, bias[j], future) for (indices, _, future), bias in zip(blocks, biases)),
                                     batch_index, softcap, with_logsumexp) for j in range(q_blocks)]
     if with_logsumexp:
-        return tuple(merge_query_row_blocks([part[i] for part in parts], rows) for i in range(2))
-    return merge_query_row_blocks(parts, rows)
+        return tuple(merge_query_row_blocks([part[i] for part in parts], kept) for i in range(2))
+    return merge_query_row_blocks(parts, kept)
 
 
 def _attention_over_blocks(grouped_q: Any, key_cache: Any, value_cache: Any, blocks: tuple, batch_index: Any,

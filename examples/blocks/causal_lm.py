@@ -36,7 +36,7 @@ from ..registry import Architecture
 from ..weights import linear_keys
 from .attention import AttentionInputs
 from .layers import linear, norm
-from .masks import (cache_indices, kv_block_slots, ring_held_positions, ring_indices, ring_length,
+from .masks import (cache_indices, kv_block_slots, query_row_indices, ring_held_positions, ring_indices, ring_length,
                     ring_write_positions, score_bias)
 from .rope import RopeTables, model_rope_tables, rope_at, rope_name
 from .sampler import SamplerOptions, sample, sampler_input_specs
@@ -245,6 +245,11 @@ class StepInputs:
                       score_bias(self.position_ids, slots, kind, self.cfg, self.dtype),
                       None if last is None else last < slots[0]) for slots in blocks)
 
+    def _query_rows(self, kind: str) -> tuple:
+        """The row numbers that cut a layer's G*S grouped query rows into q_blocks blocks and merge them."""
+        rows = self.cfg.num_attention_heads // self.cfg.num_key_value_heads * self.position_ids.shape[1]
+        return self._once(("query rows", rows), lambda: query_row_indices(rows, self.q_blocks))
+
     def for_layer(self, layer: int, cache_len: Any) -> AttentionInputs:
         """The inputs of layer `layer`, whose cache has cache_len slots (a ring's own length for a ring)."""
         kind = self.cfg.layer_type(layer)
@@ -270,7 +275,8 @@ class StepInputs:
             cos, sin = self._once(("rope", rope_name(self.cfg, spec)), lambda: rope_at(table, self.position_ids))
             rotation = table.rotation
         return AttentionInputs(self.position_ids, indices, bias, self.batch_index, cos, sin, rotation, blocks or (),
-                               write, self.head_block_size if blocks else 0, self.q_blocks if blocks else 0)
+                               write, self.head_block_size if blocks else 0, self.q_blocks if blocks else 0,
+                               self._query_rows(kind) if blocks and self.q_blocks > 1 else ())
 
 
 def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[str, RopeTables],

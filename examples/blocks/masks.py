@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from qtrace.primitives import INT32_MAX, arange, concatenate, maximum, remainder, where
+from qtrace.primitives import INT32_MAX, arange, concatenate, maximum, minimum, remainder, where
 
 from ..config import CHUNKED, FULL, SLIDING, DecoderConfig
 from .alibi import alibi_bias
@@ -96,6 +96,15 @@ def kv_block_slots(ctx_len: Any, count: int) -> list[Any]:
     first = arange(size)
     block_size = arange(size, size + 1)  # the block length as a value ([1]): the dim is symbolic
     return [first] + [first + j * block_size for j in range(1, count)]
+
+
+def query_row_indices(rows: Any, count: int) -> tuple[Any, Any]:
+    """(padded, kept) row numbers for cutting `rows` query rows (a symbolic count) into `count` equal
+    blocks of ceil(rows / count): `padded` [count * size] lists every row and then repeats the last
+    one as padding, `kept` [rows] the rows to keep when the blocks are merged. Built once per step,
+    outside the layer functions: the compiler rejects a Range of symbolic length inside one."""
+    size = (rows + count - 1) // count
+    return minimum(arange(count * size), arange(rows - 1, rows)), arange(rows)
 
 
 # -- ring caches -------------------------------------------------------------------------------------------
