@@ -54,10 +54,12 @@ def _load_families() -> None:
     _loaded = True
 
 
-def _find(name: str) -> Architecture | None:
+def _find(name: Any) -> Architecture | None:
     """The architecture registered under `name`, importing first only the family modules whose source
     spells the name out (a fresh `qtrace export` imports one family, not the whole zoo), then, if
-    that did not register it, every family."""
+    that did not register it, every family. None for a name that is not a string."""
+    if not isinstance(name, str):
+        return None
     if name not in _REGISTRY and not _loaded:
         from . import families
 
@@ -81,7 +83,7 @@ def architectures() -> dict[str, Architecture]:
 
 
 def get_architecture(name: str) -> Architecture:
-    arch = _find(name) if isinstance(name, str) else None
+    arch = _find(name)
     if arch is None:
         raise ConfigError(f"unsupported architecture {name!r}; qtrace supports {', '.join(architectures())}")
     return arch
@@ -93,7 +95,7 @@ def architecture_of(config: dict[str, Any], source: str = "config.json") -> Arch
     if not isinstance(names, list):
         raise ConfigError(f"{source}: field 'architectures' must be a list, got {names!r}")
     for name in names:
-        arch = _find(name) if isinstance(name, str) else None
+        arch = _find(name)
         if arch is not None:
             return arch
     what = names or config.get("model_type") or "none given"

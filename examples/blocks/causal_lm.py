@@ -245,7 +245,7 @@ class StepInputs:
                       score_bias(self.position_ids, slots, kind, self.cfg, self.dtype),
                       None if last is None else last < slots[0]) for slots in blocks)
 
-    def _query_rows(self, kind: str) -> tuple:
+    def _query_rows(self) -> tuple:
         """The row numbers that cut a layer's G*S grouped query rows into q_blocks blocks and merge them."""
         rows = self.cfg.num_attention_heads // self.cfg.num_key_value_heads * self.position_ids.shape[1]
         return self._once(("query rows", rows), lambda: query_row_indices(rows, self.q_blocks))
@@ -276,7 +276,7 @@ class StepInputs:
             rotation = table.rotation
         return AttentionInputs(self.position_ids, indices, bias, self.batch_index, cos, sin, rotation, blocks or (),
                                write, self.head_block_size if blocks else 0, self.q_blocks if blocks else 0,
-                               self._query_rows(kind) if blocks and self.q_blocks > 1 else ())
+                               self._query_rows() if blocks and self.q_blocks > 1 else ())
 
 
 def causal_lm_step(arch: Architecture, cfg: DecoderConfig, params: dict[str, Any], tables: dict[str, RopeTables],
