@@ -43,47 +43,44 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
     ONE = helper.make_tensor("one", INT64, [1], [1])  # noqa: N806
 
     # ---- scatters: write new KV rows into the cache ---------------------------------------------
-    # One ScatterND on the cache writes every update row at its (cache slot, head, position) tuple.
-    # The tuples are sums of broadcast coordinate columns times unit vectors, e.g. for 4-D
-    #   slot[:, None, None, None] * [1, 0, 0] + head[None, :, None, None] * [0, 1, 0]
-    #   + position[:, None, :, None] * [0, 0, 1]                     -> [B, H, S, 3]
-    # with the slot and head numbers counted by CumSum over ones. Those counts are never unsqueezed:
-    # onnx's data propagation mis-infers Unsqueeze of a ConstantOfShape result (onnx 1.17-1.23).
-    # Rows that must write nothing are dropped before the scatter: ONNX scatters have no "skip", and
-    # dropping them costs no copy of the cache. The update rows are gathered by the kept rows' numbers
-    # (NonZero) rather than compressed: Compress has no bfloat16, which an ai200 cache is. ScatterND
-    # reads a negative coordinate from the end, which is the non-CB padding rule.
+    # One ScatterND on the cache writes every kept update row at its (cache slot, head, position)
+    # tuple. Rows that must write nothing are dropped before the scatter (ONNX scatters have no "skip",
+    # and dropping them costs no copy of the cache): NonZero over the valid (batch row, token) pairs
+    # gives the kept pairs [K, 2]. Every index computed from the pairs depends on position_ids (and
+    # batch_index) only, which all of a step's scatters share: onnxruntime computes those nodes once per
+    # step, not once per layer (its common-subexpression elimination merges them after inlining). The
+    # head numbers come from the cache's static head count (a constant after onnxruntime's folding):
+    #   tuples[k, h] = (batch row or slot of pair k, h, position of pair k)      -> [K, H, 3]
+    # The update rows are gathered by pair from updates seen as [B, S, H, D] (the producer's own
+    # layout, so that transpose cancels): GatherND rather than Compress, which has no bfloat16 (an
+    # ai200 cache's dtype). Head numbers are counted by CumSum over ones and reshaped, never
+    # unsqueezed: onnx's data propagation mis-infers Unsqueeze of a ConstantOfShape result (onnx
+    # 1.17-1.23). ScatterND reads a negative coordinate from the end, which is the non-CB padding rule.
 
     @onnxscript.script(qualcomm, default_opset=op)
     def CtxScatter(data, position_ids, updates):
         """data[B,H,C,D], position_ids[B,S], updates[B,H,S,D] -> [B,H,C,D]:
         a copy of data with out[b,h,position_ids[b,s],:] = updates[b,h,s,:]."""
-        ones = op.ConstantOfShape(op.Concat(op.Shape(data, start=0, end=2), op.Constant(value_ints=[1, 1]), axis=0),
-                                  value=ONE)
-        batch = op.CumSum(ones, op.Constant(value_int=0), exclusive=1)  # [B,H,1,1] holding b
-        heads = op.CumSum(ones, op.Constant(value_int=1), exclusive=1)  # [B,H,1,1] holding h
         position = op.Cast(position_ids, to=INT64)
-        rows = (batch * op.Constant(value_ints=[1, 0, 0]) + heads * op.Constant(value_ints=[0, 1, 0])
-                + op.Unsqueeze(position, [1, 3]) * op.Constant(value_ints=[0, 0, 1]))
-        rows = op.Flatten(rows, axis=3)
-        keep = op.Gather(rows, 2, axis=1) < op.Constant(value_int=INT32_MAX)
-        kept = op.Reshape(op.NonZero(keep), op.Constant(value_ints=[-1]))
-        out = op.ScatterND(data, op.Gather(rows, kept, axis=0), op.Gather(op.Flatten(updates, axis=3), kept, axis=0))
+        pairs = op.Transpose(op.NonZero(position < op.Constant(value_int=INT32_MAX)), perm=[1, 0])  # [K,2]
+        pair_tuples = (op.Gather(pairs, [0], axis=1) * op.Constant(value_ints=[1, 0, 0])
+                       + op.Unsqueeze(op.GatherND(position, pairs), [1]) * op.Constant(value_ints=[0, 0, 1]))
+        heads = op.CumSum(op.ConstantOfShape(op.Shape(data, start=1, end=2), value=ONE),
+                          op.Constant(value_int=0), exclusive=1)
+        tuples = op.Unsqueeze(pair_tuples, [1]) + op.Reshape(heads, [-1, 1]) * op.Constant(value_ints=[0, 1, 0])
+        rows = op.GatherND(op.Transpose(updates, perm=[0, 2, 1, 3]), pairs)  # [K,H,D]
+        out = op.ScatterND(data, tuples, rows)
         return out
 
     @onnxscript.script(qualcomm, default_opset=op)
     def CtxScatter3D(data, position_ids, updates):
         """data[B,C,D], position_ids[B,S], updates[B,S,D] -> [B,C,D]:
         a copy of data with out[b,position_ids[b,s],:] = updates[b,s,:]."""
-        batch = op.CumSum(op.ConstantOfShape(op.Shape(data, start=0, end=1), value=ONE),
-                          op.Constant(value_int=0), exclusive=1)
         position = op.Cast(position_ids, to=INT64)
-        rows = (op.Reshape(batch, [-1, 1, 1]) * op.Constant(value_ints=[1, 0])
-                + op.Unsqueeze(position, [2]) * op.Constant(value_ints=[0, 1]))
-        rows = op.Flatten(rows, axis=2)
-        keep = op.Gather(rows, 1, axis=1) < op.Constant(value_int=INT32_MAX)
-        kept = op.Reshape(op.NonZero(keep), op.Constant(value_ints=[-1]))
-        out = op.ScatterND(data, op.Gather(rows, kept, axis=0), op.Gather(op.Flatten(updates, axis=2), kept, axis=0))
+        pairs = op.Transpose(op.NonZero(position < op.Constant(value_int=INT32_MAX)), perm=[1, 0])  # [K,2]
+        tuples = (op.Gather(pairs, [0], axis=1) * op.Constant(value_ints=[1, 0])
+                  + op.Unsqueeze(op.GatherND(position, pairs), [1]) * op.Constant(value_ints=[0, 1]))
+        out = op.ScatterND(data, tuples, op.GatherND(updates, pairs))
         return out
 
     # Continuous batching: row b of updates goes to cache slot batch_index[b, 0]; a negative position
@@ -94,36 +91,34 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
         """data[N,H,C,D], batch_index[B,1], position_ids[B,S], updates[B,H,S,D] -> [N,H,C,D]:
         row b of updates goes to cache slot batch_index[b,0]."""
         zero = op.Constant(value_int=0)
-        heads = op.CumSum(op.ConstantOfShape(op.Shape(data, start=1, end=2), value=ONE), zero, exclusive=1)
-        slot = op.Cast(batch_index, to=INT64)
         position = op.Cast(position_ids, to=INT64)
-        rows = (op.Unsqueeze(slot, [2, 3]) * op.Constant(value_ints=[1, 0, 0])
-                + op.Reshape(heads, [-1, 1, 1]) * op.Constant(value_ints=[0, 1, 0])
-                + op.Unsqueeze(position, [1, 3]) * op.Constant(value_ints=[0, 0, 1]))
-        rows = op.Flatten(rows, axis=3)
-        position = op.Gather(rows, 2, axis=1)
-        keep = op.And(position >= zero, position < op.Constant(value_int=INT32_MAX))
-        kept = op.Reshape(op.NonZero(keep), op.Constant(value_ints=[-1]))
-        out = op.ScatterND(data, op.Gather(rows, kept, axis=0), op.Gather(op.Flatten(updates, axis=3), kept, axis=0))
+        valid = op.And(position >= zero, position < op.Constant(value_int=INT32_MAX))
+        pairs = op.Transpose(op.NonZero(valid), perm=[1, 0])  # [K,2]
+        slot = op.Gather(op.Cast(batch_index, to=INT64), op.Gather(pairs, [0], axis=1), axis=0)  # [K,1]
+        pair_tuples = (op.Reshape(slot, [-1, 1]) * op.Constant(value_ints=[1, 0, 0])
+                       + op.Unsqueeze(op.GatherND(position, pairs), [1]) * op.Constant(value_ints=[0, 0, 1]))
+        heads = op.CumSum(op.ConstantOfShape(op.Shape(data, start=1, end=2), value=ONE), zero, exclusive=1)
+        tuples = op.Unsqueeze(pair_tuples, [1]) + op.Reshape(heads, [-1, 1]) * op.Constant(value_ints=[0, 1, 0])
+        rows = op.GatherND(op.Transpose(updates, perm=[0, 2, 1, 3]), pairs)  # [K,H,D]
+        out = op.ScatterND(data, tuples, rows)
         return out
 
     @onnxscript.script(qualcomm, default_opset=op)
     def CtxScatterCB3D(data, batch_index, position_ids, updates):
         """data[N,C,D], batch_index[B,1], position_ids[B,S], updates[B,S,D] -> [N,C,D]:
         row b of updates goes to cache slot batch_index[b,0]."""
-        slot = op.Cast(batch_index, to=INT64)
         position = op.Cast(position_ids, to=INT64)
-        rows = (op.Unsqueeze(slot, [2]) * op.Constant(value_ints=[1, 0])
-                + op.Unsqueeze(position, [2]) * op.Constant(value_ints=[0, 1]))
-        rows = op.Flatten(rows, axis=2)
-        position = op.Gather(rows, 1, axis=1)
-        keep = op.And(position >= op.Constant(value_int=0), position < op.Constant(value_int=INT32_MAX))
-        kept = op.Reshape(op.NonZero(keep), op.Constant(value_ints=[-1]))
-        out = op.ScatterND(data, op.Gather(rows, kept, axis=0), op.Gather(op.Flatten(updates, axis=2), kept, axis=0))
+        valid = op.And(position >= op.Constant(value_int=0), position < op.Constant(value_int=INT32_MAX))
+        pairs = op.Transpose(op.NonZero(valid), perm=[1, 0])  # [K,2]
+        slot = op.Gather(op.Cast(batch_index, to=INT64), op.Gather(pairs, [0], axis=1), axis=0)  # [K,1]
+        tuples = (op.Reshape(slot, [-1, 1]) * op.Constant(value_ints=[1, 0])
+                  + op.Unsqueeze(op.GatherND(position, pairs), [1]) * op.Constant(value_ints=[0, 1]))
+        out = op.ScatterND(data, tuples, op.GatherND(updates, pairs))
         return out
 
     # ---- gathers: read the cache back --------------------------------------------------------
-    # `fmod(index, INT32_MAX)` maps INT32_MAX to 0 and keeps every other index (negative ones too).
+    # The index arithmetic comes before the one node that needs the cache's shape (Expand), so
+    # onnxruntime computes it once per step for all layers. `fmod(index, INT32_MAX)` maps INT32_MAX to 0 and keeps every other index (negative ones too).
     # A negative index counts from the end.
     # comp_ctx_len follows QEfficient: CtxGather broadcasts its indices to [B, H, comp_ctx_len] (one
     # index may be read comp_ctx_len times); the CB gathers read the K indices they are given.
@@ -132,17 +127,18 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
     def CtxGather(data, ctx_indices, comp_ctx_len):
         """data[B,H,C,D], ctx_indices[B|1, 1|H, K], comp_ctx_len (= K) -> [B,H,K,D]:
         out[b,h,k,:] = data[b,h,ctx_indices[b,h,k],:]."""
-        index = op.Mod(op.Cast(ctx_indices, to=INT64), op.Constant(value_int=INT32_MAX), fmod=1)
-        index = op.Expand(index, op.Concat(op.Shape(data, start=0, end=2), op.Reshape(comp_ctx_len, [1]), axis=0))
-        out = op.GatherND(data, op.Unsqueeze(index, [3]), batch_dims=2)
+        index = op.Unsqueeze(op.Mod(op.Cast(ctx_indices, to=INT64), op.Constant(value_int=INT32_MAX), fmod=1), [3])
+        index = op.Expand(index, op.Concat(op.Shape(data, start=0, end=2), op.Reshape(comp_ctx_len, [1]),
+                                           op.Constant(value_ints=[1]), axis=0))
+        out = op.GatherND(data, index, batch_dims=2)
         return out
 
     @onnxscript.script(qualcomm, default_opset=op)
     def CtxGather3D(data, ctx_indices):
         """data[B,C,D], ctx_indices[B|1, K] -> [B,K,D]: out[b,k,:] = data[b,ctx_indices[b,k],:]."""
-        index = op.Mod(op.Cast(ctx_indices, to=INT64), op.Constant(value_int=INT32_MAX), fmod=1)
+        index = op.Unsqueeze(op.Mod(op.Cast(ctx_indices, to=INT64), op.Constant(value_int=INT32_MAX), fmod=1), [2])
         index = op.Expand(index, op.Concat(op.Shape(data, start=0, end=1), op.Shape(index, start=1), axis=0))
-        out = op.GatherND(data, op.Unsqueeze(index, [2]), batch_dims=1)
+        out = op.GatherND(data, index, batch_dims=1)
         return out
 
     @onnxscript.script(qualcomm, default_opset=op)

@@ -369,6 +369,68 @@ def test_ctx_scatter_cb_3d_writes_each_row_to_its_cache_slot(opset, index_dtype,
     np.testing.assert_array_equal(out, reference_ctx_scatter_cb_3d(data, batch_index, position_ids, updates))
 
 
+# ---- a step's scatters share their index work ------------------------------------------------
+
+
+def optimized_op_counts(model):
+    """op_type -> count in the graph onnxruntime runs after its optimizations (functions inlined)."""
+    import collections
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as scratch:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = os.path.join(scratch, "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath)
+    return collections.Counter(node.op_type for node in optimized.graph.node)
+
+
+@pytest.mark.parametrize("op_type", ["CtxScatter", "CtxScatterCB", "CtxScatter3D", "CtxScatterCB3D"])
+def test_scatters_of_one_step_compute_their_kept_rows_once(op_type):
+    """A step writes every layer's K and V caches at the same positions: each write's index work
+    depends on position_ids (and batch_index) only, so onnxruntime does it once for all of them, and
+    each write adds just its own gather of update rows and its ScatterND. Four writes, one NonZero."""
+    inputs, _ = example_inputs(op_type)
+    names = CONTRACT[op_type][1]
+    shared = [name for name in names if name not in ("data", "updates")]
+    caches = 4
+    graph_inputs = [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(inputs[name].dtype),
+                                                  ["batch_size"] + list(inputs[name].shape[1:]))
+                    for name in shared]
+    nodes, outputs = [], []
+    for i in range(caches):
+        for role in ("data", "updates"):
+            array = inputs[role]
+            leading = "cache_batch" if role == "data" else "batch_size"  # CB: the cache has its own slot count
+            graph_inputs.append(helper.make_tensor_value_info(
+                f"{role}{i}", helper.np_dtype_to_tensor_dtype(array.dtype), [leading] + list(array.shape[1:])))
+        call_inputs = [f"{name}{i}" if name in ("data", "updates") else name for name in names]
+        nodes.append(helper.make_node(op_type, call_inputs, [f"out{i}"], domain=QUALCOMM))
+        outputs.append(helper.make_tensor_value_info(f"out{i}", helper.np_dtype_to_tensor_dtype(inputs["data"].dtype),
+                                                     None))
+    model = helper.make_model(helper.make_graph(nodes, "step", graph_inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(QUALCOMM, 1)],
+                              functions=[custom_ops.custom_op_function(op_type)])
+    counts = optimized_op_counts(model)
+    assert counts["NonZero"] == 1 and counts["ScatterND"] == caches, counts
+    # and the shared work gives every write its own right answer
+    feeds = {name: inputs[name] for name in shared}
+    rng = np.random.default_rng(5)
+    for i in range(caches):
+        feeds[f"data{i}"] = random_data(rng, inputs["data"].shape, inputs["data"].dtype)
+        feeds[f"updates{i}"] = random_data(rng, inputs["updates"].shape, inputs["updates"].dtype)
+    results = inference_session(model.SerializeToString()).run(None, feeds)
+    reference = {"CtxScatter": reference_ctx_scatter, "CtxScatter3D": reference_ctx_scatter_3d,
+                 "CtxScatterCB": reference_ctx_scatter_cb, "CtxScatterCB3D": reference_ctx_scatter_cb_3d}[op_type]
+    for i, result in enumerate(results):
+        expected = reference(*[feeds[f"{name}{i}" if name in ("data", "updates") else name] for name in names])
+        np.testing.assert_array_equal(result, expected)
+
+
 # ---- CtxScatter3DInt: the int32 3-D scatter (index tables) ------------------------------------
 
 

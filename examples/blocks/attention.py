@@ -56,7 +56,8 @@ def cached_attention(q: Any, k: Any, v: Any, inputs: AttentionInputs, past_key: 
     slots = inputs.position_ids if inputs.write_positions is None else inputs.write_positions
     key_cache = write_cache(past_key, slots, k.transpose(0, 2, 1, 3), inputs.batch_index)
     value_cache = write_cache(past_value, slots, v.transpose(0, 2, 1, 3), inputs.batch_index)
-    grouped = (q * scale).transpose(0, 2, 1, 3).reshape(batch, kv_heads, groups * seq, head_dim)
+    # Scaled after the reshape, next to the score product: onnxruntime folds that Mul into the MatMul.
+    grouped = q.transpose(0, 2, 1, 3).reshape(batch, kv_heads, groups * seq, head_dim) * scale
     if inputs.blocks:
         out = blocked_attention(grouped, key_cache, value_cache, inputs.blocks, inputs.batch_index, softcap,
                                 with_logsumexp=sinks is not None, head_block_size=inputs.head_block_size,
