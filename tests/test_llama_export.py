@@ -829,6 +829,28 @@ def test_cli_main_is_the_installed_entry_point() -> None:
     result = subprocess.run([sys.executable, "-m", "qtrace.cli", "generate", "--help"], capture_output=True,
                             text=True)
     assert result.returncode == 0 and "--prompt-ids" in result.stdout
+    with open(os.path.join(os.path.dirname(os.path.dirname(FIXTURES)), "pyproject.toml")) as f:
+        assert 'qtrace = "qtrace.cli:console_main"' in f.read()
+
+
+@pytest.mark.parametrize("checkpoint_dir, status", [(LLAMA, 0), (os.path.join(FIXTURES, "no-such-dir"), 2)],
+                         ids=["export", "error"])
+def test_command_exits_quickly_yet_flushes_its_output_and_runs_atexit(checkpoint_dir: Any, status: int,
+                                                                      tmp_path: Any) -> None:
+    """console_main skips the interpreter's teardown: the exit status, everything printed (to pipes,
+    which buffer) and atexit handlers must survive that, and the export must be complete on disk."""
+    script = ("import atexit, sys; atexit.register(lambda: print('atexit ran', flush=True)); "
+              "from qtrace.cli import console_main; sys.argv[0] = 'qtrace'; console_main()")
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, "-c", script, "export", checkpoint_dir, "-o", str(out),
+                             "--ctx-len", "16", "--prefill-seq-len", "4"], capture_output=True, text=True)
+    assert result.returncode == status, result.stderr
+    assert result.stdout.rstrip().endswith("atexit ran")
+    if status:
+        assert "error:" in result.stderr and not out.exists()
+    else:
+        assert "LlamaForCausalLM ->" in result.stdout and "time: load" in result.stdout
+        onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
 
 
 def test_export_covers_a_context_longer_than_max_position_embeddings(tmp_path: Any) -> None:

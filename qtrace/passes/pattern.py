@@ -94,7 +94,11 @@ class Pat:
 
     def match(self, graph: Graph, node: Node) -> Match | None:
         """The bindings if the pattern matches with its root at `node`, else None."""
-        if self._compiled is None:  # compiled on first use: every primitive's traits are known by then
+        if not _plausible(self, node, 3):  # cheap: the operator tree, three levels deep
+            return None
+        # Compiled on the first plausible root: every primitive's traits are known by then, and a
+        # process never pays for the patterns its graphs cannot match.
+        if self._compiled is None:
             self._compiled = _Compiled(self)
         return self._compiled.match(graph, node)
 
@@ -197,8 +201,6 @@ class _Compiled:
         return sorted(e["port"] for e in region_edges.values()) == sorted(e["port"] for e in pattern_edges.values())
 
     def match(self, graph: Graph, node: Node) -> Match | None:
-        if not _plausible(self.root, node, 3):  # cheap: the operator tree, three levels deep
-            return None
         matcher = MultiDiGraphMatcher(self._region(node), self.graph, node_match=self._node_match,
                                       edge_match=self._edge_match)
         for mapping in matcher.subgraph_monomorphisms_iter():
