@@ -132,11 +132,14 @@ def interleaved_medians(runs: dict[str, tuple], repeats: int, chunk: int = 10) -
     return {label: statistics.median(values) for label, values in times.items()}
 
 
-def projections_alone(config: dict, threads: int) -> tuple:
+def projections_alone(config: dict, threads: int, directory: str) -> tuple:
     """(session, feeds) of the projections alone of a 32-token prefill on onnxruntime: one graph of
     the q, k, v, o, gate, up and down MatMuls of every layer (plus the head on the last row), chained
     so none is dead, with random weights of the model's shapes. Every export computes at least these
-    FLOPs, so (export's prefill) / (this) bounds how much faster any export's prefill can be."""
+    FLOPs, so (export's prefill) / (this) bounds how much faster any export's prefill can be. The
+    weights stream to an external-data file in `directory` (a 1B model's would not fit in memory
+    three times over next to the two exports' sessions)."""
+    import onnx
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -144,33 +147,43 @@ def projections_alone(config: dict, threads: int) -> tuple:
     q, kv = config["num_attention_heads"] * config["head_dim"], config["num_key_value_heads"] * config["head_dim"]
     rng = np.random.default_rng(0)
     nodes, weights, x = [], [], "x"
+    os.makedirs(directory, exist_ok=True)
+    data = open(os.path.join(directory, "weights.bin"), "wb")
 
     def matmul(source: str, rows: int, cols: int, tag: str) -> str:
-        weights.append(numpy_helper.from_array((rng.standard_normal((rows, cols)) * rows ** -0.5).astype(np.float32),
-                                               f"w_{tag}"))
+        array = (rng.standard_normal((rows, cols), dtype=np.float32) * rows ** -0.5).astype(np.float32)
+        tensor = TensorProto(name=f"w_{tag}", data_type=TensorProto.FLOAT, dims=[rows, cols],
+                             data_location=TensorProto.EXTERNAL)
+        for key, value in (("location", "weights.bin"), ("offset", str(data.tell())), ("length", str(array.nbytes))):
+            entry = tensor.external_data.add()
+            entry.key, entry.value = key, value
+        data.write(array.tobytes())
+        weights.append(tensor)
         nodes.append(helper.make_node("MatMul", [source, f"w_{tag}"], [f"y_{tag}"]))
         return f"y_{tag}"
 
-    for layer in range(config["num_hidden_layers"]):
-        parts = [matmul(x, hidden, width, f"{layer}_{name}") for name, width in (("q", q), ("k", kv), ("v", kv))]
-        nodes.append(helper.make_node("Concat", parts, [f"qkv_{layer}"], axis=-1))
-        nodes.append(helper.make_node("Slice", [f"qkv_{layer}", "zero", "q_width", "last"], [f"attn_{layer}"]))
-        h = matmul(f"attn_{layer}", q, hidden, f"{layer}_o")
-        gate, up = matmul(h, hidden, inter, f"{layer}_gate"), matmul(h, hidden, inter, f"{layer}_up")
-        nodes.append(helper.make_node("Mul", [gate, up], [f"act_{layer}"]))
-        x = matmul(f"act_{layer}", inter, hidden, f"{layer}_down")
-    nodes.append(helper.make_node("Slice", [x, "minus_one", "rows_end", "one"], ["last_row"]))
-    matmul("last_row", hidden, config["vocab_size"], "head")
+    with data:
+        for layer in range(config["num_hidden_layers"]):
+            parts = [matmul(x, hidden, width, f"{layer}_{name}") for name, width in (("q", q), ("k", kv), ("v", kv))]
+            nodes.append(helper.make_node("Concat", parts, [f"qkv_{layer}"], axis=-1))
+            nodes.append(helper.make_node("Slice", [f"qkv_{layer}", "zero", "q_width", "last"], [f"attn_{layer}"]))
+            h = matmul(f"attn_{layer}", q, hidden, f"{layer}_o")
+            gate, up = matmul(h, hidden, inter, f"{layer}_gate"), matmul(h, hidden, inter, f"{layer}_up")
+            nodes.append(helper.make_node("Mul", [gate, up], [f"act_{layer}"]))
+            x = matmul(f"act_{layer}", inter, hidden, f"{layer}_down")
+        nodes.append(helper.make_node("Slice", [x, "minus_one", "rows_end", "one"], ["last_row"]))
+        matmul("last_row", hidden, config["vocab_size"], "head")
     consts = [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in
               (("zero", [0]), ("q_width", [q]), ("last", [-1]), ("minus_one", [-1]), ("rows_end", [PREFILL]),
                ("one", [0]))]
     graph = helper.make_graph(nodes, "projections", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [PREFILL, hidden])],
                               [helper.make_tensor_value_info("y_head", TensorProto.FLOAT, None)], weights + consts)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = os.path.join(directory, "projections.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
     return sess, {"x": rng.standard_normal((PREFILL, hidden)).astype(np.float32)}
 
 
@@ -225,8 +238,11 @@ def main() -> None:
             for threads in (1, 2):
                 sessions = {label: session(out, threads) for label, (out, _) in exports.items()}
                 feeds = {label: step_feeds(sess, config["vocab_size"], ctx_len) for label, sess in sessions.items()}
+                projections_dir = os.path.join(workdir, f"{name}-projections")
                 prefill = interleaved_medians({**{label: (sessions[label], feeds[label][0]) for label in sessions},
-                                               "projections": projections_alone(config, threads)}, args.repeats)
+                                               "projections": projections_alone(config, threads, projections_dir)},
+                                              args.repeats)
+                shutil.rmtree(projections_dir)
                 decode = interleaved_medians({label: (sessions[label], feeds[label][1]) for label in sessions},
                                              args.repeats)
                 base_prefill, ours_prefill, projections = prefill["baseline"], prefill["qtrace"], prefill["projections"]
@@ -238,6 +254,7 @@ def main() -> None:
                       f"{ours_decode * 1e3:8.2f} ms (baseline {base_decode * 1e3:8.2f} ms, "
                       f"{base_decode / ours_decode:4.2f}x faster; floor {floor * 1e3:.2f} ms, "
                       f"{ours_decode / floor:4.2f}x the floor)")
+                del sessions, feeds  # before the next thread count's sessions: two models' weights at a time
         print("\nblocked attention (tiny Llama, ctx_len 128): main / layers inlined / fully inlined nodes")
         from qtrace.examples.checkpoint import export_model, load_checkpoint
 

@@ -268,6 +268,10 @@ def _wrap_negative(ctx: LoweringContext, index: str, dim: Any) -> str:
 def lower_gather(ctx: LoweringContext, node: Node, x: str, *indices: str) -> str:
     axis, count = node.params["axis"], len(indices)
     data = node.inputs[0]
+    if node.params.get("batch_dims"):  # the leading axes index themselves: GatherND's batch dims
+        batch_shape = node.outputs[0].shape[:len(node.outputs[0].shape) - (data.ndim - axis - count)]
+        stacked = _stacked_indices(ctx, node, list(indices), [v.aval for v in node.inputs[1:]], batch_shape)
+        return ctx.op("GatherND", x, stacked, batch_dims=axis)
     batch_shape = node.outputs[0].shape[axis:len(node.outputs[0].shape) - (data.ndim - axis - count)]
     if axis:  # bring the indexed axes to the front, gather, put the batch dims back at `axis`
         perm = list(range(axis, axis + count)) + list(range(axis)) + list(range(axis + count, data.ndim))

@@ -414,18 +414,38 @@ def _check_constant_indices(indices: Any, x: Any, axis: int, op: str) -> None:
                              location=user_location())
 
 
-def _gather_rule(x: ShapeDtype, *indices: ShapeDtype, axis: int) -> ShapeDtype:
+def _row_number_shapes(x: Any, batch_dims: int, ndim: int) -> list[tuple]:
+    """Shapes of the implicit index arrays of a batched gather: arange(x.shape[i]) along axis i."""
+    return [tuple(x.shape[i] if j == i else 1 for j in range(ndim)) for i in range(batch_dims)]
+
+
+def _gather_rule(x: ShapeDtype, *indices: ShapeDtype, axis: int, batch_dims: int = 0) -> ShapeDtype:
     for idx in indices:
         require_integer(idx, "index arrays")
     if not 0 <= axis or axis + len(indices) > x.ndim:
         raise ShapeError(f"{len(indices)} index arrays from axis {axis} are too many for {x}")
-    batch = broadcast_shapes(*(i.shape for i in indices))
-    return ShapeDtype(x.shape[:axis] + batch + x.shape[axis + len(indices):], x.dtype)
+    if not batch_dims:
+        batch = broadcast_shapes(*(i.shape for i in indices))
+        return ShapeDtype(x.shape[:axis] + batch + x.shape[axis + len(indices):], x.dtype)
+    if batch_dims != axis:
+        raise ShapeError(f"a batched gather indexes from axis {batch_dims} (its batch_dims), not {axis}")
+    ndim = max([batch_dims] + [i.ndim for i in indices])
+    batch = broadcast_shapes(*_row_number_shapes(x, batch_dims, ndim), *(i.shape for i in indices))
+    return ShapeDtype(batch + x.shape[axis + len(indices):], x.dtype)
 
 
-gather_p = primitive("gather", _gather_rule,
-                     lambda x, *indices, axis: x[(builtins.slice(None),) * axis + tuple(indices)],
-                     doc="numpy advanced indexing by index arrays on consecutive axes from `axis`.")
+def _gather_impl(x: np.ndarray, *indices: np.ndarray, axis: int, batch_dims: int = 0) -> np.ndarray:
+    if not batch_dims:
+        return x[(builtins.slice(None),) * axis + tuple(indices)]
+    ndim = max([batch_dims] + [np.ndim(i) for i in indices])
+    rows = [np.arange(x.shape[i]).reshape(shape) for i, shape in enumerate(_row_number_shapes(x, batch_dims, ndim))]
+    return x[tuple(rows) + tuple(indices)]
+
+
+gather_p = primitive("gather", _gather_rule, _gather_impl,
+                     doc="numpy advanced indexing by index arrays on consecutive axes from `axis`; with "
+                         "batch_dims=k (= axis), the first k axes are indexed by their own row numbers "
+                         "(x[arange(B)[:, None], i] is gather(x, i, axis=1, batch_dims=1)).")
 
 
 def gather(x: Any, indices: Sequence[Any], axis: int = 0) -> Array:

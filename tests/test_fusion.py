@@ -573,6 +573,52 @@ def test_index_read_of_a_computed_array_is_not_a_cache_read():
     assert "ctx_gather" not in ops(graph) and ops(graph)["gather"] == 1
 
 
+def test_index_read_of_a_computed_array_reads_by_batch_without_row_numbers():
+    graph = fuse(lambda cache, position_ids: read_cache(cache * 2, position_ids), CACHE, POSITIONS, sizes=KV_SIZES)
+    (gather,) = [n for n in graph.nodes if n.op == "gather"]
+    assert gather.params["batch_dims"] == 2 and len(gather.inputs) == 2
+    assert ops(graph)["arange"] == 1  # the slot numbers it reads; the batch and head numbers are gone
+    fn = lambda cache, position_ids: read_cache(cache * 2, position_ids)  # noqa: E731
+    cache = np.random.default_rng(6).standard_normal((3, HEADS, 8, HEAD_DIM)).astype(np.float32)
+    position_ids = np.zeros((3, 2), np.int64)
+    (out,) = qtrace.lower(fn, (CACHE, POSITIONS)).session().run(None, {"cache": cache, "position_ids": position_ids})
+    np.testing.assert_array_equal(out, 2 * cache)
+
+
+LAST_TOKEN_SPECS = (ShapeDtype(("batch", "seq", D)), ShapeDtype(("batch", "seq"), "int64"))
+
+
+def hidden_at_last_position(h, position_ids):
+    last = qp.argmax(position_ids, axis=1, keepdims=True)                   # [B,1]
+    return (h * 2)[qp.arange(h.shape[0])[:, None], last]                   # [B,1,D]
+
+
+def test_gather_by_row_numbers_is_a_batched_gather():
+    graph = fuse(hidden_at_last_position, *LAST_TOKEN_SPECS, passes=("canonicalize", "fuse", "simplify"))
+    (gather,) = [n for n in graph.nodes if n.op == "gather"]
+    assert gather.params == {"axis": 1, "batch_dims": 1} and "arange" not in ops(graph)
+    lowered = qtrace.lower(hidden_at_last_position, LAST_TOKEN_SPECS)
+    assert sorted(n.op_type for n in lowered.model.graph.node) == ["ArgMax", "GatherND", "Mul", "Unsqueeze"]
+    rng = np.random.default_rng(4)
+    h = rng.standard_normal((3, 5, D)).astype(np.float32)
+    position_ids = np.array([[0, 1, 2, -1, -1], [0, 1, 2, 3, 4], [7, 8, -1, -1, -1]])
+    (out,) = lowered.session().run(None, {"h": h, "position_ids": position_ids})
+    np.testing.assert_array_equal(out, (2 * h)[[[0], [1], [2]], [[2], [4], [1]]])
+
+
+@pytest.mark.parametrize("rows", [
+    lambda b: qp.arange(b)[::-1][:, None],                 # not each row's own number
+    lambda b: (qp.arange(b) * 0)[:, None],                 # every row reads row 0
+    lambda b: qp.arange(b)[None, :],                       # the row numbers along the wrong axis
+], ids=["reversed", "zeros", "transposed"])
+def test_gather_by_other_row_indices_stays_a_plain_gather(rows):
+    def fn(h, position_ids):
+        return (h * 2)[rows(h.shape[0]), qp.argmax(position_ids, axis=1, keepdims=True)]
+
+    graph = fuse(fn, *LAST_TOKEN_SPECS)
+    assert all(not n.params.get("batch_dims") for n in graph.nodes if n.op == "gather")
+
+
 # -- the plain-numpy decoder (examples/numpy_decoder.py) ------------------------------------------------
 
 DECODER_LAYERS = 2

@@ -343,6 +343,31 @@ def fuse_ctx_gather(graph: Graph, root: Node, m: Match) -> Value | None:
     return _apply(graph, root, "ctx_gather", data, index, comp_ctx_len=None)
 
 
+# After the cache read above (which takes such gathers whole): x[arange(B)[:, None], i] reads each
+# row of x at its own indices, a batched gather whose row numbers are never built (GatherND batch_dims).
+@FUSIONS.rule("gather", priority=-1)
+def gather_rows_in_batches(graph: Graph, root: Node, m: Match) -> Value | None:
+    data, indices = root.inputs[0], root.inputs[1:]
+    if root.params["axis"] != 0 or root.params.get("batch_dims"):
+        return None
+    ndim = max(v.ndim for v in indices)
+    batch_dims = 0
+    while batch_dims < len(indices) - 1 and _index_grid_axis(indices[batch_dims], data.shape[batch_dims],
+                                                             batch_dims, ndim):
+        batch_dims += 1
+    if not batch_dims:
+        return None
+    rest = indices[batch_dims:]
+    try:
+        (aval,) = root.primitive.abstract_eval([data.aval] + [v.aval for v in rest],
+                                               {"axis": batch_dims, "batch_dims": batch_dims})
+    except QtraceError:
+        return None
+    if aval != root.outputs[0].aval:  # the row numbers did more than index (they widened the result)
+        return None
+    return _apply(graph, root, "gather", data, *rest, axis=batch_dims, batch_dims=batch_dims)
+
+
 # -- the pass -------------------------------------------------------------------------------------------
 
 
