@@ -8,18 +8,39 @@ Qualcomm Cloud AI 100.
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-from . import primitives  # noqa: F401  (fills the Tracer operator tables)
-from .core import Primitive, Tracer, scope
-from .dims import Dim
 from .errors import (CheckError, ConcretizationError, DTypeError, FileError, LoweringError, NonFiniteWeightsWarning,
                      NumericsError, QtraceError, RunError, ShapeError, TraceError,
                      UnsupportedError, UsageError)
-from .ir import Graph, ShapeDtype
-from .tracing import function, trace
 
 __version__ = "0.1.0"
+
+# The rest loads on first use (PEP 562): `import qtrace` costs only the exception types, so the
+# `qtrace` command checks its flags, and sets itself up, before it pays for numpy, networkx and onnx.
+_LAZY = {"trace": "tracing", "function": "tracing", "scope": "core", "Primitive": "core", "Tracer": "core",
+         "Dim": "dims", "Graph": "ir", "ShapeDtype": "ir"}
+_SUBMODULES = ("core", "dims", "dtypes", "ir", "tracing", "pytree", "weights", "printer", "passes", "lowering",
+               "examples", "cli")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY or name == "primitives":
+        # qtrace.primitives teaches traced values numpy's operators: it loads before anything traces.
+        primitives = importlib.import_module(".primitives", __name__)
+        if name == "primitives":
+            return primitives
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY) | {"primitives"} | set(_SUBMODULES))
 
 
 def lower(*args: Any, **kwargs: Any) -> Any:

@@ -14,8 +14,6 @@ import tempfile
 import time
 from typing import Any, Sequence
 
-import numpy as np
-
 from .errors import FileError, NumericsError, QtraceError, UsageError, user_location
 
 
@@ -67,6 +65,8 @@ def _summary(lowered: Any, stages: dict[str, float]) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    import numpy as np
+
     from .examples.checkpoint import export_model, random_model
     from .examples.families.llama import tiny_config
     from .examples.generation import cache_layout, eager_step, generate, onnx_session, onnx_step
@@ -291,6 +291,8 @@ def _check_token_ids(prompts: list[list[int]], model_dir: str) -> None:
 def _stop_on_nonfinite_logits(executable: Any) -> Any:
     """Make an export's runs stop with a NumericsError on NaN or inf logits (greedy decoding would pick
     token 0 from them forever)."""
+    import numpy as np
+
     run = executable.run
 
     def checked(feeds: dict[str, Any]) -> dict[str, Any]:

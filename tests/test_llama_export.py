@@ -833,6 +833,25 @@ def test_cli_main_is_the_installed_entry_point() -> None:
         assert 'qtrace = "qtrace.cli:console_main"' in f.read()
 
 
+def test_a_bad_flag_fails_before_numpy_networkx_or_onnx_load() -> None:
+    """`import qtrace` holds only the exception types (the rest loads on first use), so the command
+    rejects a bad flag at once; the names a user reaches for still resolve."""
+    code = ("import sys; import qtrace\n"
+            "heavy = {'numpy', 'networkx', 'onnx'} & set(sys.modules)\n"
+            "from qtrace.cli import main\n"
+            "try:\n"
+            "    main(['export', 'ckpt', '-o', 'out', '--no-such-flag'])\n"
+            "except SystemExit as exc:\n"
+            "    status = exc.code\n"
+            "heavy |= {'numpy', 'networkx', 'onnx'} & set(sys.modules)\n"
+            "print(status, sorted(heavy))\n"
+            "print(qtrace.trace.__module__, qtrace.ShapeDtype.__module__, qtrace.primitives.__name__, qtrace.ir.__name__)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["2 []", "qtrace.tracing qtrace.ir qtrace.primitives qtrace.ir"]
+    assert "--no-such-flag" in result.stderr
+
+
 @pytest.mark.parametrize("checkpoint_dir, status", [(LLAMA, 0), (os.path.join(FIXTURES, "no-such-dir"), 2)],
                          ids=["export", "error"])
 def test_command_exits_quickly_yet_flushes_its_output_and_runs_atexit(checkpoint_dir: Any, status: int,
