@@ -9,6 +9,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import onnx
 
+import qtrace.primitives  # noqa: F401  (the traced function's values learn numpy's operators from it)
 from qtrace import dtypes, pytree
 from qtrace.dims import Dim, substitute
 from qtrace.errors import DTypeError, FileError, LoweringError, RunError, ShapeError, TraceError, UsageError, located

@@ -45,7 +45,7 @@ def __dir__() -> list[str]:
 
 def lower(*args: Any, **kwargs: Any) -> Any:
     """Trace, optimize and lower a function to ONNX; see `qtrace.lowering.lower`."""
-    from .lowering import lower as _lower
+    from .lowering import lower as _lower  # it loads qtrace.primitives too
 
     return _lower(*args, **kwargs)
 

@@ -465,7 +465,7 @@ def _parse_spec(text: str) -> Any:
 
 def cmd_dump(args: argparse.Namespace) -> int:
     from .passes import DEFAULT_PIPELINE, run_pipeline
-    from .tracing import trace
+    from . import trace  # the public API's: it loads the primitives the traced file's numpy calls need
 
     module, fn = _load_target(args.target)
     if args.example:

@@ -230,9 +230,13 @@ def register_tracer_op(name: str, fn: Callable[..., Any]) -> None:
 def _op(name: str) -> Callable[..., Any]:
     fn = TRACER_OPS.get(name)
     if fn is None:
-        raise UnsupportedError(f"operation {name!r} on traced values needs qtrace.primitives, which is "
-                               "not imported", location=user_location())
+        raise _primitives_not_loaded(f"operation {name!r} on traced values")
     return fn
+
+
+def _primitives_not_loaded(what: str) -> UnsupportedError:
+    return UnsupportedError(f"{what} needs qtrace.primitives, which is not imported (qtrace.trace and "
+                            "qtrace.lower import it; so does `import qtrace.primitives`)", location=user_location())
 
 
 def _binary(name: str, reflected: bool = False) -> Callable[..., Any]:
@@ -347,6 +351,8 @@ class Tracer:
                                    "not buffers); use the returned value", location=user_location())
         if fn is None:
             what = ufunc.__name__ if method == "__call__" else f"{ufunc.__name__}.{method}"
+            if not NUMPY_UFUNCS:
+                raise _primitives_not_loaded(f"numpy.{what} on traced values")
             raise UnsupportedError(
                 f"numpy.{what} is not supported on traced values; supported ufuncs: "
                 f"{', '.join(sorted(u.__name__ for u in NUMPY_UFUNCS))}", location=user_location())
@@ -359,6 +365,8 @@ class Tracer:
     def __array_function__(self, func: Any, types: Any, args: Any, kwargs: Any) -> Any:
         fn = NUMPY_FUNCTIONS.get(func)
         if fn is None:
+            if not NUMPY_FUNCTIONS:
+                raise _primitives_not_loaded(f"numpy.{func.__name__} on traced values")
             raise UnsupportedError(
                 f"numpy.{func.__name__} is not supported on traced values; use one of: "
                 f"{', '.join(sorted(f.__name__ for f in NUMPY_FUNCTIONS))}", location=user_location())

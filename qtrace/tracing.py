@@ -349,8 +349,6 @@ def trace(fn: Callable[..., Any], example_args: Sequence[Any] = (), example_kwar
     dict keys, or by `input_names`); other leaves are static Python values. numpy arrays the function
     reaches through partial arguments, its closure or its globals become named constants.
     """
-    import qtrace.primitives  # noqa: F401  (traced values learn numpy's operators from it)
-
     if not callable(fn):
         raise TraceError(f"the function to trace is {type(fn).__name__} {fn!r:.60}, not a callable")
     if not isinstance(example_args, (tuple, list)):

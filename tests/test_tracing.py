@@ -855,3 +855,23 @@ def test_a_tracer_leaked_from_an_earlier_trace_is_reported_as_such():
     qtrace.trace(lambda x: leaked.append(x) or x, (ShapeDtype((2,)),))
     with pytest.raises(qtrace.TraceError, match="another"):
         qtrace.trace(lambda y: y + leaked[0], (ShapeDtype((2,)),))
+
+
+def test_tracing_without_the_primitives_loaded_names_the_missing_import() -> None:
+    """`import qtrace` loads the primitives only on first use (qtrace.trace, qtrace.lower); tracing
+    through qtrace.tracing directly before that says what to import instead of failing obscurely."""
+    import subprocess
+    import sys
+
+    code = ("import numpy as np\n"
+            "from qtrace.tracing import trace\n"
+            "from qtrace.ir import ShapeDtype\n"
+            "for fn in (lambda x: np.exp(x), lambda x: x + 1, lambda x: np.concatenate([x, x])):\n"
+            "    try:\n"
+            "        trace(fn, [ShapeDtype((2,), 'float32')])\n"
+            "    except Exception as exc:\n"
+            "        print(type(exc).__name__, 'import qtrace.primitives' in str(exc))\n"
+            "import qtrace\n"
+            "print(qtrace.trace(lambda x: np.exp(x) + 1, [ShapeDtype((2,), 'float32')]).nodes[0].op)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.splitlines() == ["UnsupportedError True"] * 3 + ["exp"], result.stderr
