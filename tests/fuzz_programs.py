@@ -715,9 +715,14 @@ def gen_take(b: Builder) -> bool:
         indices = np.asarray(b.draw(st.lists(st.sampled_from([0, -1]), min_size=count, max_size=count)), np.int64)
     if b.draw(st.booleans()) and count % 2 == 0:
         indices = indices.reshape(2, -1)
-    form = b.draw(st.sampled_from(["take", "index"]))
+    form = b.draw(st.sampled_from(["take", "index"] + (["rows"] if axis == 1 else [])))
     shape = v.shape[:axis] + indices.shape + v.shape[axis + 1:]
-    if form == "take":
+    if form == "rows":  # each row at its own indices: a batched gather (or a cache read of an input)
+        indices = indices.reshape(1, -1)
+        shape = (v.shape[0],) + indices.shape[1:] + v.shape[2:]
+        apply = lambda x, ix=indices: x[qp.arange(x.shape[0])[:, None], ix]  # noqa: E731
+        text = f"v{i}[arange(v{i}.shape[0])[:, None], {indices.tolist()}]"
+    elif form == "take":
         apply = lambda x, ix=indices, a=axis: qp.take(x, ix, axis=a)  # noqa: E731
         text = f"take(v{i}, {indices.tolist()}, axis={axis})"
     else:

@@ -85,6 +85,8 @@ def record(program: Program, lowered) -> None:
     for op in ("ctx_scatter", "ctx_scatter_cb", "ctx_gather", "ctx_gather_cb", "call", "index_put"):
         if ops[op]:
             STATS[f"graph has {op}"] += 1
+    if any(n.op == "gather" and n.params.get("batch_dims") for g in [lowered.graph] for n in g.nodes):
+        STATS["graph has a batched gather"] += 1
 
 
 @settings(max_examples=PROGRAMS, deadline=None, derandomize="QTRACE_FUZZ" not in os.environ, database=None,
