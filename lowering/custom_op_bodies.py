@@ -49,7 +49,8 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
     # gives the kept pairs [K, 2]. Every index computed from the pairs depends on position_ids (and
     # batch_index) only, which all of a step's scatters share: onnxruntime computes those nodes once per
     # step, not once per layer (its common-subexpression elimination merges them after inlining). The
-    # head numbers come from the cache's static head count (a constant after onnxruntime's folding):
+    # head numbers come from each cache's own shape, so each write counts them (onnxruntime 1.32 neither
+    # folds a partly symbolic shape nor merges the Shape nodes of equally shaped caches):
     #   tuples[k, h] = (batch row or slot of pair k, h, position of pair k)      -> [K, H, 3]
     # The update rows are gathered by pair from updates seen as [B, S, H, D] (the producer's own
     # layout, so that transpose cancels): GatherND rather than Compress, which has no bfloat16 (an
