@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import inspect
 import os
+import threading
+from typing import Any
 
 import numpy as np
 import pytest
@@ -46,3 +48,33 @@ def assert_located(error, fn, marker: str) -> None:
     assert location.line == line_of(fn, marker)
     assert location.function == fn.__name__
     assert f":{location.line} in {fn.__name__}" in str(error)
+
+
+def anonymous_memory() -> int:
+    """RssAnon of this process: what a copy of the weights would take (mapped file pages excluded)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise KeyError("RssAnon")
+
+
+class PeakAnonymousMemory:
+    """Peak anonymous memory above the level on entry while the block runs (`.increase`, bytes),
+    sampled every millisecond in a thread."""
+
+    def __enter__(self) -> "PeakAnonymousMemory":
+        self.start = self.peak = anonymous_memory()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.001):
+            self.peak = max(self.peak, anonymous_memory())
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.increase = max(self.peak, anonymous_memory()) - self.start

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
 from typing import Any, Iterator
 
 import numpy as np
@@ -27,6 +26,7 @@ import qtrace.primitives as qp
 from qtrace import ShapeDtype
 from qtrace.lowering.session import inference_session
 
+from conftest import PeakAnonymousMemory
 from test_lowering import assert_matches
 
 PROTOBUF_LIMIT = 2**31 - 1
@@ -35,36 +35,6 @@ ROWS = 46_000  # per table: three tables make 2.1 GiB
 TABLE_BYTES = ROWS * WIDTH * 4
 DATA_ROWS = (0, 7, 12_345, ROWS - 1)  # the rows that hold data; the rest of each table is a hole (zeros)
 BIAS = np.linspace(-1, 1, WIDTH).astype(np.float32)  # 16 KiB: copied into the model's own data file
-
-
-# -- memory ---------------------------------------------------------------------------------------------
-def _anonymous_memory() -> int:
-    """RssAnon of this process: memory a copy of the weights would take (mapped file pages excluded)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise KeyError("RssAnon")
-
-
-class PeakAnonymousMemory:
-    """Peak anonymous memory above the starting point while the block runs, sampled every 2 ms."""
-
-    def __enter__(self) -> "PeakAnonymousMemory":
-        self.start = self.peak = _anonymous_memory()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, _anonymous_memory())
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.increase = max(self.peak, _anonymous_memory()) - self.start
 
 
 # -- the big model ----------------------------------------------------------------------------------------

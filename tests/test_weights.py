@@ -10,7 +10,6 @@ from the saved files, onnxruntime, and the process's anonymous memory (/proc/sel
 from __future__ import annotations
 
 import os
-import threading
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,8 @@ import qtrace.primitives as qp
 import qtrace.weights as weights
 from qtrace.dtypes import bfloat16
 from qtrace.weights import ConvertedWeight, c_order_pieces, lazy_cast
+
+from conftest import PeakAnonymousMemory
 
 F16_MAX = 65504.0
 # Values where conversions go wrong: signed zeros, float16's edges and just past them, subnormals,
@@ -253,34 +254,6 @@ def test_reference_mode_points_into_the_file_and_writes_only_conversions(tmp_pat
 # -- memory ----------------------------------------------------------------------------------------------
 
 
-def _rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise KeyError("RssAnon")
-
-
-class PeakAnonymous:
-    """Peak anonymous memory (RssAnon, sampled in a thread) above the level on entry."""
-
-    def __enter__(self) -> "PeakAnonymous":
-        self.start = self.peak = _rss_anon()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def _sample(self) -> None:
-        while not self._stop.wait(0.001):
-            self.peak = max(self.peak, _rss_anon())
-
-    def __exit__(self, *exc: Any) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.increase = max(self.peak, _rss_anon()) - self.start
-
-
 def test_saving_a_converted_weight_holds_only_pieces_of_it(tmp_path: Any) -> None:
     rows, width = 24_576, 2048  # 96 MiB of bfloat16, 192 MiB of float32
     path = tmp_path / "big.bin"
@@ -288,7 +261,7 @@ def test_saving_a_converted_weight_holds_only_pieces_of_it(tmp_path: Any) -> Non
         f.truncate(rows * width * 2)  # zeros, and no disk
     table = lazy_cast(np.memmap(path, dtype=bfloat16, mode="r", shape=(rows, width)), np.float32)
     lowered = qtrace.lower(lambda ids: qp.take(table, ids, axis=0), (qtrace.ShapeDtype(("n",), np.int64),))
-    with PeakAnonymous() as memory:
+    with PeakAnonymousMemory() as memory:
         lowered.save(tmp_path / "out" / "model.onnx", external_data=True)
     assert os.path.getsize(tmp_path / "out" / "model.onnx.data") == table.nbytes
     assert memory.increase < table.nbytes / 4, f"{memory.increase / 2**20:.0f} MiB"  # a few pieces at most
