@@ -151,7 +151,7 @@ def projections_alone(config: dict, threads: int, directory: str) -> tuple:
     data = open(os.path.join(directory, "weights.bin"), "wb")
 
     def matmul(source: str, rows: int, cols: int, tag: str) -> str:
-        array = (rng.standard_normal((rows, cols), dtype=np.float32) * rows ** -0.5).astype(np.float32)
+        array = rng.standard_normal((rows, cols), dtype=np.float32) * np.float32(rows ** -0.5)
         tensor = TensorProto(name=f"w_{tag}", data_type=TensorProto.FLOAT, dims=[rows, cols],
                              data_location=TensorProto.EXTERNAL)
         for key, value in (("location", "weights.bin"), ("offset", str(data.tell())), ("length", str(array.nbytes))):

@@ -266,13 +266,13 @@ def _wrap_negative(ctx: LoweringContext, index: str, dim: Any) -> str:
 
 @lowering("gather")
 def lower_gather(ctx: LoweringContext, node: Node, x: str, *indices: str) -> str:
-    axis, count = node.params["axis"], len(indices)
+    axis, count, batched = node.params["axis"], len(indices), bool(node.params.get("batch_dims"))
     data = node.inputs[0]
-    if node.params.get("batch_dims"):  # the leading axes index themselves: GatherND's batch dims
-        batch_shape = node.outputs[0].shape[:len(node.outputs[0].shape) - (data.ndim - axis - count)]
+    # The output's index dims (a batched gather's start at 0: its leading axes index themselves).
+    batch_shape = node.outputs[0].shape[0 if batched else axis:len(node.outputs[0].shape) - (data.ndim - axis - count)]
+    if batched:
         stacked = _stacked_indices(ctx, node, list(indices), [v.aval for v in node.inputs[1:]], batch_shape)
         return ctx.op("GatherND", x, stacked, batch_dims=axis)
-    batch_shape = node.outputs[0].shape[axis:len(node.outputs[0].shape) - (data.ndim - axis - count)]
     if axis:  # bring the indexed axes to the front, gather, put the batch dims back at `axis`
         perm = list(range(axis, axis + count)) + list(range(axis)) + list(range(axis + count, data.ndim))
         x = ctx.op("Transpose", x, perm=perm)
