@@ -49,8 +49,11 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
     # gives the kept pairs [K, 2]. Every index computed from the pairs depends on position_ids (and
     # batch_index) only, which all of a step's scatters share: onnxruntime computes those nodes once per
     # step, not once per layer (its common-subexpression elimination merges them after inlining). The
-    # head numbers come from each cache's own shape, so each write counts them (onnxruntime 1.32 neither
-    # folds a partly symbolic shape nor merges the Shape nodes of equally shaped caches):
+    # head count is read from the shape of `head_row`, the cache's [1, H, 1, D] corner, not from the
+    # cache's own shape: onnxruntime 1.32 folds a Shape node only when its input's whole shape is static,
+    # and a cache's batch and context dims are symbolic, while the corner's are not (with a static H and
+    # D, as in every export). The head numbers then become a constant at session start (the corner's
+    # Gathers are dropped with the Shape they fed) and each write adds them to the shared pairs:
     #   tuples[k, h] = (batch row or slot of pair k, h, position of pair k)      -> [K, H, 3]
     # The update rows are gathered by pair from updates seen as [B, S, H, D] (the producer's own
     # layout, so that transpose cancels): GatherND rather than Compress, which has no bfloat16 (an
@@ -66,7 +69,8 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
         pairs = op.Transpose(op.NonZero(position < op.Constant(value_int=INT32_MAX)), perm=[1, 0])  # [K,2]
         pair_tuples = (op.Gather(pairs, [0], axis=1) * op.Constant(value_ints=[1, 0, 0])
                        + op.Unsqueeze(op.GatherND(position, pairs), [1]) * op.Constant(value_ints=[0, 0, 1]))
-        heads = op.CumSum(op.ConstantOfShape(op.Shape(data, start=1, end=2), value=ONE),
+        head_row = op.Gather(op.Gather(data, [0], axis=2), [0], axis=0)  # [1,H,1,D]
+        heads = op.CumSum(op.ConstantOfShape(op.Shape(head_row, start=1, end=2), value=ONE),
                           op.Constant(value_int=0), exclusive=1)
         tuples = op.Unsqueeze(pair_tuples, [1]) + op.Reshape(heads, [-1, 1]) * op.Constant(value_ints=[0, 1, 0])
         rows = op.GatherND(op.Transpose(updates, perm=[0, 2, 1, 3]), pairs)  # [K,H,D]
@@ -98,7 +102,8 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
         slot = op.Gather(op.Cast(batch_index, to=INT64), op.Gather(pairs, [0], axis=1), axis=0)  # [K,1]
         pair_tuples = (op.Reshape(slot, [-1, 1]) * op.Constant(value_ints=[1, 0, 0])
                        + op.Unsqueeze(op.GatherND(position, pairs), [1]) * op.Constant(value_ints=[0, 0, 1]))
-        heads = op.CumSum(op.ConstantOfShape(op.Shape(data, start=1, end=2), value=ONE), zero, exclusive=1)
+        head_row = op.Gather(op.Gather(data, [0], axis=2), [0], axis=0)  # [1,H,1,D]
+        heads = op.CumSum(op.ConstantOfShape(op.Shape(head_row, start=1, end=2), value=ONE), zero, exclusive=1)
         tuples = op.Unsqueeze(pair_tuples, [1]) + op.Reshape(heads, [-1, 1]) * op.Constant(value_ints=[0, 1, 0])
         rows = op.GatherND(op.Transpose(updates, perm=[0, 2, 1, 3]), pairs)  # [K,H,D]
         out = op.ScatterND(data, tuples, rows)
@@ -158,7 +163,7 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
     def CtxGatherCB(data, batch_index, ctx_indices, comp_ctx_len):
         """data[N,H,C,D], batch_index[B,1], ctx_indices[B, 1|H, K], comp_ctx_len (= K) -> [B,H,K,D]:
         out[b,h,k,:] = data[batch_index[b,0],h,ctx_indices[b,h,k],:]."""
-        num_heads = op.Shape(data, start=1, end=2)
+        num_heads = op.Shape(op.Gather(op.Gather(data, [0], axis=2), [0], axis=0), start=1, end=2)  # of [1,H,1,D]
         ctx_len = op.Shape(data, start=2, end=3)
         heads = op.CumSum(op.ConstantOfShape(num_heads, value=ONE), op.Constant(value_int=0), exclusive=1)
         index = op.Mod(op.Mod(op.Cast(ctx_indices, to=INT64), op.Constant(value_int=INT32_MAX), fmod=1), ctx_len)

@@ -393,7 +393,9 @@ def optimized_op_counts(model):
 def test_scatters_of_one_step_compute_their_kept_rows_once(op_type):
     """A step writes every layer's K and V caches at the same positions: each write's index work
     depends on position_ids (and batch_index) only, so onnxruntime does it once for all of them, and
-    each write adds just its own gather of update rows and its ScatterND. Four writes, one NonZero."""
+    each write adds just its own gather of update rows and its ScatterND. Four writes, one NonZero.
+    The head numbers are a constant by then: no write reads its cache's shape at run time, although
+    the cache's batch and context dims are symbolic, as in an export."""
     inputs, _ = example_inputs(op_type)
     names = CONTRACT[op_type][1]
     shared = [name for name in names if name not in ("data", "updates")]
@@ -406,8 +408,11 @@ def test_scatters_of_one_step_compute_their_kept_rows_once(op_type):
         for role in ("data", "updates"):
             array = inputs[role]
             leading = "cache_batch" if role == "data" else "batch_size"  # CB: the cache has its own slot count
+            dims = [leading] + list(array.shape[1:])
+            if role == "data":
+                dims[-2] = "ctx_len"
             graph_inputs.append(helper.make_tensor_value_info(
-                f"{role}{i}", helper.np_dtype_to_tensor_dtype(array.dtype), [leading] + list(array.shape[1:])))
+                f"{role}{i}", helper.np_dtype_to_tensor_dtype(array.dtype), dims))
         call_inputs = [f"{name}{i}" if name in ("data", "updates") else name for name in names]
         nodes.append(helper.make_node(op_type, call_inputs, [f"out{i}"], domain=QUALCOMM))
         outputs.append(helper.make_tensor_value_info(f"out{i}", helper.np_dtype_to_tensor_dtype(inputs["data"].dtype),
@@ -417,6 +422,7 @@ def test_scatters_of_one_step_compute_their_kept_rows_once(op_type):
                               functions=[custom_ops.custom_op_function(op_type)])
     counts = optimized_op_counts(model)
     assert counts["NonZero"] == 1 and counts["ScatterND"] == caches, counts
+    assert counts["Shape"] == 0 and counts["CumSum"] == 0, counts
     # and the shared work gives every write its own right answer
     feeds = {name: inputs[name] for name in shared}
     rng = np.random.default_rng(5)
@@ -964,7 +970,33 @@ def test_ctx_op_matches_its_reference_with_mixed_conventions(op_type, seed):
 
 
 def consumers_of_data(function):
-    return [node.op_type for node in function.node if "data" in node.input]
+    """What reads the cache, but the corner read whose only use is the head count (see below)."""
+    corner = corner_reads(function)
+    return [node.op_type for node in function.node if "data" in node.input and node.name not in corner]
+
+
+def corner_reads(function) -> set[str]:
+    """The nodes of `Gather(Gather(data, [0], axis=2), [0], axis=0)` that feed only Shape: one slot of
+    each head of the first batch row, read for its static shape [1, H, 1, D] (onnxruntime folds that
+    Shape to a constant and drops the reads)."""
+    def single_index(node):
+        (tensor,) = [a.t for a in node.attribute if a.name == "value"] or [None]
+        return tensor is not None and list(tensor.dims) == [1] and onnx.numpy_helper.to_array(tensor).tolist() == [0]
+
+    producers = {output: node for node in function.node for output in node.output}
+    consumers = lambda name: [node for node in function.node if name in node.input]  # noqa: E731
+    found = set()
+    for first in consumers("data"):
+        if first.op_type != "Gather" or not single_index(producers[first.input[1]]):
+            continue
+        seconds = consumers(first.output[0])
+        if [node.op_type for node in seconds] != ["Gather"] or not single_index(producers[seconds[0].input[1]]):
+            continue
+        axes = [helper.get_attribute_value(a) for node in (first, seconds[0]) for a in node.attribute if a.name == "axis"]
+        assert axes == [2, 0], axes  # the [B, H, 1, D] slot first: never a copy of a whole batch row
+        assert {node.op_type for node in consumers(seconds[0].output[0])} == {"Shape"}
+        found |= {first.name, seconds[0].name}
+    return found
 
 
 @pytest.mark.parametrize("op_type", ["CtxScatter", "CtxScatter3D", "CtxScatter3DInt", "CtxScatterCB", "CtxScatterCB3D"])
