@@ -204,5 +204,16 @@ class LoweringContext:
         """A 0-d tensor holding `dim` (for Range and the ctx ops' comp_ctx_len)."""
         if isinstance(dim, int):
             return self.scalar(dim, dtype)
-        value = self.op("Reshape", self.dim(dim), self.ints([]))
-        return value if np.dtype(dtype) == np.int64 else self.op("Cast", value, to=onnx_dtype(dtype))
+        key = ("scalar", dim, np.dtype(dtype).str)
+        cached = self._dim_cache.get(key)
+        if cached is None:
+            saved, self.current = self.current, None  # shared by all users: no scope in its name
+            # Squeeze, not Reshape to []: with no constant input, onnxruntime's common-subexpression
+            # elimination merges the copies that inlined layer functions bring
+            cached = self.op("Squeeze", self.dim(dim))
+            if np.dtype(dtype) != np.int64:
+                cached = self.op("Cast", cached, to=onnx_dtype(dtype))
+            self.current = saved
+            add_source(self.nodes[-1], saved.location if saved is not None else None)  # its first user's line
+            self._dim_cache[key] = cached
+        return cached
