@@ -12,7 +12,8 @@ repeated runs, the two exports and the essential-work bound timed in turns of 10
 them alike. Two lower bounds, measured in the same run:
 - essential work (`essential_work`): one small graph of the arithmetic any export of this interface
   must do in the step (projections, norms, MLP, residuals, attention over all ctx_len slots), without
-  RoPE, the cache write and read, or the mask construction: no export can run the step faster;
+  RoPE, the cache write and read, or the mask construction: up to run-to-run noise, no export can
+  run the step faster;
 - the decode memory floor: (bytes of weights a step reads + bytes of cache it reads) / the copy
   bandwidth one numpy thread measures on this machine. A copy reads and writes each byte, so reading
   a step's bytes (with two threads especially) can beat this floor: it is generous to the exporter,
@@ -145,7 +146,8 @@ def essential_work(config: dict, threads: int, directory: str, ctx_len: int) -> 
     heads over all ctx_len cache slots: the cache is a [1, kv_heads, ctx_len, head_dim] input and a
     static-shape graph cannot know which slots are live, so scores, additive mask, softmax, weighted
     sum and the head transposes cover them all. It leaves out RoPE, the cache write and read, the
-    embedding and building the mask, so it is optimistic: no export can run a step faster. The
+    embedding and building the mask, so it is optimistic: up to run-to-run noise (a few percent on a
+    shared machine), no export made of standard ONNX ops can run the step faster. The
     sequence length is symbolic, so one session times both steps. The random weights of the model's
     shapes stream to an external-data file in `directory` (a 1B model's would not fit in memory three
     times over next to the two exports' sessions)."""
