@@ -904,3 +904,33 @@ def test_cli_compile_options_reach_compile_sh_and_custom_io(tmp_path: Any, capsy
     with open(os.path.join(out, "custom_io.yaml")) as f:
         entries = yaml.safe_load(f)
     assert {e["Precision"] for e in entries} == {"mxint8"} and len(entries) == 8
+
+
+def test_the_tiny_llama_graph_stays_small_and_onnxruntime_shares_its_cache_index_work(tmp_path):
+    """The graph-quality budget for the tiny Llama of the onnxruntime benchmark (hidden 256, 2 layers,
+    8 query / 4 KV heads, ctx_len 128): at most 157 nodes with the layer functions inlined and the
+    custom ops whole (QEfficient's export of it has 522), no K/V repeat for the query groups, and, once
+    onnxruntime has inlined and optimized it, one NonZero for the step's four cache writes and no
+    run-time head numbers (they are folded from the cache's static corner)."""
+    import collections
+
+    import onnxruntime as ort
+
+    config = tiny_config(vocab_size=512, hidden_size=256, intermediate_size=688, num_attention_heads=8,
+                         num_key_value_heads=4, head_dim=32, max_position_embeddings=128)
+    export_model(random_model(config), str(tmp_path / "tiny"), ctx_len=128, prefill_seq_len=32)
+    model = onnx.load(str(tmp_path / "tiny" / "model.onnx"), load_external_data=False)
+    layer_functions = {f.name: f for f in model.functions if f.domain == "qtrace.local"}
+    inlined = sum(len(layer_functions[n.op_type].node) if n.domain == "qtrace.local" else 1 for n in model.graph.node)
+    assert inlined <= 157, inlined
+    for function in layer_functions.values():  # the groups share their K/V: nothing expands or tiles them
+        assert not {"Expand", "Tile"} & {node.op_type for node in function.node}
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(tmp_path / "tiny" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    kernels = collections.Counter(node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx"),
+                                                                  load_external_data=False).graph.node)
+    assert kernels["ScatterND"] == 4 and kernels["NonZero"] == 1, kernels
+    assert kernels["CumSum"] == 0 and kernels["ConstantOfShape"] == 0, kernels
