@@ -3,8 +3,10 @@ error points at the user's line."""
 
 from __future__ import annotations
 
+import collections
 import inspect
 import os
+import tempfile
 import threading
 from typing import Any
 
@@ -48,6 +50,22 @@ def assert_located(error, fn, marker: str) -> None:
     assert location.line == line_of(fn, marker)
     assert location.function == fn.__name__
     assert f":{location.line} in {fn.__name__}" in str(error)
+
+
+def optimized_op_counts(model: Any) -> collections.Counter:
+    """op_type -> count in the graph onnxruntime runs after its optimizations (functions inlined), for a
+    ModelProto or the path of a saved model (whose external data stays beside it)."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as scratch:
+        options = ort.SessionOptions()
+        options.optimized_model_filepath = os.path.join(scratch, "optimized.onnx")
+        options.log_severity_level = 3
+        source = model if isinstance(model, str) else model.SerializeToString()
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        optimized = onnx.load(options.optimized_model_filepath, load_external_data=False)
+    return collections.Counter(node.op_type for node in optimized.graph.node)
 
 
 def anonymous_memory() -> int:

@@ -21,6 +21,8 @@ from onnx import helper
 from qtrace.lowering import custom_ops
 from qtrace.lowering.session import inference_session
 
+from conftest import optimized_op_counts
+
 INT32_MAX = 2147483647
 QUALCOMM = "com.qualcomm.cloud"
 QTI_AISW = "com.qti.aisw.onnx"
@@ -370,23 +372,6 @@ def test_ctx_scatter_cb_3d_writes_each_row_to_its_cache_slot(opset, index_dtype,
 
 
 # ---- a step's scatters share their index work ------------------------------------------------
-
-
-def optimized_op_counts(model):
-    """op_type -> count in the graph onnxruntime runs after its optimizations (functions inlined)."""
-    import collections
-    import os
-    import tempfile
-
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as scratch:
-        options = ort.SessionOptions()
-        options.optimized_model_filepath = os.path.join(scratch, "optimized.onnx")
-        options.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        optimized = onnx.load(options.optimized_model_filepath)
-    return collections.Counter(node.op_type for node in optimized.graph.node)
 
 
 @pytest.mark.parametrize("op_type", ["CtxScatter", "CtxScatterCB", "CtxScatter3D", "CtxScatterCB3D"])

@@ -32,6 +32,8 @@ from qtrace.examples.config import ConfigError
 from qtrace.examples.families.llama import tiny_config
 from qtrace.examples.generation import cache_layout, eager_step, generate, new_cache, onnx_session, onnx_step, prefill
 
+from conftest import optimized_op_counts
+
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures")
 LLAMA = os.path.join(FIXTURES, "llama")
 CTX_LEN = 32
@@ -912,10 +914,6 @@ def test_the_tiny_llama_graph_stays_small_and_onnxruntime_shares_its_cache_index
     custom ops whole (QEfficient's export of it has 522), no K/V repeat for the query groups, and, once
     onnxruntime has inlined and optimized it, one NonZero for the step's four cache writes and no
     run-time head numbers (they are folded from the cache's static corner)."""
-    import collections
-
-    import onnxruntime as ort
-
     config = tiny_config(vocab_size=512, hidden_size=256, intermediate_size=688, num_attention_heads=8,
                          num_key_value_heads=4, head_dim=32, max_position_embeddings=128)
     export_model(random_model(config), str(tmp_path / "tiny"), ctx_len=128, prefill_seq_len=32)
@@ -926,11 +924,6 @@ def test_the_tiny_llama_graph_stays_small_and_onnxruntime_shares_its_cache_index
     for function in layer_functions.values():  # the groups share their K/V: nothing expands or tiles them
         assert not {"Expand", "Tile"} & {node.op_type for node in function.node}
 
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    options.log_severity_level = 3
-    ort.InferenceSession(str(tmp_path / "tiny" / "model.onnx"), options, providers=["CPUExecutionProvider"])
-    kernels = collections.Counter(node.op_type for node in onnx.load(str(tmp_path / "optimized.onnx"),
-                                                                  load_external_data=False).graph.node)
+    kernels = optimized_op_counts(str(tmp_path / "tiny" / "model.onnx"))
     assert kernels["ScatterND"] == 4 and kernels["NonZero"] == 1, kernels
     assert kernels["CumSum"] == 0 and kernels["ConstantOfShape"] == 0, kernels
