@@ -221,14 +221,20 @@ def _run_on_tracers(trace_: Trace, fn: Callable[..., Any], leaves: list[Any], ma
                              location=_traceback_location(sys.exc_info()[2])) from None
 
 
-def _traceback_location(tb: Any) -> SourceLocation | None:
-    """The innermost frame of a traceback that is the user's code."""
+def _innermost_user_frame(tb: Any) -> tuple[Any, SourceLocation] | None:
+    """The innermost frame of a traceback that is the user's code, with where it stands."""
     found = None
     while tb is not None:
         if not is_library_frame(tb.tb_frame):
-            found = SourceLocation(tb.tb_frame.f_code.co_filename, tb.tb_lineno, tb.tb_frame.f_code.co_name)
+            found = tb.tb_frame, SourceLocation(tb.tb_frame.f_code.co_filename, tb.tb_lineno,
+                                                tb.tb_frame.f_code.co_name)
         tb = tb.tb_next
     return found
+
+
+def _traceback_location(tb: Any) -> SourceLocation | None:
+    found = _innermost_user_frame(tb)
+    return found[1] if found is not None else None
 
 
 def _reachable_arrays(fn: Any, depth: int = 3) -> list[np.ndarray]:
@@ -310,17 +316,13 @@ class _ReadOnlyArrays:
 
     def mutation_error(self, exc: ValueError, constant_names: dict[int, str]) -> TraceError:
         """The error for a write into one of the guarded arrays, naming it when the line does."""
-        tb, frame = exc.__traceback__, None
-        while tb is not None:
-            if not is_library_frame(tb.tb_frame):
-                frame, line = tb.tb_frame, tb.tb_lineno
-            tb = tb.tb_next
+        found = _innermost_user_frame(exc.__traceback__)
         guarded = {id(a) for a in self.arrays}
         names: list[str] = []
         location = None
-        if frame is not None:
-            location = SourceLocation(frame.f_code.co_filename, line, frame.f_code.co_name)
-            text = linecache.getline(frame.f_code.co_filename, line)
+        if found is not None:
+            frame, location = found
+            text = linecache.getline(location.file, location.line)
             scope = {**frame.f_globals, **frame.f_locals}
             names = sorted({constant_names.get(id(v), n) for n, v in scope.items()
                             if isinstance(v, np.ndarray) and id(v) in guarded and n in text})
