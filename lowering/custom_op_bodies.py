@@ -163,7 +163,8 @@ def build_functions(opset: int) -> dict[str, onnx.FunctionProto]:
     def CtxGatherCB(data, batch_index, ctx_indices, comp_ctx_len):
         """data[N,H,C,D], batch_index[B,1], ctx_indices[B, 1|H, K], comp_ctx_len (= K) -> [B,H,K,D]:
         out[b,h,k,:] = data[batch_index[b,0],h,ctx_indices[b,h,k],:]."""
-        num_heads = op.Shape(op.Gather(op.Gather(data, [0], axis=2), [0], axis=0), start=1, end=2)  # of [1,H,1,D]
+        head_row = op.Gather(op.Gather(data, [0], axis=2), [0], axis=0)  # [1,H,1,D]: see the scatters
+        num_heads = op.Shape(head_row, start=1, end=2)
         ctx_len = op.Shape(data, start=2, end=3)
         heads = op.CumSum(op.ConstantOfShape(num_heads, value=ONE), op.Constant(value_int=0), exclusive=1)
         index = op.Mod(op.Mod(op.Cast(ctx_indices, to=INT64), op.Constant(value_int=INT32_MAX), fmod=1), ctx_len)
