@@ -87,6 +87,8 @@ def write_checkpoint(directory: str, shape: dict) -> tuple[dict, int]:
 
 
 def session(model_dir: str, threads: int):
+    """Stock onnxruntime on `model_dir`/model.onnx: every graph optimizer on (qtrace's own sessions,
+    `qtrace.lowering.session`, turn one off), as a user of either export would run it."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -152,7 +154,6 @@ def essential_work(config: dict, threads: int, directory: str, ctx_len: int) -> 
     shapes stream to an external-data file in `directory` (a 1B model's would not fit in memory three
     times over next to the two exports' sessions)."""
     import onnx
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     hidden, inter = config["hidden_size"], config["intermediate_size"]
@@ -200,7 +201,9 @@ def essential_work(config: dict, threads: int, directory: str, ctx_len: int) -> 
                      perm=[0, 3, 1, 2, 4])
         return node("Reshape", [mixed, "o_rows"], f"or_{layer}")
 
-    const("two", np.float32(2)), const("epsilon", np.float32(1e-5)), const("norm_weight", np.ones(hidden, np.float32))
+    const("two", np.float32(2))
+    const("epsilon", np.float32(1e-5))
+    const("norm_weight", np.ones(hidden, np.float32))
     for name, value in (("q_split", [0, 0, kv_heads, group, head_dim]), ("q_grouped", [0, 0, -1, head_dim]),
                         ("o_split", [0, 0, group, -1, head_dim]), ("o_rows", [0, 0, -1]),
                         ("last", [-1]), ("end", [2**62]), ("seq_axis", [1])):
@@ -225,12 +228,9 @@ def essential_work(config: dict, threads: int, directory: str, ctx_len: int) -> 
         outputs.insert(0, matmul(last, hidden, config["vocab_size"], "head"))
     graph = helper.make_graph(nodes, "essential", inputs, [helper.make_tensor_value_info(name, TensorProto.FLOAT, None)
                                                            for name in outputs], initializers)
-    path = os.path.join(directory, "essential.onnx")
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+              os.path.join(directory, "model.onnx"))
+    sess = session(directory, threads)  # the options the exports are timed with
     caches = {f"cache_{name}{layer}": rng.standard_normal((1, kv_heads, ctx_len, head_dim), dtype=np.float32)
               for layer in range(config["num_hidden_layers"]) for name in ("k", "v")}
 
